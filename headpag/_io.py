@@ -1,0 +1,44 @@
+"""Small file helpers shared by every part that writes to disk: writes are atomic, never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically: a temporary file in the same folder, fsynced, then renamed.
+
+    Args:
+        path (`str` or `os.PathLike`): Destination file. Its folder is created when missing.
+        data (`bytes`): The full content.
+
+    Returns:
+        `Path`: the destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically (see [`atomic_write_bytes`])."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON to `path` atomically (see [`atomic_write_bytes`])."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,109 @@
+"""The perturbation plan: which rows of one transformer batch are perturbed, on which heads, and how."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .heads import HeadSet
+from .softpag import Perturbation, softpag
+
+
+class PerturbationPlan:
+    r"""
+    Row-wise perturbation of a batch: row `rows[i]` perturbs the heads of `head_sets[i]`.
+
+    Different rows may carry different head sets (HeadHunter batches several candidates in one call); rows that are
+    not listed are computed exactly like the unperturbed model.
+
+    Args:
+        rows (`Sequence[int]`): Batch rows that are perturbed.
+        head_sets (`Sequence[HeadSet]`): One resolved head set per row in `rows`.
+        perturbation ([`Perturbation`]): Identity weight, scope and target, shared by all rows.
+        num_heads (`int`): Heads per layer of the model.
+    """
+
+    def __init__(self, rows: Sequence[int], head_sets: Sequence[HeadSet], perturbation: Perturbation, num_heads: int):
+        if len(rows) != len(head_sets):
+            raise ValueError(f"Got {len(rows)} perturbed rows but {len(head_sets)} head sets; they must match.")
+        self.perturbation = perturbation
+        self.num_heads = num_heads
+        self.rows = list(rows)
+        self.head_sets = list(head_sets)
+        # layer -> (row positions in the batch, (P, H) weights); built once on CPU, moved per device on demand.
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        per_layer: dict[int, dict[int, list[int]]] = {}
+        for row, hs in zip(self.rows, self.head_sets):
+            for layer, heads in hs.heads_by_layer().items():
+                per_layer.setdefault(layer, {})[row] = heads
+        u = perturbation.identity_weight
+        for layer, row_heads in per_layer.items():
+            layer_rows = sorted(row_heads)
+            weights = torch.zeros(len(layer_rows), num_heads, dtype=torch.float32)
+            for i, row in enumerate(layer_rows):
+                weights[i, row_heads[row]] = u
+            self._layers[layer] = (torch.tensor(layer_rows, dtype=torch.long), weights)
+        self._device_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def layers(self) -> list[int]:
+        """Sorted layers that at least one row perturbs."""
+        return sorted(self._layers)
+
+    @property
+    def first_layer(self) -> int | None:
+        """The first perturbed layer: every block before it computes the same thing for perturbed and clean rows."""
+        return min(self._layers) if self._layers else None
+
+    def layer_weights(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(rows, weights)` for `layer` on `device`, or `None` when the layer is not perturbed."""
+        if layer not in self._layers:
+            return None
+        key = (layer, device)
+        if key not in self._device_cache:
+            rows, weights = self._layers[layer]
+            self._device_cache[key] = (rows.to(device), weights.to(device))
+        return self._device_cache[key]
+
+
+class PerturbationState:
+    """
+    Mutable state shared by the processors of one model: the plan of the current transformer call (or `None`: no
+    row is perturbed, processors compute the stock attention) and the text length of the joint sequence.
+    """
+
+    def __init__(self):
+        self.plan: PerturbationPlan | None = None
+        self.text_len: int | None = None
+
+    def apply(
+        self,
+        layer: int,
+        attention: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        image: slice,
+        text: slice,
+    ) -> torch.Tensor:
+        """
+        Apply the plan of `layer` to an SDPA output in `(B, H, L, D)` layout; returns `attention` itself when the
+        layer is not perturbed in this call, so clean computations stay bit-for-bit identical.
+        """
+        plan = self.plan
+        if plan is None:
+            return attention
+        entry = plan.layer_weights(layer, attention.device)
+        if entry is None:
+            return attention
+        rows, weights = entry
+        if plan.rows and max(plan.rows) >= attention.shape[0]:
+            raise RuntimeError(
+                f"Perturbation plan addresses batch row {max(plan.rows)} but layer {layer} got a batch of "
+                f"{attention.shape[0]}."
+            )
+        blended = softpag(
+            attention[rows], query[rows], key[rows], value[rows], weights, plan.perturbation, image, text
+        )
+        return attention.index_copy(0, rows, blended)
