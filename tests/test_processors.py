@@ -193,7 +193,7 @@ def test_prefix_sharing_equals_unshared(model_kind, sequential):
             clean, perturbed = pt.run(transformer.forward, kwargs, source_rows=[1, 0])
         results.append((clean[0], perturbed))
     reference = transformer(**kwargs)[0]
-    for clean, perturbed in results:
+    for clean, _ in results:
         torch.testing.assert_close(clean, reference, atol=ATOL, rtol=0)
     torch.testing.assert_close(results[0][1], results[1][1], atol=ATOL, rtol=0)
 
