@@ -1,7 +1,23 @@
 """headpag: head-level perturbed-attention guidance (PAG, SoftPAG) and HeadHunter for SD3, SD3.5 and FLUX.1."""
 
 from .guidance import HeadSet, Perturbation
+from .pipelines import (
+    FluxHeadPAGImg2ImgPipeline,
+    FluxHeadPAGPipeline,
+    StableDiffusion3HeadPAGImg2ImgPipeline,
+    StableDiffusion3HeadPAGPipeline,
+    load_pipeline,
+)
 
 
 __version__ = "0.1.0"
-__all__ = ["HeadSet", "Perturbation", "__version__"]
+__all__ = [
+    "FluxHeadPAGImg2ImgPipeline",
+    "FluxHeadPAGPipeline",
+    "HeadSet",
+    "Perturbation",
+    "StableDiffusion3HeadPAGImg2ImgPipeline",
+    "StableDiffusion3HeadPAGPipeline",
+    "__version__",
+    "load_pipeline",
+]

@@ -1,0 +1,118 @@
+"""FLUX.1 pipelines with head-level PAG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from ..guidance.heads import HeadSet
+from .mixin import HeadPAGMixin
+
+
+class _FluxHeadPAG(HeadPAGMixin):
+    """
+    FLUX specifics: `guidance_scale` is the distilled guidance embedding, passed unchanged to every branch; true CFG
+    (`true_cfg_scale > 1` with a negative prompt) runs the negative prompt as a separate call, so PAG's perturbed rows
+    ride along with the conditional call (`[cond, perturbed]`) only.
+    """
+
+    _pag_family = "flux"
+
+    def _pag_cfg_scale(self, arguments: dict[str, Any]) -> float | None:
+        has_negative = arguments.get("negative_prompt") is not None or (
+            arguments.get("negative_prompt_embeds") is not None
+            and arguments.get("negative_pooled_prompt_embeds") is not None
+        )
+        g = float(arguments.get("true_cfg_scale", 1.0))
+        return g if (g > 1 and has_negative) else None
+
+    def _pag_cond_rows(self, batch: int, cfg: bool, context: str | None) -> list[int] | None:
+        return None if context == "uncond" else list(range(batch))
+
+
+class FluxHeadPAGPipeline(_FluxHeadPAG, FluxPipeline):
+    r"""
+    [`FluxPipeline`] with head-level perturbed-attention guidance (PAG / SoftPAG, HeadHunter).
+
+    `v = v_u + g (v_c - v_u) + s (v_c - v_p)` with `g = true_cfg_scale` (only with a negative prompt) and
+    `s = pag_scale`; `guidance_scale` keeps diffusers' meaning (the distilled guidance embedding, default 3.5). Layers
+    0-18 are the double-stream blocks of FLUX.1, 19-56 the single-stream ones; the joint order is `[text, image]`.
+
+    Args:
+        pag_heads (*optional*): Default head set; all heads of layer 8 when `None` (see README).
+        pag_sequential (`bool`, defaults to `False`): Run the perturbed branch as its own call by default.
+        (other arguments): as [`FluxPipeline`].
+    """
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: FluxTransformer2DModel,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        pag_heads: HeadSet | str | list | None = None,
+        pag_sequential: bool = False,
+    ):
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self._init_head_pag(pag_heads, pag_sequential)
+
+
+class FluxHeadPAGImg2ImgPipeline(_FluxHeadPAG, FluxImg2ImgPipeline):
+    r"""[`FluxImg2ImgPipeline`] with head-level PAG; same extra arguments as [`FluxHeadPAGPipeline`]."""
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: FluxTransformer2DModel,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        pag_heads: HeadSet | str | list | None = None,
+        pag_sequential: bool = False,
+    ):
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self._init_head_pag(pag_heads, pag_sequential)
