@@ -136,9 +136,12 @@ def test_sd3_guidance_formula(sd3):
     )
     pe, npe, pp, npp = sd3.encode_prompt("a cat", "a cat", "a cat", negative_prompt="blur", max_sequence_length=32)
     t = sd3.scheduler.timesteps[:1]
-    call = lambda e, p: dict(
-        hidden_states=latents, timestep=t, encoder_hidden_states=e, pooled_projections=p, return_dict=False
-    )  # noqa: E731
+
+    def call(e, p):
+        return dict(
+            hidden_states=latents, timestep=t, encoder_hidden_states=e, pooled_projections=p, return_dict=False
+        )
+
     v_u = sd3.transformer(**call(npe, npp))[0]
     v_c = sd3.transformer(**call(pe, pp))[0]
     runner = PerturbedTransformer(sd3.transformer, Perturbation(0.6))
@@ -170,16 +173,19 @@ def test_flux_guidance_formula_and_call_layout(flux):
     npe, npp, nids = flux.encode_prompt("blur", "blur", max_sequence_length=32)
     img_ids = flux._prepare_latent_image_ids(1, 8, 8, latents.device, latents.dtype)
     t = flux.scheduler.timesteps[:1] / 1000
-    call = lambda e, p, i: dict(
-        hidden_states=latents,
-        timestep=t,
-        guidance=torch.tensor([3.5]),
-        encoder_hidden_states=e,
-        pooled_projections=p,
-        txt_ids=i,
-        img_ids=img_ids,
-        return_dict=False,
-    )  # noqa: E731
+
+    def call(e, p, i):
+        return dict(
+            hidden_states=latents,
+            timestep=t,
+            guidance=torch.tensor([3.5]),
+            encoder_hidden_states=e,
+            pooled_projections=p,
+            txt_ids=i,
+            img_ids=img_ids,
+            return_dict=False,
+        )
+
     v_u = flux.transformer(**call(npe, npp, nids))[0]
     v_c = flux.transformer(**call(pe, pp, ids))[0]
     runner = PerturbedTransformer(flux.transformer, Perturbation(1.0))
