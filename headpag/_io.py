@@ -42,3 +42,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as indented JSON to `path` atomically (see [`atomic_write_bytes`])."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_png(image, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Save a PIL image as PNG atomically, with `metadata` as PNG text chunks (e.g. the generation settings)."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return atomic_write_bytes(path, buffer.getvalue())

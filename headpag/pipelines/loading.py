@@ -89,7 +89,7 @@ def load_pipeline(
     if model in TINY_MODELS:
         family, components = tiny_components(model)
         pipe = PIPELINES[(family, img2img)](**components, **kwargs)
-        if torch_dtype is not None:
+        if torch_dtype is not None and torch_dtype != torch.float32:
             pipe = pipe.to(dtype=torch_dtype)
     else:
         family = detect_family(model)

@@ -1,0 +1,105 @@
+"""CLIP score with open_clip: mean over pairs of `100 * cos(image, text)`, clamped at 0 (torchmetrics' definition)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging
+from PIL import Image
+
+
+logger = logging.get_logger(__name__)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint as a state dict: safetensors, or a torch file loaded with `weights_only=True` (never pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Checkpoint file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+class ClipScore:
+    r"""
+    CLIP score of image-prompt pairs with an open_clip model.
+
+    Args:
+        model_name (`str`, defaults to `"ViT-L-14"`): An open_clip model name, or a path to a model config JSON
+            (registered under its file stem).
+        checkpoint (`str`, *optional*): A local checkpoint file (`.safetensors`, or a torch file read with
+            `weights_only=True`).
+        pretrained (`str`, *optional*): An open_clip pretrained tag (e.g. `"openai"`), downloaded when the hub is
+            reachable. With neither, weights are random (tests only).
+        device (`str`, *optional*): Where to run (default: CUDA when available).
+        batch_size (`int`, defaults to 32): Images per forward pass.
+
+    Use as a function (`scores = clip(images, prompts)`, one float per pair: a HeadHunter objective) or as a metric
+    (`update(images, prompts)`, then `compute()` for the mean).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-L-14",
+        checkpoint: str | os.PathLike | None = None,
+        pretrained: str | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ):
+        import open_clip
+
+        if str(model_name).endswith(".json"):
+            config_path = Path(model_name)
+            if not config_path.is_file():
+                raise ValueError(f"open_clip model config {config_path} does not exist.")
+            json.loads(config_path.read_text())  # validate early
+            open_clip.add_model_config(config_path)
+            model_name = config_path.stem
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        if checkpoint is not None:
+            model.load_state_dict(load_state_dict(checkpoint))
+        self.model = model.eval().to(self.device)
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.batch_size = batch_size
+        self.reset()
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        """Per-pair CLIP scores `max(100 * cos, 0)`."""
+        if len(images) != len(prompts):
+            raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts.")
+        out: list[float] = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i : i + self.batch_size]])
+            tokens = self.tokenizer(list(prompts[i : i + self.batch_size]))
+            img = self.model.encode_image(pixels.to(self.device)).float()
+            txt = self.model.encode_text(tokens.to(self.device)).float()
+            cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+            out.extend((100 * cos).clamp(min=0).tolist())
+        return out
+
+    __call__ = score
+
+    def update(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> None:
+        self._scores.extend(self.score(images, prompts))
+
+    def compute(self) -> float:
+        if not self._scores:
+            raise ValueError("ClipScore.compute() called before any update().")
+        return float(sum(self._scores) / len(self._scores))
+
+    def reset(self) -> None:
+        self._scores: list[float] = []

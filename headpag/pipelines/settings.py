@@ -1,0 +1,110 @@
+"""
+One generation's settings, with the same names as the pipeline arguments, shared by the CLI, search, eval and UI.
+
+Guidance names keep their diffusers meaning in every family: `guidance_scale` is SD3's CFG scale and FLUX's distilled
+guidance embedding; `true_cfg_scale` is FLUX's real CFG (with a negative prompt) and does not exist for SD3.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from ..guidance import HeadSet
+
+
+@dataclass
+class GenerationSettings:
+    r"""
+    Settings of one generation. `None` means the pipeline's own default.
+
+    Args:
+        prompt (`str`): The prompt.
+        negative_prompt (`str`, *optional*): Negative prompt (SD3 CFG, FLUX true CFG).
+        pag_heads (`str`, *optional*): Head spec; `None` = the pipeline default.
+        pag_scale (`float`): PAG scale `s`; 0 disables PAG.
+        pag_identity_weight (`float`): SoftPAG `u` in [0, 1].
+        pag_identity_scope (`str`): `"joint"` or `"image"`.
+        pag_target (`str`): `"identity"`, `"uniform"` or `"query_mean"`.
+        pag_interval (`tuple[float, float]`): Fractions of the steps with PAG.
+        pag_adaptive_scale (`float`): diffusers' adaptive schedule.
+        guidance_scale (`float`, *optional*): SD3 CFG scale / FLUX guidance embedding.
+        true_cfg_scale (`float`, *optional*): FLUX only: true CFG scale.
+        num_inference_steps, height, width (`int`, *optional*): As in diffusers.
+        seed (`int`): Seed of a CPU `torch.Generator` (reproducible across devices).
+        num_images (`int`): Images per prompt.
+        strength (`float`, *optional*): img2img strength.
+    """
+
+    prompt: str = ""
+    negative_prompt: str | None = None
+    pag_heads: str | None = None
+    pag_scale: float = 3.0
+    pag_identity_weight: float = 1.0
+    pag_identity_scope: str = "joint"
+    pag_target: str = "identity"
+    pag_interval: tuple[float, float] = (0.0, 1.0)
+    pag_adaptive_scale: float = 0.0
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    num_inference_steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    num_images: int = 1
+    strength: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, family: str) -> None:
+        """Family-specific checks with messages that say what is allowed."""
+        if family == "sd3" and self.true_cfg_scale not in (None, 1.0):
+            raise ValueError(
+                f"true_cfg_scale={self.true_cfg_scale} applies to FLUX only; SD3's CFG scale is guidance_scale."
+            )
+        if self.pag_heads is not None:
+            HeadSet.parse(self.pag_heads)
+
+    def call_kwargs(self, family: str, image=None) -> dict[str, Any]:
+        """Keyword arguments for a head-PAG pipeline call."""
+        self.validate(family)
+        kwargs: dict[str, Any] = {
+            "prompt": self.prompt,
+            "pag_heads": self.pag_heads,
+            "pag_scale": self.pag_scale,
+            "pag_identity_weight": self.pag_identity_weight,
+            "pag_identity_scope": self.pag_identity_scope,
+            "pag_target": self.pag_target,
+            "pag_interval": tuple(self.pag_interval),
+            "pag_adaptive_scale": self.pag_adaptive_scale,
+            "num_images_per_prompt": self.num_images,
+            "generator": [torch.Generator().manual_seed(self.seed + i) for i in range(self.num_images)],
+        }
+        optional = {
+            "negative_prompt": self.negative_prompt,
+            "guidance_scale": self.guidance_scale,
+            "num_inference_steps": self.num_inference_steps,
+            "height": self.height,
+            "width": self.width,
+        }
+        if family == "flux":
+            optional["true_cfg_scale"] = self.true_cfg_scale
+        if image is not None:
+            kwargs["image"] = image
+            optional["strength"] = self.strength
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
+        kwargs.update(self.extra)
+        return kwargs
+
+    def without_pag(self) -> GenerationSettings:
+        """The same settings with PAG off (same seed), for side-by-side comparisons."""
+        return GenerationSettings(**{**self.to_dict(), "pag_scale": 0.0})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_json(self) -> str:
+        """JSON stored in PNG metadata and reports."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "extra"}, sort_keys=True)

@@ -1,0 +1,120 @@
+"""HeadHunter search settings and the paper's presets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from typing import Any
+
+from ..guidance import HeadSet
+
+
+def read_prompts(name: str) -> list[str]:
+    """A shipped prompt file (`headpag/search/prompts/NAME.txt`); lines starting with `#` are comments."""
+    text = resources.files("headpag.search").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@dataclass
+class SearchConfig:
+    r"""
+    Settings of a HeadHunter search (paper: arXiv 2506.10978, Algorithm 1).
+
+    Args:
+        prompts (`list[str]`), seeds (`list[int]`): The M prompt-seed pairs, zipped (`pairing="zip"`, equal lengths,
+            or one seed for all prompts) or crossed (`pairing="product"`).
+        rounds (`int`): Greedy rounds R. top_k (`int`): heads added per round k.
+        pool (`str`, *optional*): Head spec restricting the candidates (`None` = every head).
+        pag_scale, pag_identity_weight, pag_identity_scope: PAG settings of every generation.
+        guidance_scale (`float`): SD3: CFG scale (<= 1 is off); FLUX: the distilled guidance embedding.
+        true_cfg_scale (`float`): FLUX only: true CFG (with `negative_prompt`).
+        num_inference_steps, height, width (`int`): Generation size.
+        style_prompt (`str`, *optional*): Prompts become `"{style}, {prompt}"` (the paper's style search).
+        negative_prompt (`str`, *optional*): For CFG.
+        max_sequence_length (`int`, *optional*): T5 tokens (pipeline default when `None`).
+        batch_size (`int`): Images per transformer call (candidates are batched; does not change results).
+    """
+
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    pairing: str = "zip"
+    rounds: int = 1
+    top_k: int = 24
+    pool: str | None = None
+    pag_scale: float = 3.0
+    pag_identity_weight: float = 1.0
+    pag_identity_scope: str = "joint"
+    guidance_scale: float = 0.0
+    true_cfg_scale: float = 1.0
+    num_inference_steps: int = 20
+    height: int = 1024
+    width: int = 1024
+    style_prompt: str | None = None
+    negative_prompt: str | None = None
+    max_sequence_length: int | None = None
+    batch_size: int = 8
+
+    # Fields that do not change any result: excluded from the config hash, so a run may resume with other values.
+    _NOT_HASHED = ("batch_size",)
+
+    def __post_init__(self):
+        if isinstance(self.pool, HeadSet):
+            self.pool = str(self.pool)
+        if self.pool is not None:
+            HeadSet.parse(self.pool)
+        if not self.prompts:
+            raise ValueError("SearchConfig needs at least one prompt.")
+        if self.pairing not in ("zip", "product"):
+            raise ValueError(f"pairing must be 'zip' or 'product', got {self.pairing!r}.")
+        if self.pairing == "zip" and len(self.seeds) not in (1, len(self.prompts)):
+            raise ValueError(
+                f"pairing='zip' needs one seed per prompt (or a single seed): got {len(self.prompts)} prompts and "
+                f"{len(self.seeds)} seeds; use pairing='product' for every prompt with every seed."
+            )
+        for name in ("rounds", "top_k", "batch_size", "num_inference_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
+        if not 0 <= self.pag_identity_weight <= 1:
+            raise ValueError(f"pag_identity_weight must be in [0, 1], got {self.pag_identity_weight!r}.")
+        self.seeds = [int(s) for s in self.seeds]
+
+    def pairs(self) -> list[tuple[str, int]]:
+        """The M (prompt, seed) pairs, with the style prefix applied."""
+        prompts = [f"{self.style_prompt}, {p}" if self.style_prompt else p for p in self.prompts]
+        if self.pairing == "product":
+            return [(p, s) for p in prompts for s in self.seeds]
+        seeds = self.seeds * len(prompts) if len(self.seeds) == 1 else self.seeds
+        return list(zip(prompts, seeds))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def config_hash(self, model: str = "") -> str:
+        """Hash of everything that changes a score (and the model's identity)."""
+        doc = {k: v for k, v in asdict(self).items() if k not in self._NOT_HASHED}
+        doc["model"] = model
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset(name: str, family: str) -> dict[str, Any]:
+    """The paper's settings: `"general"` (PickScore, M=20, R=1, k=24, u=0.25) or `"style"` (R=5, k=3)."""
+    if name == "general":
+        prompts = read_prompts("general")
+        girl = "a photo of beautiful girl"
+        return dict(
+            prompts=prompts + [girl] * 10,
+            seeds=[0] * len(prompts) + list(range(10)),
+            rounds=1,
+            top_k=24,
+            pag_identity_weight=0.25,
+            pag_scale=3.0,
+            num_inference_steps=20,
+        )
+    if name == "style":
+        common = dict(prompts=read_prompts("content"), seeds=[0, 1, 2, 3, 4], rounds=5, top_k=3)
+        if family == "flux":
+            return {**common, "pag_scale": 8.0, "num_inference_steps": 15, "height": 512, "width": 512}
+        return {**common, "pag_scale": 3.0, "num_inference_steps": 20, "height": 1024, "width": 1024}
+    raise ValueError(f"Unknown preset {name!r}; allowed: 'general', 'style'.")

@@ -1,0 +1,33 @@
+"""HeadHunter objectives: `f(images, prompts) -> list[float]`, higher is better; loaded once per process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from PIL import Image
+
+
+Objective = Callable[[Sequence[Image.Image], Sequence[str]], Sequence[float]]
+
+
+def load_objective(
+    objective: str | Objective, model: str | None = None, arch: str | None = None, device=None
+) -> Objective:
+    r"""
+    Args:
+        objective (`str` or callable): `"clip"` (open_clip CLIP score), `"pickscore"`, or any callable.
+        model (`str`, *optional*): CLIP: a checkpoint file (`.safetensors` or a torch file, read with
+            `weights_only=True`); PickScore: a local folder or hub id (default `yuvalkirstain/PickScore_v1`).
+        arch (`str`, *optional*): CLIP: open_clip model name or config JSON (default `ViT-L-14`).
+    """
+    if callable(objective):
+        return objective
+    if objective == "clip":
+        from ..eval import ClipScore
+
+        return ClipScore(arch or "ViT-L-14", checkpoint=model, device=device)
+    if objective == "pickscore":
+        from ..eval import PickScore
+
+        return PickScore(model or "yuvalkirstain/PickScore_v1", device=device)
+    raise ValueError(f"Unknown objective {objective!r}; allowed: 'clip', 'pickscore', or a callable.")

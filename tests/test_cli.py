@@ -1,0 +1,147 @@
+"""`headpag generate` end to end on the offline tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from headpag import HeadSet
+from headpag.cli import main
+
+
+FAST = ["--steps", "2", "--height", "32", "--width", "32", "--no-progress"]
+
+
+def settings_of(path):
+    return json.loads(Image.open(path).text["headpag"])
+
+
+def test_generate_compare_writes_both_images(tmp_path):
+    out = tmp_path / "cat.png"
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "tiny-sd3",
+            "--prompt",
+            "a cat",
+            "--pag-heads",
+            "1.0-1, 2",
+            "--compare",
+            "--guidance-scale",
+            "4",
+            "--seed",
+            "7",
+            "--output",
+            str(out),
+            *FAST,
+        ]
+    )
+    assert rc == 0
+    pag, nopag = settings_of(out), settings_of(tmp_path / "cat-nopag.png")
+    assert pag["pag_heads"] == "1.0-1, 2" and pag["seed"] == 7 and pag["pag_scale"] == 3.0
+    assert nopag["pag_scale"] == 0.0 and nopag["seed"] == 7
+    assert Image.open(out).tobytes() != Image.open(tmp_path / "cat-nopag.png").tobytes()
+
+
+def test_generate_from_head_set_file_uses_its_metadata(tmp_path):
+    heads = HeadSet.parse("0.1, 3.2").save(tmp_path / "heads.json", recommended_scale=2.5, identity_weight=0.25)
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "tiny-flux",
+            "--prompt",
+            "a cat",
+            "--pag-heads-file",
+            str(heads),
+            "--negative-prompt",
+            "blur",
+            "--true-cfg-scale",
+            "2",
+            "--num-images",
+            "2",
+            "--output",
+            str(tmp_path / "f.png"),
+            *FAST,
+        ]
+    )
+    assert rc == 0
+    s = settings_of(tmp_path / "f-1.png")
+    assert s["pag_heads"] == "0.1, 3.2" and s["pag_scale"] == 2.5 and s["pag_identity_weight"] == 0.25
+    assert s["true_cfg_scale"] == 2.0
+
+
+def test_generate_img2img(tmp_path):
+    src = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(src)
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "tiny-sd35",
+            "--prompt",
+            "a cat",
+            "--image",
+            str(src),
+            "--strength",
+            "0.5",
+            "--steps",
+            "4",
+            "--no-progress",
+            "--output",
+            str(tmp_path / "i.png"),
+        ]
+    )
+    assert rc == 0 and settings_of(tmp_path / "i.png")["strength"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "tiny-sd3", "--pag-heads", "9"], "valid layers are 0-3"),
+        (["--model", "tiny-sd3", "--pag-identity-weight", "1.5"], r"must be a number in \[0, 1\]"),
+        (["--model", "tiny-sd3", "--true-cfg-scale", "3"], "applies to FLUX only"),
+        (["--model", "tiny-sd3", "--pag-heads", "1.x"], "Invalid head spec entry"),
+        (["--model", "tiny-xl"], "Hugging Face Hub could not be reached|does not exist|Unknown"),
+    ],
+)
+def test_generate_errors_are_clear(tmp_path, capsys, args, message):
+    rc = main(["generate", "--prompt", "a cat", *args, "--output", str(tmp_path / "x.png"), *FAST])
+    assert rc == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_module_entry_point_and_exclusive_heads(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "headpag",
+            "generate",
+            "--model",
+            "tiny-sd3",
+            "--prompt",
+            "x",
+            "--pag-heads",
+            "1",
+            "--pag-heads-file",
+            "h.json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "headpag", "generate", "--model", "tiny-sd3", "--prompt", "x", "--pag-heads", "7"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "valid layers are 0-3" in proc.stderr
