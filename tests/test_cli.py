@@ -49,7 +49,7 @@ def test_generate_compare_writes_both_images(tmp_path):
 
 
 def test_generate_from_head_set_file_uses_its_metadata(tmp_path):
-    heads = HeadSet.parse("0.1, 3.2").save(tmp_path / "heads.json", recommended_scale=2.5, identity_weight=0.25)
+    heads = HeadSet.parse("0.1, 3.0").save(tmp_path / "heads.json", recommended_scale=2.5, identity_weight=0.25)
     rc = main(
         [
             "generate",
@@ -72,7 +72,7 @@ def test_generate_from_head_set_file_uses_its_metadata(tmp_path):
     )
     assert rc == 0
     s = settings_of(tmp_path / "f-1.png")
-    assert s["pag_heads"] == "0.1, 3.2" and s["pag_scale"] == 2.5 and s["pag_identity_weight"] == 0.25
+    assert s["pag_heads"] == "0.1, 3.0" and s["pag_scale"] == 2.5 and s["pag_identity_weight"] == 0.25
     assert s["true_cfg_scale"] == 2.0
 
 

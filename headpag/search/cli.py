@@ -1,7 +1,190 @@
-"""`headpag hunt`: filled in by the HeadHunter search."""
+"""`headpag hunt`: run, resume, or report a HeadHunter search from the command line."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`"0-4"` -> [0, 1, 2, 3, 4]; `"0,3,7"` -> [0, 3, 7]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"Invalid --seeds {text!r}: use '0-4' or '0,3,7'.") from None
+    return seeds
+
+
+def read_prompt_arg(value: str) -> list[str]:
+    """A prompt file (one per line, `#` comments) or a literal prompt."""
+    path = Path(value)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return [value]
+
 
 def add_hunt_parser(sub, add_model_args, add_pag_args) -> None:
-    return None
+    p = sub.add_parser("hunt", help="Search for the heads to perturb (HeadHunter).")
+    p.add_argument("--report", metavar="DIR", default=None, help="Only rebuild the report of a search directory.")
+    p.add_argument("--model", default=None, help="Hub id, local folder, or tiny-sd3 / tiny-sd35 / tiny-flux.")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    p.add_argument("--device", default=None, help="Device (default: this process's accelerate device).")
+    p.add_argument(
+        "--preset",
+        choices=["general", "style"],
+        default=None,
+        help="The paper's settings: general (M=20, R=1, k=24, u=0.25) or style (R=5, k=3).",
+    )
+    p.add_argument("--prompts", default=None, help="Prompt file (one per line) or a single prompt.")
+    p.add_argument("--seeds", default=None, help="Seeds, e.g. 0-4 or 0,3,7 (zipped with prompts, or one for all).")
+    p.add_argument("--pairing", choices=["zip", "product"], default=None)
+    p.add_argument("--style", default=None, help="Style prompt: prompts become '{style}, {prompt}'.")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--pool", default=None, help="Restrict candidates to a head spec, e.g. '0-11'.")
+    p.add_argument("--objective", choices=["clip", "pickscore"], default="pickscore")
+    p.add_argument(
+        "--objective-model",
+        default=None,
+        help="CLIP: checkpoint file (.safetensors or torch, weights only). PickScore: folder or hub id.",
+    )
+    p.add_argument("--objective-arch", default=None, help="CLIP: open_clip model name or config JSON.")
+    p.add_argument("--pag-scale", type=float, default=None)
+    p.add_argument("--pag-identity-weight", type=float, default=None)
+    p.add_argument("--pag-identity-scope", choices=["joint", "image"], default=None)
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="SD3: CFG scale (default 0: off). FLUX: the distilled guidance embedding.",
+    )
+    p.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX only: true CFG (with --negative-prompt).")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="Images per transformer call (default 8).")
+    p.add_argument("--output-dir", default="runs/headhunter")
+    p.add_argument("--validation-images", type=int, default=4, help="Pairs in the report's validation grid.")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_config(args: argparse.Namespace, family: str):
+    from .config import SearchConfig, preset
+
+    values = preset(args.preset, family) if args.preset else {}
+    explicit = {
+        "prompts": read_prompt_arg(args.prompts) if args.prompts else None,
+        "seeds": parse_seeds(args.seeds) if args.seeds else None,
+        "pairing": args.pairing,
+        "style_prompt": args.style,
+        "negative_prompt": args.negative_prompt,
+        "rounds": args.rounds,
+        "top_k": args.top_k,
+        "pool": args.pool,
+        "pag_scale": args.pag_scale,
+        "pag_identity_weight": args.pag_identity_weight,
+        "pag_identity_scope": args.pag_identity_scope,
+        "guidance_scale": args.guidance_scale,
+        "true_cfg_scale": args.true_cfg_scale,
+        "num_inference_steps": args.steps,
+        "height": args.height,
+        "width": args.width,
+        "max_sequence_length": args.max_sequence_length,
+        "batch_size": args.batch_size,
+    }
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    if "prompts" not in values:
+        raise ValueError("headpag hunt needs --prompts FILE_OR_TEXT or a --preset.")
+    if args.seeds and args.prompts and len(values["seeds"]) not in (1, len(values["prompts"])) and not args.pairing:
+        values["pairing"] = "product"
+    return SearchConfig(**values)
+
+
+class Progress:
+    """candidates done, rate, time left (a tqdm bar on the main process)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if self.bar is None or self.bar.total != total or done == 0:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=total, unit="cand", desc="HeadHunter", file=sys.stderr)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_hunt(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if args.report:
+        report = write_report(args.report)
+        print(f"report: {report / 'README.md'}")
+        return 0
+    if not args.model:
+        raise ValueError("headpag hunt needs --model (or --report DIR).")
+    from accelerate import PartialState
+
+    from ..cli import resolve_device_dtype
+    from ..guidance import describe_transformer
+    from ..pipelines import load_pipeline
+    from .hunter import HeadHunter
+
+    state = PartialState()
+    device, dtype = resolve_device_dtype(args.device or str(state.device), args.dtype)
+    pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    config = build_config(args, describe_transformer(pipe.transformer).family)
+    progress = Progress(enabled=not args.no_progress and state.is_main_process)
+    hunter = HeadHunter(
+        pipe,
+        args.objective,
+        config,
+        args.output_dir,
+        objective_model=args.objective_model,
+        objective_arch=args.objective_arch,
+        model_name=args.model,
+        progress=progress,
+    )
+    start = time.monotonic()
+    result = hunter.run()
+    progress.close()
+    if state.is_main_process:
+        validation = hunter.validation_images(args.validation_images) if args.validation_images > 0 else None
+        report = write_report(args.output_dir, result.num_layers, result.num_heads, validation)
+        print(
+            f"HeadHunter: {len(result.order)} heads selected in {time.monotonic() - start:.1f}s "
+            f"({config.rounds} rounds, top-{config.top_k}, M={len(config.pairs())})"
+        )
+        for i, (r, head) in enumerate((r, h) for r, rd in enumerate(result.rounds) for h in rd["chosen"]):
+            print(f"  {i + 1:3d}. round {r}: {head[0]}.{head[1]}  score {result.rounds[r]['scores'][head]:.4f}")
+        print(f"heads: {Path(args.output_dir) / 'selected_heads.json'}  (use --pag-heads-file)")
+        print(f"report: {report / 'README.md'}")
+    return 0
