@@ -11,6 +11,8 @@ import torch
 from diffusers.utils import logging
 from PIL import Image
 
+from .base import PairMetric
+
 
 logger = logging.get_logger(__name__)
 
@@ -31,7 +33,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-class ClipScore:
+class ClipScore(PairMetric):
     r"""
     CLIP score of image-prompt pairs with an open_clip model.
 
@@ -90,16 +92,3 @@ class ClipScore:
             cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
             out.extend((100 * cos).clamp(min=0).tolist())
         return out
-
-    __call__ = score
-
-    def update(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> None:
-        self._scores.extend(self.score(images, prompts))
-
-    def compute(self) -> float:
-        if not self._scores:
-            raise ValueError("ClipScore.compute() called before any update().")
-        return float(sum(self._scores) / len(self._scores))
-
-    def reset(self) -> None:
-        self._scores: list[float] = []

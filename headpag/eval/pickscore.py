@@ -8,8 +8,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from .base import PairMetric
 
-class PickScore:
+
+class PickScore(PairMetric):
     r"""
     PickScore of image-prompt pairs.
 
@@ -32,7 +34,8 @@ class PickScore:
 
         if processor is None:
             folder = os.fspath(model)
-            has_processor = os.path.isfile(os.path.join(folder, "preprocessor_config.json"))
+            names = ("preprocessor_config.json", "processor_config.json")
+            has_processor = any(os.path.isfile(os.path.join(folder, name)) for name in names)
             processor = folder if has_processor else "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.processor = AutoProcessor.from_pretrained(processor)
@@ -64,16 +67,3 @@ class PickScore:
             txt = txt / txt.norm(dim=-1, keepdim=True)
             out.extend((self.model.logit_scale.exp() * (img * txt).sum(-1)).float().tolist())
         return out
-
-    __call__ = score
-
-    def update(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> None:
-        self._scores.extend(self.score(images, prompts))
-
-    def compute(self) -> float:
-        if not self._scores:
-            raise ValueError("PickScore.compute() called before any update().")
-        return float(sum(self._scores) / len(self._scores))
-
-    def reset(self) -> None:
-        self._scores: list[float] = []

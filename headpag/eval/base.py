@@ -1,0 +1,29 @@
+"""The shared metric protocol: per-pair `score`, and `update` / `compute` / `reset` for a running mean."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image
+
+
+class PairMetric:
+    """A metric of image-prompt pairs. Subclasses implement `score`; calling the metric is `score` (an objective)."""
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        return self.score(images, prompts)
+
+    def update(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> None:
+        self._scores.extend(self.score(images, prompts))
+
+    def compute(self) -> float:
+        """Mean score of everything passed to `update` since the last `reset`."""
+        if not self._scores:
+            raise ValueError(f"{type(self).__name__}.compute() called before any update().")
+        return float(sum(self._scores) / len(self._scores))
+
+    def reset(self) -> None:
+        self._scores: list[float] = []
