@@ -46,16 +46,6 @@ class PerturbationPlan:
             self._layers[layer] = (torch.tensor(layer_rows, dtype=torch.long), weights)
         self._device_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @property
-    def layers(self) -> list[int]:
-        """Sorted layers that at least one row perturbs."""
-        return sorted(self._layers)
-
-    @property
-    def first_layer(self) -> int | None:
-        """The first perturbed layer: every block before it computes the same thing for perturbed and clean rows."""
-        return min(self._layers) if self._layers else None
-
     def layer_weights(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`(rows, weights)` for `layer` on `device`, or `None` when the layer is not perturbed."""
         if layer not in self._layers:

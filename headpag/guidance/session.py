@@ -42,6 +42,21 @@ def replace_sample(output: Any, sample: torch.Tensor) -> Any:
     return output
 
 
+@contextlib.contextmanager
+def overridden(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """Set an instance attribute (e.g. a module's `forward`) for a `with` block; restore exactly what was there."""
+    had_own = name in obj.__dict__
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
+
+
 class PerturbedTransformer:
     r"""
     Head-level SoftPAG on a diffusers SD3/SD3.5/FLUX transformer, for the duration of a `with` block.
@@ -96,33 +111,26 @@ class PerturbedTransformer:
         """
         layers = sorted({layer for hs in head_sets for layer in hs.layers()})
         saved_processors: list[tuple[torch.nn.Module, Any]] = []
-        saved_forwards: list[tuple[torch.nn.Module, bool, Any]] = []
         try:
-            for layer in layers:
-                for attn in self.layout.attentions[layer]:
-                    saved_processors.append((attn, attn.processor))
-                    if self.layout.family == "sd3":
-                        processor = HeadPAGJointAttnProcessor(layer, self.state)
-                    else:
-                        processor = HeadPAGFluxAttnProcessor(layer, self.state, original=attn.processor)
-                    attn.set_processor(processor)
-            self._prefix_end = layers[0] if (layers and self.share_prefix) else 0
-            for index in range(self._prefix_end):
-                block = self.layout.blocks[index]
-                had_own = "forward" in block.__dict__
-                saved_forwards.append((block, had_own, block.__dict__.get("forward")))
-                original = block.forward
-                block.forward = functools.partial(self._block_forward, original, index)
-            self._head_sets = list(head_sets)
-            yield self
+            with contextlib.ExitStack() as forwards:
+                for layer in layers:
+                    for attn in self.layout.attentions[layer]:
+                        saved_processors.append((attn, attn.processor))
+                        if self.layout.family == "sd3":
+                            processor = HeadPAGJointAttnProcessor(layer, self.state)
+                        else:
+                            processor = HeadPAGFluxAttnProcessor(layer, self.state, original=attn.processor)
+                        attn.set_processor(processor)
+                self._prefix_end = layers[0] if (layers and self.share_prefix) else 0
+                for index in range(self._prefix_end):
+                    block = self.layout.blocks[index]
+                    wrapper = functools.partial(self._block_forward, block.forward, index)
+                    forwards.enter_context(overridden(block, "forward", wrapper))
+                self._head_sets = list(head_sets)
+                yield self
         finally:
             for attn, processor in reversed(saved_processors):
                 attn.set_processor(processor)
-            for block, had_own, forward in reversed(saved_forwards):
-                if had_own:
-                    block.forward = forward
-                else:
-                    del block.forward
             self._head_sets = None
             self._prefix_end = 0
             self._prefix_mode = None

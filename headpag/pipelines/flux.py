@@ -31,8 +31,6 @@ class _FluxHeadPAG(HeadPAGMixin):
     ride along with the conditional call (`[cond, perturbed]`) only.
     """
 
-    _pag_family = "flux"
-
     def _pag_cfg_scale(self, arguments: dict[str, Any]) -> float | None:
         has_negative = arguments.get("negative_prompt") is not None or (
             arguments.get("negative_prompt_embeds") is not None

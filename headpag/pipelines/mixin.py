@@ -21,7 +21,7 @@ from diffusers.utils import logging
 
 from ..guidance import HeadSet, Perturbation, PerturbedTransformer, describe_transformer, fold_into_conditional
 from ..guidance.heads import HeadSetLike
-from ..guidance.session import output_sample, replace_sample
+from ..guidance.session import output_sample, overridden, replace_sample
 
 
 logger = logging.get_logger(__name__)
@@ -88,8 +88,6 @@ class HeadPAGMixin:
     Extra call arguments (keyword only): `pag_heads`, `pag_scale`, `pag_identity_weight`, `pag_identity_scope`,
     `pag_target`, `pag_interval`, `pag_adaptive_scale`, `pag_sequential`, `pag_share_prefix`; see `__call__`.
     """
-
-    _pag_family: str = ""
 
     def _init_head_pag(self, pag_heads: HeadSetLike, pag_sequential: bool) -> None:
         self._pag_heads: HeadSet | None = None
@@ -209,9 +207,8 @@ class HeadPAGMixin:
         self, runner: PerturbedTransformer, options: PAGOptions, cfg_scale: float | None, head_sets: list[HeadSet]
     ) -> Iterator[None]:
         transformer = self.transformer
-        saved = {name: transformer.__dict__.get(name) for name in ("forward", "cache_context")}
         original_forward = transformer.forward
-        original_context = transformer.cache_context if hasattr(transformer, "cache_context") else None
+        original_context = getattr(transformer, "cache_context", None)
         context = {"name": None}
 
         @contextlib.contextmanager
@@ -223,19 +220,14 @@ class HeadPAGMixin:
             finally:
                 context["name"] = None
 
-        transformer.forward = functools.partial(
+        forward = functools.partial(
             self._pag_forward, original_forward, runner, options, cfg_scale, head_sets, context
         )
-        if original_context is not None:
-            transformer.cache_context = cache_context
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(overridden(transformer, "forward", forward))
+            if original_context is not None:
+                stack.enter_context(overridden(transformer, "cache_context", cache_context))
             yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    transformer.__dict__.pop(name, None)
-                else:
-                    setattr(transformer, name, value)
 
     def _pag_step(self) -> tuple[int, float]:
         """`(step index within this call, scheduler timestep in [0, 1000])` of the current transformer call."""

@@ -27,8 +27,6 @@ from .mixin import HeadPAGMixin
 class _SD3HeadPAG(HeadPAGMixin):
     """SD3 specifics: CFG batches `[uncond, cond]` in one call; `guidance_scale > 1` turns CFG on."""
 
-    _pag_family = "sd3"
-
     def _pag_cfg_scale(self, arguments: dict[str, Any]) -> float | None:
         g = float(arguments["guidance_scale"])
         return g if g > 1 else None
