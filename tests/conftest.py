@@ -61,3 +61,18 @@ def model_kind(request):
 @pytest.fixture
 def transformer(model_kind):
     return make_transformer(model_kind)
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_clip_config(path):
+    """A tiny open_clip model config (registered under the file's stem by `ClipScore`)."""
+    import json
+
+    path.write_text(json.dumps(TINY_CLIP))
+    return path

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from conftest import write_tiny_clip_config
 from PIL import Image
 
 from headpag.eval import ClipScore, PickScore
@@ -20,16 +19,7 @@ def test_clip_score_equals_direct_open_clip(tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    config = tmp_path / "tiny-clip-m.json"
-    config.write_text(
-        json.dumps(
-            {
-                "embed_dim": 32,
-                "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-            }
-        )
-    )
+    config = write_tiny_clip_config(tmp_path / "tiny-clip-m.json")
     torch.manual_seed(0)
     metric = ClipScore(str(config), device="cpu")
     save_file(metric.model.state_dict(), tmp_path / "w.safetensors")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_clip_config
 from hunt_worker import CONFIG, brightness, hunter
 
 from headpag import HeadSet, load_pipeline
@@ -152,16 +153,7 @@ def tiny_clip(tmp_path_factory):
     from headpag.eval import ClipScore
 
     root = tmp_path_factory.mktemp("clip")
-    config = root / "tiny-clip.json"
-    config.write_text(
-        json.dumps(
-            {
-                "embed_dim": 32,
-                "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-            }
-        )
-    )
+    config = write_tiny_clip_config(root / "tiny-clip.json")
     torch.manual_seed(0)
     save_file(ClipScore(str(config), device="cpu").model.state_dict(), root / "tiny-clip.safetensors")
     return config, root / "tiny-clip.safetensors"

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from PIL import Image
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def check_pairs(images: Sequence[Image.Image], prompts: Sequence[str]) -> None:
+    if len(images) != len(prompts):
+        raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts.")
 
 
 class PairMetric:

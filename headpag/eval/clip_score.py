@@ -11,7 +11,7 @@ import torch
 from diffusers.utils import logging
 from PIL import Image
 
-from .base import PairMetric
+from .base import PairMetric, check_pairs, default_device
 
 
 logger = logging.get_logger(__name__)
@@ -68,7 +68,7 @@ class ClipScore(PairMetric):
             json.loads(config_path.read_text())  # validate early
             open_clip.add_model_config(config_path)
             model_name = config_path.stem
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         if checkpoint is not None:
             model.load_state_dict(load_state_dict(checkpoint))
@@ -81,8 +81,7 @@ class ClipScore(PairMetric):
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         """Per-pair CLIP scores `max(100 * cos, 0)`."""
-        if len(images) != len(prompts):
-            raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts.")
+        check_pairs(images, prompts)
         out: list[float] = []
         for i in range(0, len(images), self.batch_size):
             pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i : i + self.batch_size]])

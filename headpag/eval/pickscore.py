@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .base import PairMetric
+from .base import PairMetric, check_pairs, default_device
 
 
 class PickScore(PairMetric):
@@ -37,7 +37,7 @@ class PickScore(PairMetric):
             names = ("preprocessor_config.json", "processor_config.json")
             has_processor = any(os.path.isfile(os.path.join(folder, name)) for name in names)
             processor = folder if has_processor else "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.processor = AutoProcessor.from_pretrained(processor)
         self.model = AutoModel.from_pretrained(model).eval().to(self.device)
         self.batch_size = batch_size
@@ -45,8 +45,7 @@ class PickScore(PairMetric):
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        if len(images) != len(prompts):
-            raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts.")
+        check_pairs(images, prompts)
         out: list[float] = []
         for i in range(0, len(images), self.batch_size):
             image_inputs = self.processor(
