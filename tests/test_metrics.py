@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_clip_config
+from conftest import TINY_CLIP, write_tiny_clip_config
 from PIL import Image
 
 from headpag.eval import ClipScore, PickScore
@@ -83,3 +84,113 @@ def test_pickscore_from_local_folder(tmp_path):
         txt = getattr(txt, "pooler_output", txt)
         direct = (model.logit_scale.exp() * torch.nn.functional.cosine_similarity(img, txt)).tolist()
     assert scores == pytest.approx(direct, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- FID / KID
+def _random_inception_file(path):
+    """Random FID-Inception weights with variance-preserving convs (default init collapses the features to ~0)."""
+    from headpag.eval.features import fid_inception_v3
+
+    torch.manual_seed(0)
+    net = fid_inception_v3()
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _noise_images(seed, n, shift=0.0):
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, shift, 48)[None, :, None]
+    return [Image.fromarray((rng.random((48, 48, 3)) * (255 - shift) + ramp).astype(np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    from headpag.eval import InceptionFeatures
+
+    return InceptionFeatures(_random_inception_file(tmp_path_factory.mktemp("inc") / "inc.pth"), device="cpu")
+
+
+def test_fid_and_kid_between_sets(inception, tmp_path):
+    from headpag._io import save_png
+    from headpag.eval import FID, KID
+
+    a, b = _noise_images(0, 6), _noise_images(1, 6, shift=170)
+    for i, im in enumerate(a):
+        save_png(im, tmp_path / "a" / f"{i}.png")
+    fid = FID(inception)
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert fid(tmp_path / "a", a) == pytest.approx(0.0, abs=1e-6)  # folder == in-memory list
+    assert fid(a, b) > 1.0
+    kid = KID(inception, subsets=20, subset_size=4)
+    same, different = kid(a, a), kid(a, b)
+    assert abs(same[0]) < 0.05 * different[0] and different[0] > 0
+    kid.reset()
+    kid.update(a[:3], real=True)
+    kid.update(a[3:], real=True)
+    kid.update(b, real=False)
+    assert kid.compute() == pytest.approx(different)
+    with pytest.raises(ValueError, match="needs both"):
+        FID(inception).compute()
+
+
+def test_frechet_distance_equals_pytorch_fid_when_well_conditioned():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from headpag.eval import frechet_distance
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(400, 8)), rng.normal(size=(300, 8)) * 1.5 + 0.3
+    expected = calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)
+
+
+def test_kernel_distance_matches_its_definition():
+    from headpag.eval import kernel_distance
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 3)) + 1
+    k = lambda a, b: (a @ b.T / 3 + 1) ** 3  # noqa: E731
+    off = 5 * 4
+    direct = (k(x, x).sum() - np.trace(k(x, x))) / off + (k(y, y).sum() - np.trace(k(y, y))) / off - 2 * k(x, y).mean()
+    mean, std = kernel_distance(x, y, subsets=3, subset_size=5)  # subsets of all rows: one value
+    assert mean == pytest.approx(direct) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_missing_inception_weights_error_says_what_to_do(tmp_path, monkeypatch):
+    from headpag.eval import InceptionFeatures, MissingWeightsError
+    from headpag.eval.features import INCEPTION_FILE, inception_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("HEADPAG_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(MissingWeightsError, match=f"{tmp_path / 'nope.pth'}.*does not exist.*{INCEPTION_FILE}"):
+        InceptionFeatures(tmp_path / "nope.pth")
+    monkeypatch.setenv("HEADPAG_INCEPTION_WEIGHTS", str(tmp_path / "env.pth"))
+    with pytest.raises(MissingWeightsError, match="HEADPAG_INCEPTION_WEIGHTS.*--inception-weights"):
+        inception_weights_path()
+    monkeypatch.delenv("HEADPAG_INCEPTION_WEIGHTS")
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(MissingWeightsError, match=f"network unreachable.*{INCEPTION_FILE}.*--inception-weights"):
+        inception_weights_path()
+    _random_inception_file(tmp_path / "env.pth")
+    monkeypatch.setenv("HEADPAG_INCEPTION_WEIGHTS", str(tmp_path / "env.pth"))
+    assert inception_weights_path() == tmp_path / "env.pth"
+
+
+def test_clip_features_fid(tmp_path):
+    from headpag.eval import FID, ClipFeatures, ClipScore
+
+    config = write_tiny_clip_config(tmp_path / "tiny-clip-f.json")
+    features = ClipFeatures(str(config), device="cpu")
+    a, b = _noise_images(0, 4), _noise_images(1, 4, shift=170)
+    assert features(a).shape == (4, TINY_CLIP["embed_dim"])
+    assert np.allclose(np.linalg.norm(features(a), axis=1), 1.0)
+    fid = FID(features)
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-9) and fid(a, b) > 0
+    assert ClipScore(str(config), device="cpu")  # the same loader serves both

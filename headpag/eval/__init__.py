@@ -1,7 +1,26 @@
-"""Metrics: CLIP score and PickScore (also HeadHunter's objectives)."""
+"""Metrics: CLIP score and PickScore (also HeadHunter's objectives), FID and KID, and the comparison report."""
 
-from .clip_score import ClipScore, load_state_dict
+from .clip_score import ClipScore, load_open_clip, load_state_dict
+from .distribution import FID, KID, SetMetric, frechet_distance, image_files, kernel_distance, load_images
+from .features import ClipFeatures, FeatureExtractor, InceptionFeatures, MissingWeightsError, inception_weights_path
 from .pickscore import PickScore
 
 
-__all__ = ["ClipScore", "PickScore", "load_state_dict"]
+__all__ = [
+    "FID",
+    "KID",
+    "ClipFeatures",
+    "ClipScore",
+    "FeatureExtractor",
+    "InceptionFeatures",
+    "MissingWeightsError",
+    "PickScore",
+    "SetMetric",
+    "frechet_distance",
+    "image_files",
+    "inception_weights_path",
+    "kernel_distance",
+    "load_images",
+    "load_open_clip",
+    "load_state_dict",
+]

@@ -33,6 +33,36 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def load_open_clip(
+    model_name: str,
+    checkpoint: str | os.PathLike | None = None,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+):
+    r"""
+    An open_clip model in eval mode with its image transform and tokenizer (shared by CLIP score and CLIP features).
+
+    Args:
+        model_name (`str`): An open_clip model name, or a path to a model config JSON (registered under its stem).
+        checkpoint (`str`, *optional*): A local `.safetensors` file or torch file (read with `weights_only=True`).
+        pretrained (`str`, *optional*): An open_clip pretrained tag, downloaded when the hub is reachable.
+        device (`str`): Where to put the model.
+    """
+    import open_clip
+
+    if str(model_name).endswith(".json"):
+        config_path = Path(model_name)
+        if not config_path.is_file():
+            raise ValueError(f"open_clip model config {config_path} does not exist.")
+        json.loads(config_path.read_text())  # validate early
+        open_clip.add_model_config(config_path)
+        model_name = config_path.stem
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+    if checkpoint is not None:
+        model.load_state_dict(load_state_dict(checkpoint))
+    return model.eval().to(device), preprocess, open_clip.get_tokenizer(model_name)
+
+
 class ClipScore(PairMetric):
     r"""
     CLIP score of image-prompt pairs with an open_clip model.
@@ -59,22 +89,8 @@ class ClipScore(PairMetric):
         device: str | torch.device | None = None,
         batch_size: int = 32,
     ):
-        import open_clip
-
-        if str(model_name).endswith(".json"):
-            config_path = Path(model_name)
-            if not config_path.is_file():
-                raise ValueError(f"open_clip model config {config_path} does not exist.")
-            json.loads(config_path.read_text())  # validate early
-            open_clip.add_model_config(config_path)
-            model_name = config_path.stem
         self.device = default_device(device)
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-        if checkpoint is not None:
-            model.load_state_dict(load_state_dict(checkpoint))
-        self.model = model.eval().to(self.device)
-        self.preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.model, self.preprocess, self.tokenizer = load_open_clip(model_name, checkpoint, pretrained, self.device)
         self.batch_size = batch_size
         self.reset()
 

@@ -1,0 +1,146 @@
+"""
+FID and KID between two image sets (folders or in-memory lists), on FID Inception or open_clip features.
+
+FID is the Frechet distance between Gaussians fitted to the two feature sets. KID is the
+unbiased MMD^2 with the cubic polynomial kernel `k(x, y) = (x.y / d + 1)^3`, averaged over random subsets (Binkowski
+et al., 2018; torchmetrics' and torch-fidelity's definition), reported as mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .features import FeatureExtractor, InceptionFeatures
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"Image folder {folder} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"Image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    return files
+
+
+def load_images(source: str | os.PathLike | Sequence[Image.Image]) -> list[Image.Image]:
+    """A folder's images (sorted by name) or an in-memory list, as RGB PIL images."""
+    if isinstance(source, (str, os.PathLike)):
+        return [Image.open(p).convert("RGB") for p in image_files(source)]
+    return [im.convert("RGB") for im in source]
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
+    r"""
+    FID between two `(N, D)` feature arrays: `|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))`.
+
+    The trace term is computed as `sum(sqrt(eig(S1^(1/2) S2 S1^(1/2))))`, a symmetric PSD matrix with the same
+    eigenvalues as `S1 S2`; it equals pytorch-fid's `scipy.linalg.sqrtm` result on well-conditioned sets and, unlike
+    it, stays real and finite when there are fewer images than feature dimensions.
+    """
+    for name, feats in (("reference", real), ("generated", fake)):
+        if len(feats) < 2:
+            raise ValueError(f"FID needs at least 2 {name} images, got {len(feats)}.")
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    sigma1, sigma2 = np.atleast_2d(np.cov(real, rowvar=False)), np.atleast_2d(np.cov(fake, rowvar=False))
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, 0.0))
+
+
+def kernel_distance(
+    real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID `(mean, std)` over `subsets` random subsets of `min(subset_size, N_real, N_fake)` (at least 2) rows."""
+    m = min(subset_size, len(real), len(fake))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 images per set, got {len(real)} reference and {len(fake)} generated.")
+    d = real.shape[1]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = m * (m - 1)
+        values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+class SetMetric:
+    r"""
+    A metric between a reference set and a generated set: `update(images, real=True|False)` then `compute()`, or
+    `metric(reference, generated)` with folders or image lists.
+
+    Args:
+        features ([`FeatureExtractor`], *optional*): Defaults to the FID Inception ([`InceptionFeatures`]).
+        inception_weights (`str`, *optional*): Passed to [`InceptionFeatures`] when `features` is not given.
+        device (`str`, *optional*): Where the default extractor runs.
+    """
+
+    def __init__(
+        self,
+        features: FeatureExtractor | None = None,
+        inception_weights: str | os.PathLike | None = None,
+        device=None,
+    ):
+        self.features = features or InceptionFeatures(inception_weights, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self._real: list[np.ndarray] = []
+        self._fake: list[np.ndarray] = []
+
+    def update(self, images: str | os.PathLike | Sequence[Image.Image], real: bool) -> None:
+        (self._real if real else self._fake).append(self.features(load_images(images)))
+
+    def _stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._real or not self._fake:
+            raise ValueError(f"{type(self).__name__}.compute() needs both reference (real=True) and generated images.")
+        return np.concatenate(self._real), np.concatenate(self._fake)
+
+    def compute(self):
+        raise NotImplementedError
+
+    def __call__(self, reference, generated):
+        self.reset()
+        self.update(reference, real=True)
+        self.update(generated, real=False)
+        return self.compute()
+
+
+class FID(SetMetric):
+    """Frechet Inception Distance (lower is better); `compute()` returns a float."""
+
+    def compute(self) -> float:
+        return frechet_distance(*self._stacked())
+
+
+class KID(SetMetric):
+    r"""
+    Kernel Inception Distance (lower is better); `compute()` returns `(mean, std)`.
+
+    Args:
+        subsets (`int`, defaults to 100), subset_size (`int`, defaults to 1000), seed (`int`, defaults to 0): The
+            random subsets (smaller sets use all their images per subset).
+        features, inception_weights, device: As for [`SetMetric`].
+    """
+
+    def __init__(self, *args, subsets: int = 100, subset_size: int = 1000, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+
+    def compute(self) -> tuple[float, float]:
+        return kernel_distance(*self._stacked(), self.subsets, self.subset_size, self.seed)
