@@ -144,7 +144,12 @@ def test_frechet_distance_equals_pytorch_fid_when_well_conditioned():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(400, 8)), rng.normal(size=(300, 8)) * 1.5 + 0.3
     expected = calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)  # D x D path (n1 n2 > D^2)
+    small_x, small_y = x[:5], y[:4]  # n1 n2 <= D^2: the nuclear-norm path, checked against sqrtm
+    expected = calculate_frechet_distance(
+        small_x.mean(0), np.cov(small_x, rowvar=False), small_y.mean(0), np.cov(small_y, rowvar=False)
+    )
+    assert frechet_distance(small_x, small_y) == pytest.approx(expected, rel=1e-6)
 
 
 def test_kernel_distance_matches_its_definition():

@@ -43,21 +43,28 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     r"""
     FID between two `(N, D)` feature arrays: `|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))`.
 
-    The trace term is computed as `sum(sqrt(eig(S1^(1/2) S2 S1^(1/2))))`, a symmetric PSD matrix with the same
-    eigenvalues as `S1 S2`; it equals pytorch-fid's `scipy.linalg.sqrtm` result on well-conditioned sets and, unlike
-    it, stays real and finite when there are fewer images than feature dimensions.
+    `Tr((S1 S2)^(1/2))` is the sum of the square roots of the eigenvalues of `S1 S2`. With centred features `A`, `B`,
+    those are the squared singular values of `A B^T / sqrt((n1 - 1)(n2 - 1))`, so for small sets the trace is that
+    matrix's nuclear norm (an `n1 x n2` problem instead of `D x D`); for large sets it comes from the symmetric
+    `S1^(1/2) S2 S1^(1/2)`. Both equal pytorch-fid's `scipy.linalg.sqrtm` result on well-conditioned sets and, unlike
+    it, stay real and finite when there are fewer images than feature dimensions.
     """
     for name, feats in (("reference", real), ("generated", fake)):
         if len(feats) < 2:
             raise ValueError(f"FID needs at least 2 {name} images, got {len(feats)}.")
-    mu1, mu2 = real.mean(0), fake.mean(0)
-    sigma1, sigma2 = np.atleast_2d(np.cov(real, rowvar=False)), np.atleast_2d(np.cov(fake, rowvar=False))
-    w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    middle = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, 0.0))
+    (n1, d), n2 = real.shape, len(fake)
+    a, b = real - real.mean(0), fake - fake.mean(0)
+    diff = real.mean(0) - fake.mean(0)
+    traces = (a * a).sum() / (n1 - 1) + (b * b).sum() / (n2 - 1)
+    if n1 * n2 <= d * d:
+        tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    else:
+        sigma1, sigma2 = a.T @ a / (n1 - 1), b.T @ b / (n2 - 1)
+        w, v = np.linalg.eigh(sigma1)
+        root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        middle = root1 @ sigma2 @ root1
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(max(diff @ diff + traces - 2 * tr_covmean, 0.0))
 
 
 def kernel_distance(
