@@ -1,4 +1,4 @@
-"""The `headpag` command line: `generate`, `hunt` (HeadHunter search)."""
+"""The `headpag` command line: `generate`, `hunt` (HeadHunter search), `eval` (comparison reports)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .search.cli import add_hunt_parser
 
     add_hunt_parser(sub, _add_model_args, _add_pag_args)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -161,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .search.cli import cmd_hunt
 
             return cmd_hunt(args)
+        if args.command == "eval":
+            from .eval.cli import cmd_eval
+
+            return cmd_eval(args)
     except ValueError as e:
         print(f"headpag {args.command}: error: {e}", file=sys.stderr)
         return 2

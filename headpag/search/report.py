@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .._io import atomic_write_bytes, atomic_write_text, save_png
+from ..eval.grids import image_grid
 from .journal import read_journal
 
 
@@ -41,18 +42,6 @@ def heatmap_png(
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
-
-
-def image_grid(rows: list[list]):
-    """Images in a grid, one list per row."""
-    from PIL import Image
-
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((w, h)), (j * w, i * h))
-    return grid
 
 
 def write_report(

@@ -1,0 +1,147 @@
+"""`headpag eval`: compare named configurations (or score existing images) and write a report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="Compare configurations (table, plots, grids) or score existing images.",
+        description=(
+            "Generate every prompt-seed pair under each --config NAME=OPTIONS (images cached under "
+            "OUTPUT_DIR/images and reused), score them, and write report.md / report.json / plots / grids. "
+            "With --images DIR, score existing images instead."
+        ),
+    )
+    p.add_argument("--model", default=None, help="Hub id, local folder, or tiny-sd3 / tiny-sd35 / tiny-flux.")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--prompts", default=None, help="Prompt file (one per line) or a single prompt.")
+    p.add_argument("--seeds", default="0", help="Seeds, e.g. 0-9 or 0,3,7 (every prompt with every seed).")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=OPTIONS",
+        help="A configuration, e.g. 'cfg=--guidance-scale 5' or 'hh=--pag-heads-file heads.json "
+        "--pag-identity-weight 0.5'. PAG is on only when OPTIONS name heads or --pag-scale. Repeatable.",
+    )
+    p.add_argument("--images", default=None, help="Score the images in DIR (or its sub-folders) without generating.")
+    p.add_argument("--metrics", default="clip", help="Comma-separated: clip, pickscore, fid, kid.")
+    p.add_argument("--reference-images", default=None, help="Folder of reference images for FID/KID.")
+    p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name or config JSON (CLIP score).")
+    p.add_argument("--clip-checkpoint", default=None, help="CLIP weights file (.safetensors or torch, weights only).")
+    p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag (downloads when reachable).")
+    p.add_argument("--pickscore-model", default="yuvalkirstain/PickScore_v1", help="PickScore folder or hub id.")
+    p.add_argument("--pickscore-processor", default=None, help="Processor folder or hub id (default: see docs).")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="FID Inception weights pt_inception-2015-12-05-6726825d.pth (or $HEADPAG_INCEPTION_WEIGHTS).",
+    )
+    p.add_argument(
+        "--fid-features",
+        choices=["inception", "clip"],
+        default="inception",
+        help="Features for FID/KID: the standard FID Inception, or the --clip-model image encoder.",
+    )
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--grid-rows", type=int, default=8, help="Prompt-seed pairs per grid image.")
+    p.add_argument("--output-dir", default="runs/eval")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_metrics(text: str) -> list[str]:
+    from .compare import METRICS
+
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"Unknown metric(s) {unknown or [text]}; allowed: {', '.join(METRICS)}.")
+    return list(dict.fromkeys(names))
+
+
+def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | None):
+    """(pair metrics by name, feature extractor or None); every model loads once."""
+    pair: dict = {}
+    if "clip" in metrics:
+        from .clip_score import ClipScore
+
+        pair["clip"] = ClipScore(args.clip_model, args.clip_checkpoint, args.clip_pretrained, device=device)
+    if "pickscore" in metrics:
+        from .pickscore import PickScore
+
+        pair["pickscore"] = PickScore(args.pickscore_model, args.pickscore_processor, device=device)
+    features = None
+    if any(m in metrics for m in ("fid", "kid")):
+        if args.fid_features == "clip":
+            from .features import ClipFeatures
+
+            features = ClipFeatures(args.clip_model, args.clip_checkpoint, args.clip_pretrained, device=device)
+        else:
+            from .features import InceptionFeatures
+
+            features = InceptionFeatures(args.inception_weights, device=device)
+    return pair, features
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..search.cli import parse_seeds, read_prompt_arg
+    from .compare import Comparison, EvalConfig, image_sets_from_folder, score_sets
+    from .report import write_eval_report
+
+    metrics = parse_metrics(args.metrics)
+    if any(m in metrics for m in ("fid", "kid")) and args.reference_images is None:
+        raise ValueError("FID/KID need --reference-images DIR (the images to compare against).")
+    prompts = read_prompt_arg(args.prompts) if args.prompts else None
+    settings = {"metrics": metrics, "reference_images": args.reference_images}
+    if args.images:
+        if args.config:
+            raise ValueError("--images scores existing images; drop --config (or drop --images to generate).")
+        sets = image_sets_from_folder(args.images, prompts)
+        settings["images"] = args.images
+        device = args.device
+    else:
+        if not args.model or not prompts or not args.config:
+            raise ValueError("headpag eval needs --model, --prompts and at least one --config (or --images DIR).")
+        from ..cli import resolve_device_dtype
+        from ..pipelines import load_pipeline
+
+        configs = [EvalConfig.parse(text) for text in args.config]
+        seeds = parse_seeds(args.seeds)
+        comparison = Comparison(prompts, seeds, configs, args.output_dir)
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        total = len(configs) * len(comparison.items())
+        with tqdm(total=total, desc="generating", unit="img", disable=args.no_progress, file=sys.stderr) as bar:
+            generated, reused = comparison.generate(pipe, args.model, progress=lambda name: bar.update(1))
+        print(f"images: {generated} generated, {reused} reused from {Path(args.output_dir) / 'images'}")
+        del pipe
+        sets = comparison.image_sets()
+        settings.update(model=args.model, prompts=prompts, seeds=seeds, configs={c.name: c.options for c in configs})
+    pair, features = build_metrics(args, metrics, device)
+    set_metrics = [m for m in metrics if m in ("fid", "kid")]
+    steps = len(sets) * (len(pair) + (1 if set_metrics else 0))
+    with tqdm(total=steps, desc="scoring", disable=args.no_progress, file=sys.stderr) as bar:
+        rows = score_sets(
+            sets,
+            pair,
+            features,
+            set_metrics,
+            args.reference_images,
+            args.kid_subsets,
+            args.kid_subset_size,
+            progress=lambda label: bar.update(1),
+        )
+    report = write_eval_report(args.output_dir, rows, settings, args.grid_rows)
+    print(report.read_text().split("\n## ")[0].strip())
+    print(f"report: {report}")
+    return 0

@@ -1,0 +1,328 @@
+"""
+Side-by-side comparison of named generation configurations: every prompt-seed pair is generated under each
+configuration (images cached on disk and reused when their settings match), then scored with the chosen metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from diffusers.utils import logging
+from PIL import Image
+
+from .._io import save_png
+from ..pipelines.settings import GenerationSettings
+from .distribution import frechet_distance, image_files, kernel_distance, load_images
+
+
+logger = logging.get_logger(__name__)
+
+PAIR_METRICS = ("clip", "pickscore")
+SET_METRICS = ("fid", "kid")
+METRICS = PAIR_METRICS + SET_METRICS
+NAME_PATTERN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.+-]*)\s*[=:]\s*(.*)$", re.S)
+
+
+class _OptionsParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def options_parser() -> argparse.ArgumentParser:
+    """The generation flags a configuration may use (those of `headpag generate` that shape an image)."""
+    from ..cli import _add_pag_args
+
+    parser = _OptionsParser(prog="--config NAME=", add_help=False)
+    _add_pag_args(parser)
+    parser.add_argument("--negative-prompt", default=None)
+    return parser
+
+
+@dataclass
+class EvalConfig:
+    r"""
+    One named configuration of a comparison.
+
+    Args:
+        name (`str`): Column name and image folder name.
+        options (`str`): The generation flags as given, e.g. `"--pag-heads 7 --guidance-scale 1"`.
+        settings ([`GenerationSettings`]): The parsed settings (prompt and seed are filled in per image).
+    """
+
+    name: str
+    options: str
+    settings: GenerationSettings
+
+    @classmethod
+    def parse(cls, text: str) -> EvalConfig:
+        """`NAME=OPTIONS` (or `NAME: OPTIONS`). PAG is on only when the options name heads or a `--pag-scale`."""
+        from ..cli import heads_and_defaults
+
+        match = NAME_PATTERN.match(text)
+        if not match:
+            raise ValueError(
+                f"Invalid --config {text!r}: use NAME=OPTIONS with a name of letters, digits, '_', '-', '.', '+', "
+                "e.g. 'cfg=--guidance-scale 5' or 'pag-layer=--pag-heads 7 --guidance-scale 1'."
+            )
+        name, options = match.groups()
+        try:
+            args = options_parser().parse_args(shlex.split(options))
+        except ValueError as e:
+            raise ValueError(
+                f"Invalid options for configuration {name!r} ({options!r}): {e}. Allowed: the generation flags of "
+                "`headpag generate` (--pag-heads, --pag-heads-file, --pag-scale, --pag-identity-weight, "
+                "--pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, --guidance-scale, "
+                "--true-cfg-scale, --steps, --height, --width, --negative-prompt)."
+            ) from None
+        spec, scale, u = heads_and_defaults(args)
+        pag_on = spec is not None or args.pag_scale is not None
+        settings = GenerationSettings(
+            negative_prompt=args.negative_prompt,
+            pag_heads=spec,
+            pag_scale=scale if pag_on else 0.0,
+            pag_identity_weight=u,
+            pag_identity_scope=args.pag_identity_scope,
+            pag_target=args.pag_target,
+            pag_interval=tuple(args.pag_interval),
+            pag_adaptive_scale=args.pag_adaptive_scale,
+            guidance_scale=args.guidance_scale,
+            true_cfg_scale=args.true_cfg_scale,
+            num_inference_steps=args.steps,
+            height=args.height,
+            width=args.width,
+        )
+        return cls(name, options.strip(), settings)
+
+
+@dataclass
+class ImageSet:
+    """The images of one configuration with their prompts (and seeds where known)."""
+
+    name: str
+    paths: list[Path]
+    prompts: list[str]
+    seeds: list[int | None]
+    options: str = ""
+
+    def images(self) -> list[Image.Image]:
+        return [Image.open(p).convert("RGB") for p in self.paths]
+
+
+class Comparison:
+    r"""
+    Generate (or reuse) the images of every configuration for the prompt x seed grid.
+
+    Args:
+        prompts (`list[str]`), seeds (`list[int]`): Every prompt is generated with every seed.
+        configs (`list[EvalConfig]`): The configurations; names must be unique.
+        output_dir (`str`): Images go to `output_dir/images/<name>/<prompt index>_seed<seed>.png`.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        configs: Sequence[EvalConfig],
+        output_dir: str | os.PathLike,
+    ):
+        if not prompts or not seeds or not configs:
+            raise ValueError("A comparison needs at least one prompt, one seed and one --config.")
+        names = [c.name for c in configs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"Configuration names must be unique; repeated: {', '.join(duplicates)}.")
+        self.prompts, self.seeds, self.configs = list(prompts), list(seeds), list(configs)
+        self.output_dir = Path(output_dir)
+
+    def items(self) -> list[tuple[int, str, int]]:
+        """`(prompt index, prompt, seed)`, prompt-major."""
+        return [(i, p, s) for i, p in enumerate(self.prompts) for s in self.seeds]
+
+    def path(self, config: EvalConfig, index: int, seed: int) -> Path:
+        return self.output_dir / "images" / config.name / f"{index:03d}_seed{seed}.png"
+
+    def generate(self, pipe, model_name: str, progress: Callable | None = None) -> tuple[int, int]:
+        r"""
+        Generate the missing images; an image on disk is reused when its stored settings and model match.
+
+        Args:
+            pipe: A head-PAG pipeline.
+            model_name (`str`): Stored with each image; a different model regenerates.
+            progress (`Callable[[str], None]`, *optional*): Called after each image with the configuration name.
+
+        Returns:
+            `(generated, reused)` counts.
+        """
+        from ..guidance import HeadSet, describe_transformer
+
+        layout = describe_transformer(pipe.transformer)
+        family = layout.family
+        for config in self.configs:  # every configuration is checked before any image is generated
+            config.settings.validate(family)
+            if config.settings.pag_heads is not None:
+                HeadSet.parse(config.settings.pag_heads).resolve(layout.num_layers, layout.num_heads)
+        generated = reused = 0
+        for config in self.configs:
+            for index, prompt, seed in self.items():
+                settings = GenerationSettings(**{**config.settings.to_dict(), "prompt": prompt, "seed": seed})
+                meta = {"headpag": settings.to_json(), "model": model_name, "prompt": prompt, "config": config.name}
+                path = self.path(config, index, seed)
+                if _stored_metadata_matches(path, meta):
+                    reused += 1
+                else:
+                    image = pipe(**settings.call_kwargs(family)).images[0]
+                    save_png(image, path, meta)
+                    generated += 1
+                if progress:
+                    progress(config.name)
+        return generated, reused
+
+    def image_sets(self) -> list[ImageSet]:
+        items = self.items()
+        return [
+            ImageSet(
+                c.name,
+                [self.path(c, i, s) for i, _, s in items],
+                [p for _, p, _ in items],
+                [s for _, _, s in items],
+                c.options,
+            )
+            for c in self.configs
+        ]
+
+
+def _stored_metadata_matches(path: Path, meta: dict[str, str]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as im:
+            stored = dict(im.text)
+    except OSError:
+        return False
+    return all(stored.get(k) == v for k, v in meta.items())
+
+
+def image_sets_from_folder(folder: str | os.PathLike, prompts: Sequence[str] | None = None) -> list[ImageSet]:
+    r"""
+    Existing images to score: a folder of images (one set), or a folder of sub-folders (one set each, e.g. the
+    `images/` folder of an `headpag eval` run).
+
+    An image's prompt is its PNG `prompt` text (written by headpag) or else, in name order, the matching line of
+    `prompts` (then the counts must agree).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"Image folder {folder} does not exist.")
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and any(_is_image(p) for p in d.iterdir()))
+    sets = []
+    for d in subdirs or [folder]:
+        paths = image_files(d)
+        stored = []
+        for p in paths:
+            with Image.open(p) as im:
+                stored.append(getattr(im, "text", {}).get("prompt"))
+        if all(s is not None for s in stored):
+            texts = stored
+        elif prompts is not None and len(prompts) == len(paths):
+            texts = list(prompts)
+        else:
+            raise ValueError(
+                f"Cannot pair the {len(paths)} images in {d} with prompts: they carry no 'prompt' metadata and "
+                f"--prompts has {0 if prompts is None else len(prompts)} lines (one per image, in name order, needed)."
+            )
+        sets.append(ImageSet(d.name, paths, texts, [None] * len(paths)))
+    return sets
+
+
+def _is_image(path: Path) -> bool:
+    from .distribution import IMAGE_SUFFIXES
+
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), float(x.mean())
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def score_sets(
+    sets: Sequence[ImageSet],
+    pair_metrics: dict[str, Callable] | None = None,
+    features=None,
+    set_metrics: Sequence[str] = (),
+    reference: str | os.PathLike | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    r"""
+    Score each image set: per-image metrics with mean and 95% bootstrap interval, FID as a point value, KID as mean and
+    standard deviation over subsets (reference features computed once, each set's features once for both).
+
+    Args:
+        sets (`list[ImageSet]`): What to score.
+        pair_metrics (`dict[str, Callable]`): e.g. `{"clip": ClipScore(...)}`; each maps (images, prompts) to scores.
+        features ([`FeatureExtractor`], *optional*): For FID/KID.
+        set_metrics (`list[str]`): Any of `"fid"`, `"kid"`.
+        reference (`str`, *optional*): Folder of reference images (needed for FID/KID).
+        progress (`Callable[[str], None]`, *optional*): Called after each set and metric with a label.
+
+    Returns:
+        One row per set: `{"name", "options", "count", "metrics": {...}, "per_image": {...}}`.
+    """
+    pair_metrics = pair_metrics or {}
+    unknown = [m for m in set_metrics if m not in SET_METRICS]
+    if unknown:
+        raise ValueError(f"Unknown set metric(s) {unknown}; allowed: {', '.join(SET_METRICS)}.")
+    reference_features = None
+    if set_metrics:
+        if reference is None:
+            raise ValueError(f"{'/'.join(m.upper() for m in set_metrics)} need --reference-images DIR.")
+        if features is None:
+            raise ValueError("FID/KID need a feature extractor.")
+        reference_features = features(load_images(reference))
+    rows = []
+    for image_set in sets:
+        images = image_set.images()
+        row: dict[str, Any] = {
+            "name": image_set.name,
+            "options": image_set.options,
+            "count": len(images),
+            "metrics": {},
+            "per_image": {},
+        }
+        for name, metric in pair_metrics.items():
+            values = [float(v) for v in metric(images, image_set.prompts)]
+            lo, hi = bootstrap_ci(values)
+            row["metrics"][name] = {"mean": float(np.mean(values)), "ci95": [lo, hi]}
+            row["per_image"][name] = values
+            if progress:
+                progress(f"{image_set.name}: {name}")
+        if set_metrics:
+            feats = features(images)
+            if "fid" in set_metrics:
+                row["metrics"]["fid"] = {"value": frechet_distance(reference_features, feats)}
+            if "kid" in set_metrics:
+                mean, std = kernel_distance(reference_features, feats, kid_subsets, kid_subset_size)
+                row["metrics"]["kid"] = {"mean": mean, "std": std}
+            if progress:
+                progress(f"{image_set.name}: {'/'.join(set_metrics)}")
+        row["images"] = [str(p) for p in image_set.paths]
+        row["prompts"] = list(image_set.prompts)
+        row["seeds"] = list(image_set.seeds)
+        rows.append(row)
+    return rows

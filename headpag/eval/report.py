@@ -1,0 +1,120 @@
+"""The comparison report: `report.json`, `report.md` (one row per configuration), bar plots and image grids."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text, save_png
+from .grids import image_grid
+
+
+LABELS = {
+    "clip": "CLIP score (higher is better)",
+    "pickscore": "PickScore (higher is better)",
+    "fid": "FID (lower is better)",
+    "kid": "KID (lower is better)",
+}
+
+
+def _cell(metric: str, value: dict[str, Any]) -> str:
+    if "ci95" in value:
+        lo, hi = value["ci95"]
+        return f"{value['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+    if "std" in value:
+        return f"{value['mean']:.4f} ± {value['std']:.4f}"
+    return f"{value['value']:.3f}"
+
+
+def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
+    """Bars per configuration; error bars show the 95% interval (per-image metrics) or the std (KID)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    values = [r["metrics"][metric] for r in rows]
+    heights = [v.get("mean", v.get("value")) for v in values]
+    if "ci95" in values[0]:
+        errors = [
+            [h - v["ci95"][0] for h, v in zip(heights, values)],
+            [v["ci95"][1] - h for h, v in zip(heights, values)],
+        ]
+    elif "std" in values[0]:
+        errors = [v["std"] for v in values]
+    else:
+        errors = None
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 1), 3.2))
+    ax.bar(names, heights, yerr=errors, capsize=4, color="#4c72b0")
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.set_title(LABELS.get(metric, metric))
+    ax.tick_params(axis="x", rotation=20)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_eval_report(
+    output_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], settings: dict[str, Any], grid_rows: int = 8
+) -> Path:
+    r"""
+    Write `report.json`, `report.md`, `plots/<metric>.png` and `grids/grid_<k>.png` (one column per configuration,
+    one prompt-seed pair per row) into `output_dir`.
+
+    Args:
+        output_dir (`str`): The comparison directory.
+        rows (`list[dict]`): From [`score_sets`].
+        settings (`dict`): Recorded in `report.json` (model, prompts, seeds, metrics...).
+        grid_rows (`int`, defaults to 8): Pairs per grid image.
+
+    Returns:
+        `Path` of `report.md`.
+    """
+    out = Path(output_dir)
+    atomic_write_json(out / "report.json", {"settings": settings, "configurations": list(rows)})
+    metrics = list(rows[0]["metrics"]) if rows else []
+    lines = [f"# Comparison: {out}", ""]
+    if settings.get("model"):
+        lines.append(f"Model `{settings['model']}`; {rows[0]['count'] if rows else 0} images per configuration.")
+    lines += [
+        "Per-image metrics: mean [95% bootstrap interval]; FID: point value; KID: mean ± std over subsets.",
+        "",
+        "| configuration | options | images | " + " | ".join(LABELS.get(m, m) for m in metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
+    ]
+    for r in rows:
+        cells = " | ".join(_cell(m, r["metrics"][m]) for m in metrics)
+        lines.append(f"| {r['name']} | `{r['options'] or '-'}` | {r['count']} | {cells} |")
+    if metrics:
+        lines += ["", "## Plots", ""]
+    for metric in metrics:
+        atomic_write_bytes(out / "plots" / f"{metric}.png", bar_plot_png(rows, metric))
+        lines.append(f"![{metric}](plots/{metric}.png)")
+    grids = _write_grids(out, rows, grid_rows)
+    if grids:
+        lines += ["", "## Images (one column per configuration, same prompt and seed per row)", ""]
+        lines += [f"![grid {k}](grids/{path.name})" for k, path in enumerate(grids)]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def _write_grids(out: Path, rows: Sequence[dict[str, Any]], grid_rows: int) -> list[Path]:
+    if not rows:
+        return []
+    count = min(len(r["images"]) for r in rows)
+    names = [r["name"] for r in rows]
+    paths = []
+    for k, start in enumerate(range(0, count, grid_rows)):
+        grid = [
+            [Image.open(r["images"][i]).convert("RGB") for r in rows]
+            for i in range(start, min(count, start + grid_rows))
+        ]
+        paths.append(save_png(image_grid(grid, column_labels=names), out / "grids" / f"grid_{k}.png"))
+    return paths

@@ -1,0 +1,160 @@
+"""`headpag eval`: comparison runs on a tiny pipeline with random-weight metric models saved to local files."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import write_tiny_clip_config
+from PIL import Image
+from safetensors.torch import save_file
+from test_metrics import _noise_images, _random_inception_file
+
+from headpag._io import save_png
+from headpag.cli import main
+from headpag.eval import ClipScore
+from headpag.eval.compare import EvalConfig, bootstrap_ci
+
+
+SMALL = "--guidance-scale 1 --steps 2 --height 32 --width 32"
+
+
+@pytest.fixture(scope="module")
+def metric_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics")
+    config = write_tiny_clip_config(root / "tiny-clip-e.json")
+    torch.manual_seed(0)
+    save_file(ClipScore(str(config), device="cpu").model.state_dict(), root / "clip.safetensors")
+    reference = root / "reference"
+    for i, im in enumerate(_noise_images(3, 4)):
+        save_png(im, reference / f"{i}.png")
+    return {
+        "clip_model": str(config),
+        "clip_checkpoint": str(root / "clip.safetensors"),
+        "inception": str(_random_inception_file(root / "inception.pth")),
+        "reference": str(reference),
+    }
+
+
+def _eval(out, metric_files, configs, metrics="clip,fid,kid", extra=()):
+    argv = ["eval", "--model", "tiny-sd3", "--prompts", str(out.parent / "prompts.txt"), "--seeds", "0-1"]
+    for c in configs:
+        argv += ["--config", c]
+    argv += [
+        "--metrics",
+        metrics,
+        "--clip-model",
+        metric_files["clip_model"],
+        "--clip-checkpoint",
+        metric_files["clip_checkpoint"],
+        "--inception-weights",
+        metric_files["inception"],
+        "--reference-images",
+        metric_files["reference"],
+        "--kid-subsets",
+        "5",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+    return main(argv)
+
+
+def test_comparison_writes_report_and_reuses_images(tmp_path, metric_files, capsys):
+    (tmp_path / "prompts.txt").write_text("a red cat\n# a comment\na lighthouse at dusk\n")
+    out = tmp_path / "run"
+    configs = [
+        f"baseline={SMALL}",
+        f"pag-layer=--pag-heads 1 {SMALL}",
+        f"soft: --pag-heads 1.0-1 --pag-identity-weight 0.5 {SMALL}",
+    ]
+    assert _eval(out, metric_files, configs) == 0
+    assert "12 generated, 0 reused" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["configurations"]}
+    assert list(rows) == ["baseline", "pag-layer", "soft"]
+    for row in rows.values():
+        assert row["count"] == 4 and set(row["metrics"]) == {"clip", "fid", "kid"}
+        lo, hi = row["metrics"]["clip"]["ci95"]
+        assert lo <= row["metrics"]["clip"]["mean"] <= hi
+        assert row["metrics"]["fid"]["value"] > 0 and set(row["metrics"]["kid"]) == {"mean", "std"}
+    # per-image CLIP scores equal the metric applied directly to the stored images
+    clip = ClipScore(metric_files["clip_model"], checkpoint=metric_files["clip_checkpoint"], device="cpu")
+    images = [Image.open(p) for p in rows["soft"]["images"]]
+    assert rows["soft"]["per_image"]["clip"] == pytest.approx(clip(images, rows["soft"]["prompts"]), abs=1e-5)
+    assert rows["soft"]["prompts"] == ["a red cat"] * 2 + ["a lighthouse at dusk"] * 2
+    # PAG changes the images; the baseline has none
+    baseline, pag = (Image.open(rows[n]["images"][0]) for n in ("baseline", "pag-layer"))
+    assert json.loads(baseline.text["headpag"])["pag_scale"] == 0.0
+    assert baseline.tobytes() != pag.tobytes()
+    md = (out / "report.md").read_text()
+    assert "| pag-layer | `--pag-heads 1" in md and "FID (lower is better)" in md
+    for name in ("plots/clip.png", "plots/fid.png", "plots/kid.png", "grids/grid_0.png"):
+        assert Image.open(out / name).size[0] > 0
+    grid = Image.open(out / "grids/grid_0.png")
+    assert grid.size == (3 * 32, 16 + 4 * 32)  # one column per configuration, one row per pair
+
+    # a second run reuses every image; a changed configuration regenerates only its own
+    configs[1] = f"pag-layer=--pag-heads 2 {SMALL}"
+    assert _eval(out, metric_files, configs, metrics="clip") == 0
+    assert "4 generated, 8 reused" in capsys.readouterr().out
+    assert _eval(out, metric_files, configs, metrics="clip") == 0
+    assert "0 generated, 12 reused" in capsys.readouterr().out
+
+
+def test_scoring_existing_images(tmp_path, metric_files, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, im in enumerate(_noise_images(5, 3)):
+        im.save(folder / f"{i}.png")  # no metadata: prompts come from the file, in name order
+    (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\n")
+    argv = ["eval", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--metrics", "clip,fid"]
+    argv += ["--clip-model", metric_files["clip_model"], "--clip-checkpoint", metric_files["clip_checkpoint"]]
+    argv += ["--inception-weights", metric_files["inception"], "--reference-images", metric_files["reference"]]
+    argv += ["--output-dir", str(tmp_path / "scored"), "--no-progress"]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "scored/report.json").read_text())["configurations"]
+    assert [r["name"] for r in rows] == ["mine"] and rows[0]["prompts"] == ["one", "two", "three"]
+    (tmp_path / "prompts.txt").write_text("one\ntwo\n")
+    assert main(argv) == 2
+    assert "Cannot pair the 3 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "bad name=--steps 2"], "Invalid --config 'bad name=--steps 2'"),
+        (["--config", "x=--pag-heads 1 --bogus 3"], "Invalid options for configuration 'x'.*--bogus"),
+        (["--config", "x=--steps 2", "--config", "x=--steps 3"], "unique; repeated: x"),
+        (["--config", "x=--steps 2", "--metrics", "clip,fd"], r"Unknown metric\(s\) \['fd'\]; allowed: clip"),
+        (["--config", "x=--steps 2", "--metrics", "fid"], "need --reference-images"),
+        (
+            ["--config", "ok=--steps 1", "--config", "x=--pag-heads 9 --steps 1"],
+            "out of range: layer 9 does not exist; valid layers are 0-3",
+        ),
+    ],
+)
+def test_eval_bad_input(tmp_path, capsys, argv, message):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    base = ["eval", "--model", "tiny-sd3", "--prompts", str(tmp_path / "p.txt"), "--output-dir", str(tmp_path / "o")]
+    assert main([*base, *argv, "--no-progress"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o" / "images").exists()  # nothing generated before the error
+
+
+def test_config_parsing_and_bootstrap():
+    assert EvalConfig.parse("cfg=--guidance-scale 5").settings.pag_scale == 0.0
+    c = EvalConfig.parse("pag: --pag-heads '7, 3.1' --pag-identity-weight 0.5")
+    assert (c.name, c.settings.pag_heads, c.settings.pag_scale, c.settings.pag_identity_weight) == (
+        "pag",
+        "7, 3.1",
+        3.0,
+        0.5,
+    )
+    assert EvalConfig.parse("s=--pag-scale 2").settings.pag_scale == 2.0  # default heads
+    assert bootstrap_ci([1.0, 2.0, 3.0, 4.0]) == bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    assert 1.0 <= lo < 2.5 < hi <= 4.0
