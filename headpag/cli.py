@@ -1,4 +1,4 @@
-"""The `headpag` command line: `generate`, `hunt` (HeadHunter search), `eval` (comparison reports)."""
+"""The `headpag` command line: `generate`, `hunt` (HeadHunter search), `eval` (comparison reports), `ui` (web UI)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .app.cli import add_ui_parser
+
+    add_ui_parser(sub)
     return parser
 
 
@@ -164,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .search.cli import cmd_hunt
 
             return cmd_hunt(args)
+        if args.command == "ui":
+            from .app.cli import cmd_ui
+
+            return cmd_ui(args)
         if args.command == "eval":
             from .eval.cli import cmd_eval
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -76,6 +77,8 @@ class HeadHunter:
         objective_model, objective_arch (`str`, *optional*): See [`load_objective`].
         model_name (`str`, *optional*): Recorded in the config hash and the head-set file.
         progress (`Callable[[int, int], None]`, *optional*): Called with (candidates done, total) in this process.
+        lock (context manager, *optional*): Held around every pipeline call, so that other users of the same
+            pipeline (the web UI's generations) never run at the same time as a search batch.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class HeadHunter:
         objective_arch: str | None = None,
         model_name: str = "",
         progress: Callable[[int, int], None] | None = None,
+        lock: contextlib.AbstractContextManager | None = None,
     ):
         from accelerate import PartialState
 
@@ -103,6 +107,7 @@ class HeadHunter:
         self.journal = Journal(self.output_dir, self.config.config_hash(model_name), self.config.to_dict())
         self.objective = load_objective(objective, objective_model, objective_arch, device=self.state.device)
         self.progress = progress
+        self.lock = lock or contextlib.nullcontext()
         self._embeddings: dict[str, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ generation
@@ -142,7 +147,8 @@ class HeadHunter:
     def generate(self, items: list[tuple[HeadSet, str, int]], pag: bool = True, output_type: str = "pil"):
         """Images for `(head set, prompt, seed)` items in one pipeline call (one transformer call per step)."""
         c = self.config
-        embeddings = [self._embed(prompt) for _, prompt, _ in items]
+        with self.lock:
+            embeddings = [self._embed(prompt) for _, prompt, _ in items]
         kwargs: dict[str, Any] = {k: torch.cat([e[k] for e in embeddings]) for k in embeddings[0]}
         kwargs.update(
             generator=[torch.Generator().manual_seed(seed) for _, _, seed in items],
@@ -160,7 +166,8 @@ class HeadHunter:
             kwargs["max_sequence_length"] = c.max_sequence_length
         if self.family == "flux":
             kwargs["true_cfg_scale"] = c.true_cfg_scale
-        return self.pipe(**kwargs).images
+        with self.lock:
+            return self.pipe(**kwargs).images
 
     # ------------------------------------------------------------------ scoring
     def _score_candidates(self, round_index: int, candidates: list[Head], selected: list[Head]) -> dict[Head, float]:

@@ -1,0 +1,176 @@
+"""
+The model the web UI serves: loaded once, swapped at runtime, and shared by generation and search through one lock
+(they never install processors at the same time); jobs that wait for the other say so.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from diffusers.utils import logging
+
+from ..guidance import TransformerLayout, describe_transformer
+from ..pipelines.tiny import TINY_MODELS
+
+
+logger = logging.get_logger(__name__)
+
+
+class ModelLock:
+    r"""
+    A lock that remembers which job holds it.
+
+    `lock.held_by("search")` is a reusable context manager (HeadHunter takes one); `lock.hold("generate", on_wait)`
+    calls `on_wait(holder)` once when it has to wait.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.holder: str | None = None
+
+    def acquire(self, name: str, on_wait: Callable[[str], None] | None = None) -> None:
+        if not self._lock.acquire(blocking=False):
+            if on_wait is not None:
+                on_wait(self.holder or "another job")
+            self._lock.acquire()
+        self.holder = name
+
+    def release(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+    def held_by(self, name: str, on_wait: Callable[[str], None] | None = None) -> _Hold:
+        return _Hold(self, name, on_wait)
+
+
+class _Hold:
+    def __init__(self, lock: ModelLock, name: str, on_wait: Callable[[str], None] | None):
+        self.lock, self.name, self.on_wait = lock, name, on_wait
+
+    def __enter__(self):
+        self.lock.acquire(self.name, self.on_wait)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+class ModelHost:
+    r"""
+    Holds the loaded pipeline of the UI.
+
+    Args:
+        model (`str`, *optional*): Loaded at start; when that fails, the app still starts with `error` set.
+        device (`str`, *optional*), dtype (`str`, *optional*): As for `headpag generate`.
+        output_dir (`str`, *optional*): Where generated PNGs are written (default: a fresh temporary folder).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        output_dir: str | None = None,
+    ):
+        from ..cli import resolve_device_dtype
+
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        self.lock = ModelLock()
+        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="headpag-ui-"))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.model_name: str | None = None
+        self.pipe = None
+        self._img2img = None
+        self.layout: TransformerLayout | None = None
+        self.error: str | None = None
+        self._cancelled: set[str] = set()
+        self._metrics: dict[tuple, object] = {}
+        if model:
+            try:
+                self.load(model)
+            except Exception as e:  # noqa: BLE001 - the app must start and say why
+                self.error = self.describe_load_error(model, e)
+                logger.warning(self.error)
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def describe_load_error(model: str, error: Exception) -> str:
+        return (
+            f"Could not load {model!r}: {error} Fix: log in with `hf auth login` (gated models), or pass a local "
+            f"diffusers folder; or load one of the offline random-weight models ({', '.join(TINY_MODELS)}) to try "
+            "the interface."
+        )
+
+    def load(self, model: str) -> None:
+        """Load `model` (hub id, local folder or tiny name) in place of the current one, under the model lock."""
+        from ..pipelines import load_pipeline
+
+        model = (model or "").strip()
+        if not model:
+            raise ValueError(f"Give a model: a hub id, a local diffusers folder, or {', '.join(TINY_MODELS)}.")
+        with self.lock.held_by("load"):
+            pipe = load_pipeline(model, torch_dtype=self.dtype, device=self.device)
+            pipe.set_progress_bar_config(disable=True)  # the UI shows its own progress
+            self.pipe, self._img2img = pipe, None
+            self.model_name, self.layout, self.error = model, describe_transformer(pipe.transformer), None
+
+    def require(self):
+        """The loaded pipeline, or a `ValueError` that says how to load one."""
+        if self.pipe is None:
+            raise ValueError(
+                (self.error + " ")
+                if self.error
+                else f"No model is loaded. Load one in the Model box (e.g. {TINY_MODELS[0]})."
+            )
+        return self.pipe
+
+    def img2img(self):
+        """The img2img variant of the loaded pipeline (same components, no second copy of the weights)."""
+        from ..pipelines import PIPELINES
+
+        pipe = self.require()
+        if self._img2img is None:
+            self._img2img = PIPELINES[(self.layout.family, True)].from_pipe(pipe)
+        return self._img2img
+
+    @property
+    def family(self) -> str | None:
+        return self.layout.family if self.layout else None
+
+    def status_markdown(self) -> str:
+        if self.pipe is None:
+            return f"**No model loaded.** {self.error or ''}"
+        layout = self.layout
+        kind = "SD3 / SD3.5" if layout.family == "sd3" else "FLUX.1"
+        extra = (
+            f" (layers 0-{layout.num_double_blocks - 1} double-stream, the rest single-stream)"
+            if layout.family == "flux"
+            else ""
+        )
+        return (
+            f"**Loaded:** `{self.model_name}`: {kind}, {layout.num_layers} layers x {layout.num_heads} heads{extra}, "
+            f"on {self.device} ({self.dtype})."
+        )
+
+    # ------------------------------------------------------------------ cancellation (per browser session)
+    def cancel(self, session: str) -> None:
+        self._cancelled.add(session)
+
+    def take_cancel(self, session: str) -> bool:
+        """Whether `session` asked to cancel (and clear the request)."""
+        if session in self._cancelled:
+            self._cancelled.discard(session)
+            return True
+        return False
+
+    def clear_cancel(self, session: str) -> None:
+        self._cancelled.discard(session)
+
+    # ------------------------------------------------------------------ metric models (loaded once)
+    def metric(self, key: tuple, factory: Callable[[], object]) -> object:
+        if key not in self._metrics:
+            self._metrics[key] = factory()
+        return self._metrics[key]
