@@ -75,7 +75,7 @@ def readable_errors(fn):
 
 def family_defaults(host: ModelHost) -> dict:
     """Control defaults for the loaded family (tiny models: few steps, small images)."""
-    tiny = host.model_name in TINY_MODELS
+    tiny = host.model_name in TINY_MODELS or host.pipe is None  # nothing loaded: the tiny models are offered
     if host.family == "flux":
         return dict(
             steps=4 if tiny else 28,

@@ -236,7 +236,7 @@ def image_sets_from_folder(folder: str | os.PathLike, prompts: Sequence[str] | N
         else:
             raise ValueError(
                 f"Cannot pair the {len(paths)} images in {d} with prompts: they carry no 'prompt' metadata and "
-                f"--prompts has {0 if prompts is None else len(prompts)} lines (one per image, in name order, needed)."
+                f"{0 if prompts is None else len(prompts)} prompts were given (one per image, in name order, needed)."
             )
         sets.append(ImageSet(d.name, paths, texts, [None] * len(paths)))
     return sets
