@@ -239,3 +239,19 @@ def test_host_start_error_names_the_fix(tmp_path):
     assert host.pipe is None and "hf auth login" in host.error and "tiny-sd3" in host.error
     with pytest.raises(ValueError, match="Could not load"):
         host.require()
+
+
+def test_head_grid_geometry_and_toggling():
+    from headpag.app.heads_grid import CELL, LEFT, TOP, cell_at, render_grid, toggle
+
+    image = render_grid(57, 24, {(3, 4)}, num_double_blocks=19)  # FLUX.1's grid
+    assert image.size == (LEFT + 24 * CELL + 1, TOP + 57 * CELL + 1)
+    assert cell_at(LEFT + 4 * CELL + 5, TOP + 3 * CELL + 5, 57, 24) == (3, 4)
+    assert cell_at(LEFT - 1, TOP + 5, 57, 24) is None and cell_at(LEFT + 24 * CELL + 2, TOP, 57, 24) is None
+    assert image.getpixel((LEFT + 4 * CELL + 5, TOP + 3 * CELL + 5)) != image.getpixel((LEFT + 5, TOP + 5))
+    heat = render_grid(4, 4, {(0, 0)}, {(0, 0): 1.0, (0, 1): 0.0})
+    assert heat.getpixel((LEFT + CELL + 5, TOP + 5)) != heat.getpixel((LEFT + 2 * CELL + 5, TOP + 5))
+    assert toggle("", 1, 2, 4, 4) == "1.2" and toggle("1.2", 1, 2, 4, 4) == ""
+    assert toggle("1.0-2", 1, 3, 4, 4) == "1" and toggle("1", 1, 0, 4, 4) == "1.1-3"
+    with pytest.raises(ValueError, match="out of range"):
+        toggle("9", 0, 0, 4, 4)

@@ -79,4 +79,11 @@ def toggle(spec: str, layer: int, head: int, num_layers: int, num_heads: int) ->
     """`spec` with `(layer, head)` added or removed, in canonical form."""
     pairs = selected_pairs(spec, num_layers, num_heads)
     pairs ^= {(layer, head)}
-    return str(HeadSet(sorted(pairs)).resolve(num_layers, num_heads)) if pairs else ""
+    return compact_spec(pairs, num_heads)
+
+
+def compact_spec(pairs: set[tuple[int, int]], num_heads: int) -> str:
+    """Canonical spec of `pairs`, with a layer whose heads are all selected written as the bare layer (`"7"`)."""
+    full = {l for l in {l for l, _ in pairs} if sum(1 for x, _ in pairs if x == l) == num_heads}
+    entries = sorted(full) + sorted(p for p in pairs if p[0] not in full)
+    return str(HeadSet(entries)) if entries else ""

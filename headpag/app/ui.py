@@ -150,6 +150,15 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
             )
             load_btn = gr.Button("Load model", scale=1, elem_id="load-model")
         model_status = gr.Markdown(host.status_markdown(), elem_id="model-status")
+        with gr.Row(equal_height=True):
+            pag_heads = gr.Textbox(
+                value="",
+                label="Head set (used by Generate; type a spec, or click the grid in the Heads tab)",
+                placeholder="e.g. 7 (whole layer), 11.15, 3.0-5; empty = the pipeline's default heads",
+                elem_id="pag-heads",
+                scale=4,
+            )
+            pag_heads_check = gr.HTML(spec_check(host, ""), elem_id="pag-heads-check")
 
         with gr.Tabs():
             # ---------------------------------------------------------------- Generate
@@ -179,14 +188,6 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                         with gr.Row():
                             interval_start = gr.Slider(0, 1, value=0.0, step=0.05, label="PAG from (fraction)")
                             interval_stop = gr.Slider(0, 1, value=1.0, step=0.05, label="PAG until (fraction)")
-                        pag_heads = gr.Textbox(
-                            value="",
-                            label="Head set",
-                            placeholder="e.g. 7 (whole layer), 11.15, 3.0-5",
-                            elem_id="pag-heads",
-                        )
-                        pag_heads_check = gr.HTML(spec_check(host, ""), elem_id="pag-heads-check")
-                        heads_file = gr.File(label="…or load a head-set JSON", file_types=[".json"], height=80)
                         with gr.Accordion("Input image (img2img)", open=False):
                             input_image = gr.Image(label="Input image", type="pil")
                             strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength")
@@ -195,9 +196,15 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                             stop = gr.Button("Cancel", elem_id="cancel-btn")
                     with gr.Column(scale=3):
                         with gr.Row():
-                            out_pag = gr.Image(label="With PAG", type="filepath", format="png", elem_id="out-pag")
+                            out_pag = gr.Image(
+                                label="With PAG", type="filepath", format="png", height=360, elem_id="out-pag"
+                            )
                             out_nopag = gr.Image(
-                                label="Without PAG (same seed)", type="filepath", format="png", elem_id="out-nopag"
+                                label="Without PAG (same seed)",
+                                type="filepath",
+                                format="png",
+                                height=360,
+                                elem_id="out-nopag",
                             )
                         settings_box = gr.Code(label="Settings (also in each PNG's metadata)", language="json")
                         gallery = gr.Gallery(label="This session", columns=4, height=260, elem_id="gallery")
@@ -205,7 +212,7 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                 gallery_state = gr.State([])
 
             # ---------------------------------------------------------------- Heads
-            with gr.Tab("Heads", id="heads"):
+            with gr.Tab("Heads", id="heads") as heads_tab:
                 gr.Markdown(
                     "Click a cell to toggle that head (rows: layers, columns: heads). FLUX: the blue line separates "
                     "double-stream from single-stream layers. With a search loaded, cells show its scores."
@@ -221,8 +228,6 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                             buttons=[],
                         )
                     with gr.Column(scale=2):
-                        heads_spec = gr.Textbox(value="", label="Head set", elem_id="heads-spec")
-                        heads_spec_check = gr.HTML(spec_check(host, ""))
                         heads_upload = gr.File(label="Load head-set file", file_types=[".json"], height=80)
                         save_btn = gr.Button("Save head set")
                         saved_file = gr.File(label="Head-set file", interactive=False)
@@ -293,7 +298,7 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                         r_gallery = gr.Gallery(label="Plots and grids", columns=2)
 
         # -------------------------------------------------------------------- model box
-        family_outputs = [model_status, grid, steps, width, height, guidance, true_cfg, s_steps, s_size]
+        family_outputs = [model_status, grid, steps, width, height, guidance, true_cfg, s_steps, s_size, pag_heads]
 
         def family_updates(spec: str):
             d = family_defaults(host)
@@ -307,6 +312,7 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                 gr.update(visible=d["flux"]),
                 gr.update(value=d["steps"]),
                 gr.update(value=d["size"]),
+                spec,
             ]
 
         def load_model(model: str, spec: str, progress=gr.Progress(track_tqdm=True)):
@@ -315,14 +321,14 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                 host.load(model)
             except Exception as e:  # noqa: BLE001 - shown in the status line; the previous model stays loaded
                 message = host.describe_load_error(model, e)
-                return [f"**Could not load** `{model}`. {message}\n\n{host.status_markdown()}"] + [gr.update()] * 8
+                return [f"**Could not load** `{model}`. {message}\n\n{host.status_markdown()}"] + [gr.update()] * 9
             try:
                 selected_pairs(spec, host.layout.num_layers, host.layout.num_heads)
             except ValueError:
                 spec = ""
             return family_updates(spec)
 
-        load_btn.click(load_model, [model_box, heads_spec], family_outputs, api_name="load_model")
+        load_btn.click(load_model, [model_box, pag_heads], family_outputs, api_name="load_model")
 
         # -------------------------------------------------------------------- generate
         @readable_errors
@@ -437,46 +443,40 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
 
         gallery.select(show_entry, gallery_state, settings_box, api_visibility="private")
 
-        # -------------------------------------------------------------------- head set sync (text <-> grid)
-        def from_text(spec: str, scores_state):
-            return spec, grid_image(host, spec, _scores_from_state(scores_state)), spec_check(host, spec)
+        # -------------------------------------------------------------------- head set (one field) <-> grid
+        def redraw(spec: str, scores_state):
+            return grid_image(host, spec, _scores_from_state(scores_state))
 
-        pag_heads.input(
-            from_text, [pag_heads, scores_state], [heads_spec, grid, heads_spec_check], api_visibility="private"
-        )
-        heads_spec.input(
-            from_text, [heads_spec, scores_state], [pag_heads, grid, pag_heads_check], api_visibility="private"
-        )
+        pag_heads.input(redraw, [pag_heads, scores_state], grid, api_visibility="private")
         pag_heads.change(lambda s: spec_check(host, s), pag_heads, pag_heads_check, api_visibility="private")
-        heads_spec.change(lambda s: spec_check(host, s), heads_spec, heads_spec_check, api_visibility="private")
+        heads_tab.select(redraw, [pag_heads, scores_state], grid, api_visibility="private")  # hidden tabs miss updates
 
         def click_cell(spec: str, scores_state, evt: gr.SelectData):
             layout = host.layout
             if layout is None or evt.index is None:
-                return gr.update(), gr.update(), gr.update()
+                return gr.update(), gr.update()
             cell = cell_at(evt.index[0], evt.index[1], layout.num_layers, layout.num_heads)
             if cell is None:
-                return gr.update(), gr.update(), gr.update()
+                return gr.update(), gr.update()
             try:
                 spec = toggle(spec, *cell, layout.num_layers, layout.num_heads)
             except ValueError:  # the text held a bad spec: start again from this head
                 spec = toggle("", *cell, layout.num_layers, layout.num_heads)
-            return spec, spec, grid_image(host, spec, _scores_from_state(scores_state))
+            return spec, grid_image(host, spec, _scores_from_state(scores_state))
 
-        grid.select(click_cell, [heads_spec, scores_state], [heads_spec, pag_heads, grid], api_visibility="private")
+        grid.select(click_cell, [pag_heads, scores_state], [pag_heads, grid], api_visibility="private")
 
         @readable_errors
         def load_heads_file(file):
             if file is None:
-                return gr.update(), gr.update(), gr.update()
+                return gr.update(), gr.update()
             heads = HeadSet.load(file if isinstance(file, str) else file.name)
             if host.layout is not None:
                 heads.resolve(host.layout.num_layers, host.layout.num_heads)
             spec = str(heads)
-            return spec, spec, grid_image(host, spec)
+            return spec, grid_image(host, spec)
 
-        heads_file.upload(load_heads_file, heads_file, [pag_heads, heads_spec, grid], api_visibility="private")
-        heads_upload.upload(load_heads_file, heads_upload, [pag_heads, heads_spec, grid], api_visibility="private")
+        heads_upload.upload(load_heads_file, heads_upload, [pag_heads, grid], api_visibility="private")
 
         @readable_errors
         def save_heads(spec: str):
@@ -497,7 +497,7 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
             )
             return str(path)
 
-        save_btn.click(save_heads, heads_spec, saved_file, api_visibility="private")
+        save_btn.click(save_heads, pag_heads, saved_file, api_visibility="private")
 
         @readable_errors
         def load_scores(run_dir: str, spec: str):
@@ -515,7 +515,7 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
             state = {f"{r['layer']}.{r['head']}": r["score"] for r in records if r["round"] == last}
             return state, grid_image(host, spec, _scores_from_state(state))
 
-        load_report_btn.click(load_scores, [report_dir, heads_spec], [scores_state, grid], api_visibility="private")
+        load_report_btn.click(load_scores, [report_dir, pag_heads], [scores_state, grid], api_visibility="private")
 
         @readable_errors
         def apply_top_k(scores_state, k):
@@ -524,9 +524,9 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                 raise ValueError("Load a search's scores first.")
             ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[: max(1, int(k or 1))]
             spec = str(HeadSet(sorted(h for h, _ in ranked)))
-            return spec, spec, grid_image(host, spec, scores)
+            return spec, grid_image(host, spec, scores)
 
-        apply_btn.click(apply_top_k, [scores_state, top_k], [heads_spec, pag_heads, grid], api_visibility="private")
+        apply_btn.click(apply_top_k, [scores_state, top_k], [pag_heads, grid], api_visibility="private")
 
         # -------------------------------------------------------------------- search
         def job_view(job: SearchJob | None):
@@ -632,9 +632,9 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
 
         def use_selected(selected: str):
             spec = (selected or "").strip()
-            return spec, spec, grid_image(host, spec)
+            return spec, grid_image(host, spec)
 
-        s_use.click(use_selected, s_selected, [pag_heads, heads_spec, grid], api_visibility="private")
+        s_use.click(use_selected, s_selected, [pag_heads, grid], api_visibility="private")
 
         # -------------------------------------------------------------------- evaluate
         @readable_errors
