@@ -255,3 +255,24 @@ def test_head_grid_geometry_and_toggling():
     assert toggle("1.0-2", 1, 3, 4, 4) == "1" and toggle("1", 1, 0, 4, 4) == "1.1-3"
     with pytest.raises(ValueError, match="out of range"):
         toggle("9", 0, 0, 4, 4)
+
+
+def test_cancel_stops_a_running_generation(server):
+    import time
+
+    client = Client(server[0], verbose=False)  # cancellation is per session
+    png_dir = server[1] / "png"
+    before = set(png_dir.glob("*.png"))
+    job = client.submit(prompt="a long one", num_inference_steps=100, width=256, height=256, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while job.status().code.name != "PROCESSING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    start = time.monotonic()
+    client.predict(api_name="/cancel")
+    with pytest.raises(Exception):  # noqa: B017 - cancelled: an AppError or the client's CancelledError
+        job.result(timeout=60)
+    assert time.monotonic() - start < 30  # 2 x 100 steps at 256x256 take minutes here
+    assert set(png_dir.glob("*.png")) == before  # nothing half-written
+    pag, *_ = client.predict(prompt="a cat", num_inference_steps=1, api_name="/generate")  # lock released
+    assert Image.open(pag).size == (64, 64)

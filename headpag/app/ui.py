@@ -435,7 +435,7 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
             host.cancel(request.session_hash)
             gr.Info("Cancelling after the current step.")
 
-        stop.click(cancel, None, None, cancels=[gen_event], api_visibility="private")
+        stop.click(cancel, None, None, cancels=[gen_event], api_name="cancel")
 
         def show_entry(entries: list, evt: gr.SelectData):
             index = len(entries) - 1 - evt.index  # the gallery shows the newest first
