@@ -103,6 +103,32 @@ def heads_and_defaults(args: argparse.Namespace):
     return spec, 3.0 if scale is None else scale, 1.0 if u is None else u
 
 
+def settings_from_args(args: argparse.Namespace, **fields):
+    """
+    [`GenerationSettings`] from the generation flags (`--pag-*`, `--guidance-scale`, `--steps`, ...,
+    `--negative-prompt`) shared by `generate` and `eval --config`; `fields` add or override values.
+    """
+    from .pipelines.settings import GenerationSettings
+
+    spec, scale, u = heads_and_defaults(args)
+    values = dict(
+        negative_prompt=args.negative_prompt,
+        pag_heads=spec,
+        pag_scale=scale,
+        pag_identity_weight=u,
+        pag_identity_scope=args.pag_identity_scope,
+        pag_target=args.pag_target,
+        pag_interval=tuple(args.pag_interval),
+        pag_adaptive_scale=args.pag_adaptive_scale,
+        guidance_scale=args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale,
+        num_inference_steps=args.steps,
+        height=args.height,
+        width=args.width,
+    )
+    return GenerationSettings(**{**values, **fields})
+
+
 def output_paths(output: str, count: int, suffix: str = "") -> list[Path]:
     path = Path(output)
     if path.suffix.lower() != ".png":
@@ -118,25 +144,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ._io import save_png
     from .guidance import describe_transformer
     from .pipelines import load_pipeline
-    from .pipelines.settings import GenerationSettings
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     spec, scale, u = heads_and_defaults(args)
-    settings = GenerationSettings(
+    settings = settings_from_args(
+        args,
         prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        pag_heads=spec,
-        pag_scale=scale,
-        pag_identity_weight=u,
-        pag_identity_scope=args.pag_identity_scope,
-        pag_target=args.pag_target,
-        pag_interval=tuple(args.pag_interval),
-        pag_adaptive_scale=args.pag_adaptive_scale,
-        guidance_scale=args.guidance_scale,
-        true_cfg_scale=args.true_cfg_scale,
-        num_inference_steps=args.steps,
-        height=args.height,
-        width=args.width,
         seed=args.seed,
         num_images=args.num_images,
         strength=args.strength if args.image else None,

@@ -64,7 +64,7 @@ class EvalConfig:
     @classmethod
     def parse(cls, text: str) -> EvalConfig:
         """`NAME=OPTIONS` (or `NAME: OPTIONS`). PAG is on only when the options name heads or a `--pag-scale`."""
-        from ..cli import heads_and_defaults
+        from ..cli import settings_from_args
 
         match = NAME_PATTERN.match(text)
         if not match:
@@ -82,23 +82,10 @@ class EvalConfig:
                 "--pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, --guidance-scale, "
                 "--true-cfg-scale, --steps, --height, --width, --negative-prompt)."
             ) from None
-        spec, scale, u = heads_and_defaults(args)
-        pag_on = spec is not None or args.pag_scale is not None
-        settings = GenerationSettings(
-            negative_prompt=args.negative_prompt,
-            pag_heads=spec,
-            pag_scale=scale if pag_on else 0.0,
-            pag_identity_weight=u,
-            pag_identity_scope=args.pag_identity_scope,
-            pag_target=args.pag_target,
-            pag_interval=tuple(args.pag_interval),
-            pag_adaptive_scale=args.pag_adaptive_scale,
-            guidance_scale=args.guidance_scale,
-            true_cfg_scale=args.true_cfg_scale,
-            num_inference_steps=args.steps,
-            height=args.height,
-            width=args.width,
-        )
+        pag_on = bool(args.pag_heads or args.pag_heads_file) or args.pag_scale is not None
+        settings = settings_from_args(args)
+        if not pag_on:
+            settings.pag_scale = 0.0
         return cls(name, options.strip(), settings)
 
 
