@@ -230,7 +230,7 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
                     with gr.Column(scale=2):
                         heads_upload = gr.File(label="Load head-set file", file_types=[".json"], height=80)
                         save_btn = gr.Button("Save head set")
-                        saved_file = gr.File(label="Head-set file", interactive=False)
+                        saved_file = gr.File(label="Head-set file", interactive=False, height=80)
                         report_dir = gr.Textbox(label="Search run directory (colours the grid)", value=str(search_dir))
                         with gr.Row():
                             load_report_btn = gr.Button("Load search scores")
