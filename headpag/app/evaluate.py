@@ -61,20 +61,10 @@ def evaluate_sets(
 
 
 def table(rows: list[dict]) -> list[list]:
-    """Rows for a dataframe: configuration, images, then one column per metric."""
-    out = []
-    for r in rows:
-        cells = [r["name"], r["count"]]
-        for name, value in r["metrics"].items():
-            if "ci95" in value:
-                lo, hi = value["ci95"]
-                cells.append(f"{name}: {value['mean']:.3f} [{lo:.3f}, {hi:.3f}]")
-            elif "std" in value:
-                cells.append(f"{name}: {value['mean']:.4f} ± {value['std']:.4f}")
-            else:
-                cells.append(f"{name}: {value['value']:.3f}")
-        out.append(cells)
-    return out
+    """Rows for a dataframe: configuration, images, then one `metric: value` cell per metric (as in report.md)."""
+    from ..eval.report import format_metric
+
+    return [[r["name"], r["count"], *(f"{m}: {format_metric(v)}" for m, v in r["metrics"].items())] for r in rows]
 
 
 def folder_sets(folder: str, prompts_text: str) -> list[ImageSet]:

@@ -22,7 +22,8 @@ LABELS = {
 }
 
 
-def _cell(metric: str, value: dict[str, Any]) -> str:
+def format_metric(value: dict[str, Any]) -> str:
+    """`mean [lo, hi]` (per-image metrics), `mean ± std` (KID) or the point value (FID)."""
     if "ci95" in value:
         lo, hi = value["ci95"]
         return f"{value['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -90,7 +91,7 @@ def write_eval_report(
         "|---|---|---|" + "---|" * len(metrics),
     ]
     for r in rows:
-        cells = " | ".join(_cell(m, r["metrics"][m]) for m in metrics)
+        cells = " | ".join(format_metric(r["metrics"][m]) for m in metrics)
         lines.append(f"| {r['name']} | `{r['options'] or '-'}` | {r['count']} | {cells} |")
     if metrics:
         lines += ["", "## Plots", ""]
