@@ -19,10 +19,25 @@ def check_pairs(images: Sequence[Image.Image], prompts: Sequence[str]) -> None:
 
 
 class PairMetric:
-    """A metric of image-prompt pairs. Subclasses implement `score`; calling the metric is `score` (an objective)."""
+    """
+    A metric of image-prompt pairs. Subclasses set `batch_size` and implement `_score_batch` (RGB images, prompts ->
+    scores); calling the metric is `score` (a HeadHunter objective).
+    """
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    batch_size: int = 32
+
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        """One score per pair, computed `batch_size` pairs at a time."""
+        check_pairs(images, prompts)
+        out: list[float] = []
+        for i in range(0, len(images), self.batch_size):
+            batch = [im.convert("RGB") for im in images[i : i + self.batch_size]]
+            out.extend(self._score_batch(batch, list(prompts[i : i + self.batch_size])))
+        return out
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         return self.score(images, prompts)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from diffusers.utils import logging
 from PIL import Image
 
-from .base import PairMetric, check_pairs, default_device
+from .base import PairMetric, default_device
 
 
 logger = logging.get_logger(__name__)
@@ -94,16 +93,10 @@ class ClipScore(PairMetric):
         self.batch_size = batch_size
         self.reset()
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         """Per-pair CLIP scores `max(100 * cos, 0)`."""
-        check_pairs(images, prompts)
-        out: list[float] = []
-        for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i : i + self.batch_size]])
-            tokens = self.tokenizer(list(prompts[i : i + self.batch_size]))
-            img = self.model.encode_image(pixels.to(self.device)).float()
-            txt = self.model.encode_text(tokens.to(self.device)).float()
-            cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-            out.extend((100 * cos).clamp(min=0).tolist())
-        return out
+        pixels = torch.stack([self.preprocess(im) for im in images])
+        img = self.model.encode_image(pixels.to(self.device)).float()
+        txt = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
+        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+        return (100 * cos).clamp(min=0).tolist()

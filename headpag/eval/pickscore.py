@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
-from .base import PairMetric, check_pairs, default_device
+from .base import PairMetric, default_device
 
 
 class PickScore(PairMetric):
@@ -43,26 +42,15 @@ class PickScore(PairMetric):
         self.batch_size = batch_size
         self.reset()
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        check_pairs(images, prompts)
-        out: list[float] = []
-        for i in range(0, len(images), self.batch_size):
-            image_inputs = self.processor(
-                images=[im.convert("RGB") for im in images[i : i + self.batch_size]], return_tensors="pt"
-            ).to(self.device)
-            text_inputs = self.processor(
-                text=list(prompts[i : i + self.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=77,
-                return_tensors="pt",
-            ).to(self.device)
-            img = self.model.get_image_features(**image_inputs)
-            txt = self.model.get_text_features(**text_inputs)
-            img = getattr(img, "pooler_output", img)
-            txt = getattr(txt, "pooler_output", txt)
-            img = img / img.norm(dim=-1, keepdim=True)
-            txt = txt / txt.norm(dim=-1, keepdim=True)
-            out.extend((self.model.logit_scale.exp() * (img * txt).sum(-1)).float().tolist())
-        return out
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        image_inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        text_inputs = self.processor(
+            text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt"
+        ).to(self.device)
+        img = self.model.get_image_features(**image_inputs)
+        txt = self.model.get_text_features(**text_inputs)
+        img = getattr(img, "pooler_output", img)
+        txt = getattr(txt, "pooler_output", txt)
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return (self.model.logit_scale.exp() * (img * txt).sum(-1)).float().tolist()
