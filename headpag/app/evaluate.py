@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..eval.compare import ImageSet, image_sets_from_folder, score_sets
+from ..eval.compare import SET_METRICS, ImageSet, image_sets_from_folder, parse_metrics, score_sets
 from .host import ModelHost
 
 
@@ -36,12 +36,9 @@ def evaluate_sets(
     """Score `sets`; metric models are loaded once per app and reused."""
     from ..eval import ClipScore, InceptionFeatures, PickScore
 
-    metrics = [m.lower() for m in metrics]
     if not metrics:
         raise ValueError("Choose at least one metric: clip, pickscore, fid, kid.")
-    unknown = [m for m in metrics if m not in ("clip", "pickscore", "fid", "kid")]
-    if unknown:
-        raise ValueError(f"Unknown metric(s) {unknown}; allowed: clip, pickscore, fid, kid.")
+    metrics = parse_metrics(metrics)
     pair = {}
     if "clip" in metrics:
         key = ("clip", clip_model, clip_checkpoint)
@@ -49,7 +46,7 @@ def evaluate_sets(
     if "pickscore" in metrics:
         model = pickscore_model or "yuvalkirstain/PickScore_v1"
         pair["pickscore"] = host.metric(("pickscore", model), lambda: PickScore(model, device=host.device))
-    set_metrics = [m for m in metrics if m in ("fid", "kid")]
+    set_metrics = [m for m in metrics if m in SET_METRICS]
     features = None
     if set_metrics:
         if not reference_images:

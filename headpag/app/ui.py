@@ -6,6 +6,7 @@ The Gradio app: a model box and four tabs (Generate, Heads, Search, Evaluate), w
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import time
@@ -52,7 +53,7 @@ def readable_errors(fn):
         logger.exception("request failed")
         return gr.Error(f"{type(e).__name__}: {e}")
 
-    if getattr(fn, "__code__", None) and fn.__code__.co_flags & 0x20:  # generator function
+    if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):

@@ -56,16 +56,6 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def parse_metrics(text: str) -> list[str]:
-    from .compare import METRICS
-
-    names = [m.strip().lower() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METRICS]
-    if unknown or not names:
-        raise ValueError(f"Unknown metric(s) {unknown or [text]}; allowed: {', '.join(METRICS)}.")
-    return list(dict.fromkeys(names))
-
-
 def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | None):
     """(pair metrics by name, feature extractor or None); every model loads once."""
     pair: dict = {}
@@ -94,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..search.cli import parse_seeds, read_prompt_arg
-    from .compare import Comparison, EvalConfig, image_sets_from_folder, score_sets
+    from .compare import Comparison, EvalConfig, image_sets_from_folder, parse_metrics, score_sets
     from .report import write_eval_report
 
     metrics = parse_metrics(args.metrics)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .._io import save_png
 from ..pipelines.settings import GenerationSettings
-from .distribution import frechet_distance, image_files, kernel_distance, load_images
+from .distribution import frechet_distance, image_files, is_image, kernel_distance, load_images
 
 
 logger = logging.get_logger(__name__)
@@ -28,6 +28,18 @@ logger = logging.get_logger(__name__)
 PAIR_METRICS = ("clip", "pickscore")
 SET_METRICS = ("fid", "kid")
 METRICS = PAIR_METRICS + SET_METRICS
+
+
+def parse_metrics(names: str | Sequence[str]) -> list[str]:
+    """Metric names (`"clip,fid"` or a list), checked against [`METRICS`], duplicates dropped."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    cleaned = [m.strip().lower() for m in items if m.strip()]
+    unknown = [m for m in cleaned if m not in METRICS]
+    if unknown or not cleaned:
+        raise ValueError(f"Unknown metric(s) {unknown or [names]}; allowed: {', '.join(METRICS)}.")
+    return list(dict.fromkeys(cleaned))
+
+
 NAME_PATTERN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.+-]*)\s*[=:]\s*(.*)$", re.S)
 
 
@@ -208,7 +220,7 @@ def image_sets_from_folder(folder: str | os.PathLike, prompts: Sequence[str] | N
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"Image folder {folder} does not exist.")
-    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and any(_is_image(p) for p in d.iterdir()))
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and any(is_image(p) for p in d.iterdir()))
     sets = []
     for d in subdirs or [folder]:
         paths = image_files(d)
@@ -227,12 +239,6 @@ def image_sets_from_folder(folder: str | os.PathLike, prompts: Sequence[str] | N
             )
         sets.append(ImageSet(d.name, paths, texts, [None] * len(paths)))
     return sets
-
-
-def _is_image(path: Path) -> bool:
-    from .distribution import IMAGE_SUFFIXES
-
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:

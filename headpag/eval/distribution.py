@@ -21,12 +21,17 @@ from .features import FeatureExtractor, InceptionFeatures
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def is_image(path: Path) -> bool:
+    """Whether `path` is an image file (by suffix)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The image files directly in `folder`, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"Image folder {folder} does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.iterdir() if is_image(p))
     if not files:
         raise ValueError(f"Image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     return files
