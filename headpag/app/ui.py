@@ -627,9 +627,17 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
         s_resume.click(
             resume, [s_dir, s_objective, s_objective_model, s_objective_arch], s_outputs, api_name="resume_search"
         )
-        s_timer.tick(
-            lambda: job_view(jobs.get("current")), None, s_outputs, show_progress="hidden", api_visibility="private"
-        )
+
+        def refresh(seen):
+            """Timer: redraw only when the current search moved on since this page last saw it."""
+            job = jobs.get("current")
+            key = None if job is None else [id(job), job.status, job.done, job.total]
+            if key == seen:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (*job_view(job), key)
+
+        s_seen = gr.State(None)
+        s_timer.tick(refresh, s_seen, [*s_outputs, s_seen], show_progress="hidden", api_visibility="private")
 
         def use_selected(selected: str):
             spec = (selected or "").strip()
