@@ -80,7 +80,8 @@ def main() -> None:
             hunter.run()
             return len(hunter.pool()) / (time.perf_counter() - start)
 
-    candidates = HeadHunter(pipe, objective, config, tempfile.mkdtemp()).pool()
+    with tempfile.TemporaryDirectory() as tmp:
+        candidates = HeadHunter(pipe, objective, config, tmp).pool()
 
     naive_count = min(len(candidates), 8)
 

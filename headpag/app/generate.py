@@ -39,10 +39,16 @@ class Result:
 def check_settings(host: ModelHost, settings: GenerationSettings) -> None:
     """Every check that needs the model, with messages that name the bad value and what is allowed."""
     from ..guidance import Perturbation
+    from ..pipelines.mixin import PAGOptions
 
     layout = host.layout
     settings.validate(layout.family)
-    Perturbation(settings.pag_identity_weight, settings.pag_identity_scope, settings.pag_target)
+    PAGOptions(  # the pipeline's own checks of u, scope, target, scale and interval, before any work starts
+        scale=settings.pag_scale,
+        perturbation=Perturbation(settings.pag_identity_weight, settings.pag_identity_scope, settings.pag_target),
+        interval=tuple(settings.pag_interval),
+        adaptive_scale=settings.pag_adaptive_scale,
+    )
     if settings.pag_heads:
         selected_pairs(settings.pag_heads, layout.num_layers, layout.num_heads)
     for name in ("height", "width"):
@@ -51,11 +57,6 @@ def check_settings(host: ModelHost, settings: GenerationSettings) -> None:
             raise ValueError(f"{name} must be a multiple of 16 (at least 16), got {value}.")
     if settings.num_inference_steps is not None and settings.num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {settings.num_inference_steps}.")
-    if not 0 <= settings.pag_scale:
-        raise ValueError(f"pag_scale must be >= 0, got {settings.pag_scale}.")
-    start, stop = settings.pag_interval
-    if not 0 <= start <= stop <= 1:
-        raise ValueError(f"pag_interval must satisfy 0 <= start <= stop <= 1, got ({start}, {stop}).")
 
 
 def generate_pair(
