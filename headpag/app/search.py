@@ -99,16 +99,7 @@ class SearchJob:
     # ------------------------------------------------------------------ what the UI shows
     def scores(self) -> tuple[int, dict[tuple[int, int], float], list[tuple[int, int]]]:
         """(current round, its scores so far, heads selected before it)."""
-        records = read_journal(self.output_dir / "journal.jsonl", self.config_hash)
-        rounds = sorted({r["round"] for r in records}) or [0]
-        current = rounds[-1]
-        selected: list[tuple[int, int]] = []
-        for r in range(current + 1):
-            round_file = self.output_dir / "rounds" / f"round_{r}.json"
-            if round_file.exists():
-                selected = [tuple(h) for h in json.loads(round_file.read_text())["selected"]]
-        scores = {(x["layer"], x["head"]): x["score"] for x in records if x["round"] == current}
-        return current, scores, selected
+        return run_scores(self.output_dir, self.config_hash)
 
     def heatmap(self) -> Image.Image:
         current, scores, selected = self.scores()
@@ -156,3 +147,30 @@ def config_from_run_dir(run_dir: str | Path) -> SearchConfig:
     if not meta.is_file():
         raise ValueError(f"{run_dir} is not a HeadHunter run directory: it has no config.json.")
     return SearchConfig(**json.loads(meta.read_text())["config"])
+
+
+def run_scores(
+    run_dir: str | Path, config_hash: str | None = None
+) -> tuple[int, dict[tuple[int, int], float], list[tuple[int, int]]]:
+    r"""
+    The latest round of a run directory: `(round, {(layer, head): score} so far, heads selected up to it)`.
+
+    Args:
+        run_dir (`str`): A HeadHunter run directory.
+        config_hash (`str`, *optional*): Read from its `config.json` when not given.
+    """
+    run = Path(run_dir)
+    if config_hash is None:
+        meta = run / "config.json"
+        if not meta.is_file():
+            raise ValueError(f"{run} is not a HeadHunter run directory (no config.json).")
+        config_hash = json.loads(meta.read_text())["config_hash"]
+    records = read_journal(run / "journal.jsonl", config_hash)
+    current = max((r["round"] for r in records), default=0)
+    selected: list[tuple[int, int]] = []
+    for r in range(current + 1):
+        round_file = run / "rounds" / f"round_{r}.json"
+        if round_file.exists():
+            selected = [tuple(h) for h in json.loads(round_file.read_text())["selected"]]
+    scores = {(x["layer"], x["head"]): x["score"] for x in records if x["round"] == current}
+    return current, scores, selected

@@ -10,7 +10,6 @@ import inspect
 import json
 import os
 import time
-from pathlib import Path
 
 import gradio as gr
 from diffusers.utils import logging
@@ -22,7 +21,7 @@ from . import evaluate as ev
 from .generate import Cancelled, generate_pair
 from .heads_grid import cell_at, render_grid, selected_pairs, toggle
 from .host import ModelHost
-from .search import SearchJob, config_from_run_dir
+from .search import SearchJob, config_from_run_dir, run_scores
 
 
 logger = logging.get_logger(__name__)
@@ -502,19 +501,11 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
 
         @readable_errors
         def load_scores(run_dir: str, spec: str):
-            from ..search.journal import read_journal
-
-            run = Path(run_dir or "")
-            meta = run / "config.json"
-            if not meta.is_file():
-                raise ValueError(f"{run} is not a HeadHunter run directory (no config.json).")
-            config_hash = json.loads(meta.read_text())["config_hash"]
-            records = read_journal(run / "journal.jsonl", config_hash)
-            if not records:
-                raise ValueError(f"{run} has no scored candidates yet.")
-            last = max(r["round"] for r in records)
-            state = {f"{r['layer']}.{r['head']}": r["score"] for r in records if r["round"] == last}
-            return state, grid_image(host, spec, _scores_from_state(state))
+            _, scores, _ = run_scores(run_dir or "")
+            if not scores:
+                raise ValueError(f"{run_dir} has no scored candidates yet.")
+            state = {f"{layer}.{head}": score for (layer, head), score in scores.items()}
+            return state, grid_image(host, spec, scores)
 
         load_report_btn.click(load_scores, [report_dir, pag_heads], [scores_state, grid], api_visibility="private")
 
