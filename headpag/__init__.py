@@ -6,6 +6,7 @@ from .pipelines import (
     FluxHeadPAGPipeline,
     StableDiffusion3HeadPAGImg2ImgPipeline,
     StableDiffusion3HeadPAGPipeline,
+    head_pag,
     load_pipeline,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "StableDiffusion3HeadPAGImg2ImgPipeline",
     "StableDiffusion3HeadPAGPipeline",
     "__version__",
+    "head_pag",
     "load_pipeline",
 ]

@@ -142,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ._io import save_png
-    from .guidance import describe_transformer
+    from .runtime import describe_transformer
     from .pipelines import load_pipeline
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)

@@ -9,9 +9,10 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0, PAGJoint
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from headpag import HeadSet, Perturbation
-from headpag.guidance import PerturbationPlan, PerturbationState, PerturbedTransformer, describe_transformer
-from headpag.guidance.processors import HeadPAGFluxAttnProcessor, HeadPAGJointAttnProcessor
+from headpag.guidance import PerturbationPlan, PerturbationState
 from headpag.guidance.reference import ExplicitMapState
+from headpag.runtime import describe_transformer, perturbed_forward
+from headpag.runtime.processors import HeadPAGFluxAttnProcessor, HeadPAGJointAttnProcessor, reference_forward
 
 
 ATOL = 1e-5  # float32: the fused and explicit forms reorder the same sums
@@ -49,6 +50,11 @@ def attention_cases(kind, transformer, batch=3, seed=0):
 
 def our_processor(kind, layer, state):
     return HeadPAGJointAttnProcessor(layer, state) if kind != "flux" else HeadPAGFluxAttnProcessor(layer, state)
+
+
+def resolve(transformer, spec):
+    layout = describe_transformer(transformer)
+    return HeadSet.coerce(spec).resolve(layout.num_layers, layout.num_heads)
 
 
 def call(attn, processor, kwargs):
@@ -104,21 +110,23 @@ HEAD_SETS = {
 @pytest.mark.parametrize("scope", ["joint", "image"])
 @torch.no_grad()
 def test_fused_equals_explicit_attention_map(model_kind, u, scope):
-    """The whole transformer with fused SoftPAG equals the one that materialises and blends the L x L maps."""
+    """The hook runtime (SoftPAG inside the stock processors) equals the processors that materialise the L x L maps,
+    and the processor-swapping reference."""
     transformer = make_transformer(model_kind)
     kwargs = make_inputs(model_kind, batch=2)
+    clean = transformer(**kwargs)[0]
     for spec in HEAD_SETS[model_kind]:
-        outs = []
-        for state_cls in (PerturbationState, ExplicitMapState):
-            pt = PerturbedTransformer(transformer, Perturbation(u, scope))
-            pt.state = state_cls()
-            heads = pt.resolve(spec)
-            with pt.installed([heads]):
-                clean, perturbed = pt.run(transformer.forward, kwargs, source_rows=[0, 1])
-            outs.append(perturbed)
-        torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0, msg=f"{model_kind} {spec} u={u} {scope}")
+        heads = resolve(transformer, spec)
+        _, fused = perturbed_forward(transformer, kwargs, [0, 1], [heads], Perturbation(u, scope))
+        explicit = reference_forward(transformer, kwargs, [heads], Perturbation(u, scope), ExplicitMapState())[0]
+        swapped = reference_forward(transformer, kwargs, [heads], Perturbation(u, scope))[0]
+        msg = f"{model_kind} {spec} u={u} {scope}"
+        torch.testing.assert_close(fused, explicit, atol=ATOL, rtol=0, msg=msg)
+        torch.testing.assert_close(fused, swapped, atol=ATOL, rtol=0, msg=msg)
         if u > 0:
-            assert not torch.allclose(outs[0], clean[0], atol=1e-4), spec
+            assert not torch.allclose(fused, clean, atol=1e-4), spec
+        else:
+            torch.testing.assert_close(fused, clean, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("target", ["uniform", "query_mean"])
@@ -126,14 +134,11 @@ def test_fused_equals_explicit_attention_map(model_kind, u, scope):
 def test_other_targets_equal_explicit_maps(model_kind, target):
     transformer = make_transformer(model_kind)
     kwargs = make_inputs(model_kind, batch=1)
-    outs = []
-    for state_cls in (PerturbationState, ExplicitMapState):
-        pt = PerturbedTransformer(transformer, Perturbation(0.6, target=target))
-        pt.state = state_cls()
-        with pt.installed([pt.resolve("0.1, 1, 3.0")]):
-            _, perturbed = pt.run(transformer.forward, kwargs, source_rows=[0])
-        outs.append(perturbed)
-    torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=0)
+    heads = resolve(transformer, "0.1, 1, 3.0")
+    perturbation = Perturbation(0.6, target=target)
+    _, fused = perturbed_forward(transformer, kwargs, [0], [heads], perturbation)
+    explicit = reference_forward(transformer, kwargs, [heads], perturbation, ExplicitMapState())[0]
+    torch.testing.assert_close(fused, explicit, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
@@ -171,13 +176,10 @@ def test_rows_with_different_head_sets(model_kind):
     """One call carries several perturbed rows with different head sets; each equals its own single run."""
     transformer = make_transformer(model_kind)
     kwargs = make_inputs(model_kind, batch=2)
-    pt = PerturbedTransformer(transformer, Perturbation(0.8))
-    sets = [pt.resolve("0.1"), pt.resolve("2.0, 3"), pt.resolve("1.1")]
-    with pt.installed(sets):
-        _, together = pt.run(transformer.forward, kwargs, source_rows=[0, 1, 1], head_sets=sets)
+    sets = [resolve(transformer, spec) for spec in ("0.1", "2.0, 3", "1.1")]
+    _, together = perturbed_forward(transformer, kwargs, [0, 1, 1], sets, Perturbation(0.8))
     for i, (src, hs) in enumerate(zip([0, 1, 1], sets)):
-        with pt.installed([hs]):
-            _, alone = pt.run(transformer.forward, kwargs, source_rows=[src], head_sets=[hs])
+        _, alone = perturbed_forward(transformer, kwargs, [src], [hs], Perturbation(0.8))
         torch.testing.assert_close(together[i : i + 1], alone, atol=ATOL, rtol=0)
 
 
@@ -186,41 +188,37 @@ def test_rows_with_different_head_sets(model_kind):
 def test_prefix_sharing_equals_unshared(model_kind, sequential):
     transformer = make_transformer(model_kind)
     kwargs = make_inputs(model_kind, batch=2)
-    results = []
-    for share in (False, True):
-        pt = PerturbedTransformer(transformer, Perturbation(1.0), share_prefix=share, sequential=sequential)
-        with pt.installed([pt.resolve("2.1, 3")]):
-            clean, perturbed = pt.run(transformer.forward, kwargs, source_rows=[1, 0])
-        results.append((clean[0], perturbed))
+    heads = [resolve(transformer, "2.1, 3")]
+    results = [
+        perturbed_forward(transformer, kwargs, [1, 0], heads, share_prefix=share, sequential=sequential)
+        for share in (False, True)
+    ]
     reference = transformer(**kwargs)[0]
     for clean, _ in results:
-        torch.testing.assert_close(clean, reference, atol=ATOL, rtol=0)
+        torch.testing.assert_close(clean[0], reference, atol=ATOL, rtol=0)
     torch.testing.assert_close(results[0][1], results[1][1], atol=ATOL, rtol=0)
-
-
-def snapshot(transformer):
-    layout = describe_transformer(transformer)
-    return (
-        [attn.processor for attns in layout.attentions for attn in attns],
-        [dict(block.__dict__).get("forward") for block in layout.blocks],
-    )
+    batch_args = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "guidance")
+    swapped = {k: v[[1, 0]] if k in batch_args else v for k, v in kwargs.items()}
+    expected = reference_forward(transformer, swapped, heads, Perturbation())[0]
+    torch.testing.assert_close(results[1][1], expected, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
-def test_install_restores_the_model_even_on_error(model_kind):
+def test_model_unchanged_after_calls_and_errors(model_kind):
+    """Processors are never replaced; the registered hooks are inert outside a call, also after one that raised."""
+    import copy
+
     transformer = make_transformer(model_kind)
-    before = snapshot(transformer)
-    pt = PerturbedTransformer(transformer)
-    with pytest.raises(RuntimeError, match="boom"):
-        with pt.installed([pt.resolve("3, 2.1")]):
-            assert snapshot(transformer) != before
-            raise RuntimeError("boom")
-    after = snapshot(transformer)
-    assert all(a is b for a, b in zip(before[0], after[0])) and before[1] == after[1] == [None] * len(before[1])
+    untouched = copy.deepcopy(transformer)
+    processors = [attn.processor for attns in describe_transformer(transformer).attentions for attn in attns]
     kwargs = make_inputs(model_kind, batch=1)
-    with pt.installed([pt.resolve("3")]):
-        pt.run(transformer.forward, kwargs, [0])
-    assert all(a is b for a, b in zip(before[0], snapshot(transformer)[0]))
+    heads = [resolve(transformer, "3, 2.1")]
+    with pytest.raises((IndexError, RuntimeError)):
+        perturbed_forward(transformer, kwargs, [5], heads)  # row 5 of a batch of 1
+    perturbed_forward(transformer, kwargs, [0], heads)
+    after = [attn.processor for attns in describe_transformer(transformer).attentions for attn in attns]
+    assert all(a is b for a, b in zip(processors, after))
+    assert torch.equal(transformer(**kwargs)[0], untouched(**kwargs)[0])
 
 
 def test_bad_values_raise_clear_errors():
@@ -232,11 +230,11 @@ def test_bad_values_raise_clear_errors():
         Perturbation(1.0, scope="text")
     with pytest.raises(ValueError, match="Unknown perturbation target 'blur'"):
         Perturbation(1.0, target="blur")
-    pt = PerturbedTransformer(make_transformer("flux"))
+    transformer = make_transformer("flux")
     with pytest.raises(ValueError, match=r"valid layers are 0-3"):
-        pt.resolve("4.0")
+        resolve(transformer, "4.0")
     with pytest.raises(ValueError, match=r"valid heads are 0-3"):
-        pt.resolve("1.4")
+        resolve(transformer, "1.4")
     with pytest.raises(ValueError, match="Unknown model family: Linear"):
         describe_transformer(torch.nn.Linear(2, 2))
 

@@ -39,7 +39,7 @@ class Result:
 def check_settings(host: ModelHost, settings: GenerationSettings) -> None:
     """Every check that needs the model, with messages that name the bad value and what is allowed."""
     from ..guidance import Perturbation
-    from ..pipelines.mixin import PAGOptions
+    from ..pipelines import PAGOptions
 
     layout = host.layout
     settings.validate(layout.family)

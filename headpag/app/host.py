@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffusers.utils import logging
 
-from ..guidance import TransformerLayout, describe_transformer
+from ..runtime import TransformerLayout, describe_transformer
 from ..pipelines.tiny import TINY_MODELS
 
 

@@ -160,7 +160,8 @@ class Comparison:
         Returns:
             `(generated, reused)` counts.
         """
-        from ..guidance import HeadSet, describe_transformer
+        from ..guidance import HeadSet
+        from ..runtime import describe_transformer
 
         layout = describe_transformer(pipe.transformer)
         family = layout.family

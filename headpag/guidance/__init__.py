@@ -1,28 +1,18 @@
-"""Head-level perturbation maths: head sets, the SoftPAG targets, the attention processors and guidance."""
+"""Head-level perturbation maths: head sets, the SoftPAG targets, row-wise plans and guidance. No diffusers here."""
 
-from .combine import fold_into_conditional, perturbation_guidance
+from .combine import perturbation_guidance
 from .heads import HeadSet
-from .models import FAMILIES, TransformerLayout, describe_transformer
 from .plan import PerturbationPlan, PerturbationState
-from .processors import HeadPAGFluxAttnProcessor, HeadPAGJointAttnProcessor
-from .session import PerturbedTransformer
 from .softpag import SCOPES, TARGETS, Perturbation, softpag
 
 
 __all__ = [
-    "FAMILIES",
     "SCOPES",
     "TARGETS",
-    "HeadPAGFluxAttnProcessor",
-    "HeadPAGJointAttnProcessor",
     "HeadSet",
     "Perturbation",
     "PerturbationPlan",
     "PerturbationState",
-    "PerturbedTransformer",
-    "TransformerLayout",
-    "describe_transformer",
-    "fold_into_conditional",
     "perturbation_guidance",
     "softpag",
 ]

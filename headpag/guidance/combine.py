@@ -28,16 +28,3 @@ def perturbation_guidance(
         return v_cond + pag
     return v_uncond + guidance_scale * (v_cond - v_uncond) + pag
 
-
-def fold_into_conditional(
-    v_cond: torch.Tensor, v_perturbed: torch.Tensor, pag_scale: float, guidance_scale: float | None
-) -> torch.Tensor:
-    r"""
-    The conditional prediction that makes a pipeline's own CFG step yield [`perturbation_guidance`].
-
-    With CFG, a pipeline computes `v_u + g (v_c' - v_u)`; with `v_c' = v_c + (s / g)(v_c - v_p)` that is
-    `v_u + g (v_c - v_u) + s (v_c - v_p)`. Without CFG (`guidance_scale=None`) the pipeline uses `v_c'` as is, so
-    `v_c' = v_c + s (v_c - v_p)`.
-    """
-    factor = pag_scale if guidance_scale is None else pag_scale / guidance_scale
-    return v_cond + factor * (v_cond - v_perturbed)

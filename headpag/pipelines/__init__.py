@@ -1,8 +1,10 @@
-"""diffusers pipelines with head-level PAG: thin subclasses of the SD3 and FLUX pipelines."""
+"""diffusers pipelines with head-level PAG: `head_pag(pipe)` for any SD3/FLUX pipeline, and four thin subclasses."""
 
+from .attach import DEFAULT_LAYER, default_pag_heads, head_pag
 from .flux import FluxHeadPAGImg2ImgPipeline, FluxHeadPAGPipeline
 from .loading import PIPELINES, detect_family, load_pipeline
-from .mixin import DEFAULT_LAYER, HeadPAGMixin, PAGOptions, default_pag_heads
+from .mixin import HeadPAGMixin
+from .policy import PAGOptions
 from .sd3 import StableDiffusion3HeadPAGImg2ImgPipeline, StableDiffusion3HeadPAGPipeline
 
 
@@ -17,5 +19,6 @@ __all__ = [
     "StableDiffusion3HeadPAGPipeline",
     "default_pag_heads",
     "detect_family",
+    "head_pag",
     "load_pipeline",
 ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
@@ -24,26 +22,7 @@ from ..guidance.heads import HeadSet
 from .mixin import HeadPAGMixin
 
 
-class _FluxHeadPAG(HeadPAGMixin):
-    """
-    FLUX specifics: `guidance_scale` is the distilled guidance embedding, passed unchanged to every branch; true CFG
-    (`true_cfg_scale > 1` with a negative prompt) runs the negative prompt as a separate call, so PAG's perturbed rows
-    ride along with the conditional call (`[cond, perturbed]`) only.
-    """
-
-    def _pag_cfg_scale(self, arguments: dict[str, Any]) -> float | None:
-        has_negative = arguments.get("negative_prompt") is not None or (
-            arguments.get("negative_prompt_embeds") is not None
-            and arguments.get("negative_pooled_prompt_embeds") is not None
-        )
-        g = float(arguments.get("true_cfg_scale", 1.0))
-        return g if (g > 1 and has_negative) else None
-
-    def _pag_cond_rows(self, batch: int, cfg: bool, context: str | None) -> list[int] | None:
-        return None if context == "uncond" else list(range(batch))
-
-
-class FluxHeadPAGPipeline(_FluxHeadPAG, FluxPipeline):
+class FluxHeadPAGPipeline(HeadPAGMixin, FluxPipeline):
     r"""
     [`FluxPipeline`] with head-level perturbed-attention guidance (PAG / SoftPAG, HeadHunter).
 
@@ -85,7 +64,7 @@ class FluxHeadPAGPipeline(_FluxHeadPAG, FluxPipeline):
         self._init_head_pag(pag_heads, pag_sequential)
 
 
-class FluxHeadPAGImg2ImgPipeline(_FluxHeadPAG, FluxImg2ImgPipeline):
+class FluxHeadPAGImg2ImgPipeline(HeadPAGMixin, FluxImg2ImgPipeline):
     r"""[`FluxImg2ImgPipeline`] with head-level PAG; same extra arguments as [`FluxHeadPAGPipeline`]."""
 
     def __init__(

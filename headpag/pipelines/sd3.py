@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
@@ -24,24 +22,14 @@ from ..guidance.heads import HeadSet
 from .mixin import HeadPAGMixin
 
 
-class _SD3HeadPAG(HeadPAGMixin):
-    """SD3 specifics: CFG batches `[uncond, cond]` in one call; `guidance_scale > 1` turns CFG on."""
-
-    def _pag_cfg_scale(self, arguments: dict[str, Any]) -> float | None:
-        g = float(arguments["guidance_scale"])
-        return g if g > 1 else None
-
-    def _pag_cond_rows(self, batch: int, cfg: bool, context: str | None) -> list[int] | None:
-        return list(range(batch // 2, batch)) if cfg else list(range(batch))
-
-
-class StableDiffusion3HeadPAGPipeline(_SD3HeadPAG, StableDiffusion3Pipeline):
+class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3Pipeline):
     r"""
     [`StableDiffusion3Pipeline`] with head-level perturbed-attention guidance (PAG / SoftPAG, HeadHunter).
 
     `v = v_u + g (v_c - v_u) + s (v_c - v_p)` with `g = guidance_scale` (CFG off when `g <= 1`) and `s = pag_scale`;
     `v_p` is the conditional prediction with the heads of `pag_heads` perturbed. Works for SD3 and SD3.5 (qk-norm,
-    dual attention). With CFG, one transformer call per step carries `[uncond, cond, perturbed]`.
+    dual attention). With CFG, one transformer call per step carries `[uncond, cond, perturbed]`; the PAG term joins the
+    prediction at the scheduler step, so skip-layer guidance (`skip_guidance_layers`) keeps its own meaning.
 
     ```py
     >>> from headpag import StableDiffusion3HeadPAGPipeline
@@ -90,7 +78,7 @@ class StableDiffusion3HeadPAGPipeline(_SD3HeadPAG, StableDiffusion3Pipeline):
         self._init_head_pag(pag_heads, pag_sequential)
 
 
-class StableDiffusion3HeadPAGImg2ImgPipeline(_SD3HeadPAG, StableDiffusion3Img2ImgPipeline):
+class StableDiffusion3HeadPAGImg2ImgPipeline(HeadPAGMixin, StableDiffusion3Img2ImgPipeline):
     r"""
     [`StableDiffusion3Img2ImgPipeline`] with head-level PAG; same extra arguments as
     [`StableDiffusion3HeadPAGPipeline`]. PAG's interval counts the steps that img2img actually runs.

@@ -153,7 +153,7 @@ def cmd_hunt(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from ..cli import resolve_device_dtype
-    from ..guidance import describe_transformer
+    from ..runtime import describe_transformer
     from ..pipelines import load_pipeline
     from .hunter import HeadHunter
 

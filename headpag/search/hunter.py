@@ -14,7 +14,8 @@ import torch
 from diffusers.utils import logging
 
 from .._io import atomic_write_json
-from ..guidance import HeadSet, describe_transformer
+from ..guidance import HeadSet
+from ..runtime import describe_transformer
 from .config import SearchConfig
 from .journal import Journal
 from .objectives import Objective, load_objective

@@ -1,5 +1,8 @@
 """
-Attention processors with head-level SoftPAG for SD3/SD3.5 joint attention and FLUX attention.
+Reference attention processors with head-level SoftPAG for SD3/SD3.5 joint attention and FLUX attention.
+
+The runtime does not install these (it perturbs inside whatever processor is installed, see `attention.py`); they are
+an independent, processor-swapping implementation that tests and benchmarks compare the runtime against.
 
 Each processor computes exactly what the diffusers processor it replaces computes (same ops in the same order), and
 then, for the batch rows and heads that the current [`~headpag.guidance.plan.PerturbationPlan`] marks, blends the
@@ -15,7 +18,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-from .plan import PerturbationState
+from ..guidance.plan import PerturbationPlan, PerturbationState
+from .layout import describe_transformer
 
 
 class HeadPAGJointAttnProcessor:
@@ -200,3 +204,45 @@ class HeadPAGFluxAttnProcessor:
 
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+def reference_forward(
+    transformer: torch.nn.Module,
+    kwargs: dict,
+    head_sets: list,
+    perturbation,
+    state: PerturbationState | None = None,
+):
+    r"""
+    The reference perturbed prediction: swap these processors in on the perturbed layers, run the transformer with
+    every row perturbed (row `i` by `head_sets[i]`, or all rows by a single head set), restore the processors.
+
+    Independent of the hook runtime (no hooks, no function mode, no prefix sharing); for tests and benchmarks.
+
+    Args:
+        transformer (`nn.Module`): An SD3 or FLUX transformer.
+        kwargs (`dict`): Transformer call arguments.
+        head_sets (`list[HeadSet]`): Resolved head sets.
+        perturbation ([`~headpag.guidance.Perturbation`]): Identity weight, scope, target.
+        state ([`PerturbationState`], *optional*): e.g. `ExplicitMapState` for the explicit attention-map reference.
+    """
+    layout = describe_transformer(transformer)
+    batch = kwargs["hidden_states"].shape[0]
+    sets = list(head_sets) * batch if len(head_sets) == 1 else list(head_sets)
+    state = state or PerturbationState()
+    state.plan = PerturbationPlan(range(batch), sets, perturbation, layout.num_heads)
+    state.text_len = kwargs["encoder_hidden_states"].shape[1]
+    saved = []
+    try:
+        for layer in sorted({layer for hs in sets for layer in hs.layers()}):
+            for attn in layout.attentions[layer]:
+                saved.append((attn, attn.processor))
+                if layout.family == "sd3":
+                    attn.set_processor(HeadPAGJointAttnProcessor(layer, state))
+                else:
+                    attn.set_processor(HeadPAGFluxAttnProcessor(layer, state, original=attn.processor))
+        return transformer(**kwargs)
+    finally:
+        for attn, processor in reversed(saved):
+            attn.set_processor(processor)
+        state.plan = None
