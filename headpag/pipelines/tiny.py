@@ -42,20 +42,21 @@ def tiny_sd3_transformer(
     dual_attention_layers: tuple[int, ...] = (),
     seed: int = 0,
     sample_size: int = 32,
+    in_channels: int = 4,
 ) -> SD3Transformer2DModel:
     """A tiny `SD3Transformer2DModel`; `qk_norm="rms_norm"` and `dual_attention_layers` give an SD3.5-like one."""
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(
         sample_size=sample_size,
         patch_size=2,
-        in_channels=4,
+        in_channels=in_channels,
         num_layers=num_layers,
         attention_head_dim=head_dim,
         num_attention_heads=num_heads,
         joint_attention_dim=32,
         caption_projection_dim=num_heads * head_dim,
         pooled_projection_dim=64,
-        out_channels=4,
+        out_channels=in_channels,
         pos_embed_max_size=96,
         qk_norm=qk_norm,
         dual_attention_layers=tuple(dual_attention_layers),
@@ -65,13 +66,22 @@ def tiny_sd3_transformer(
 
 
 def tiny_flux_transformer(
-    num_layers: int = 2, num_single_layers: int = 2, num_heads: int = 2, head_dim: int = 16, seed: int = 0
+    num_layers: int = 2,
+    num_single_layers: int = 2,
+    num_heads: int = 2,
+    head_dim: int = 16,
+    seed: int = 0,
+    in_channels: int = 16,
 ) -> FluxTransformer2DModel:
-    """A tiny guidance-distilled `FluxTransformer2DModel` (4 latent channels x 2x2 packing)."""
+    """
+    A tiny guidance-distilled `FluxTransformer2DModel` (4 latent channels x 2x2 packing); `in_channels` 32 for the
+    Control pipelines, 48 for Fill (the extra channels carry the condition; the output stays 16).
+    """
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,
+        in_channels=in_channels,
+        out_channels=16,
         num_layers=num_layers,
         num_single_layers=num_single_layers,
         attention_head_dim=head_dim,
@@ -138,7 +148,7 @@ def _t5_config() -> T5Config:
     )
 
 
-def _vae(seed: int) -> AutoencoderKL:
+def _vae(seed: int, latent_channels: int = 4) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -147,7 +157,7 @@ def _vae(seed: int) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=64,
         scaling_factor=1.5035,
@@ -157,16 +167,19 @@ def _vae(seed: int) -> AutoencoderKL:
     ).eval()
 
 
-def tiny_sd3_components(seed: int = 0, **transformer_kwargs: Any) -> dict[str, Any]:
-    """Components for any `StableDiffusion3Pipeline` subclass; `transformer_kwargs` go to the transformer."""
+def tiny_sd3_components(seed: int = 0, latent_channels: int = 4, **transformer_kwargs: Any) -> dict[str, Any]:
+    """
+    Components for any `StableDiffusion3Pipeline` subclass; `transformer_kwargs` go to the transformer.
+    `latent_channels=16` (SD3's own) for the inpainting pipeline, which requires it.
+    """
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModelWithProjection(_clip_config()).eval()
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config()).eval()
     text_encoder_3 = T5EncoderModel(_t5_config()).eval()
     return {
-        "transformer": tiny_sd3_transformer(seed=seed, **transformer_kwargs),
+        "transformer": tiny_sd3_transformer(seed=seed, in_channels=latent_channels, **transformer_kwargs),
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
-        "vae": _vae(seed + 2),
+        "vae": _vae(seed + 2, latent_channels),
         "text_encoder": text_encoder,
         "tokenizer": _clip_tokenizer(),
         "text_encoder_2": text_encoder_2,

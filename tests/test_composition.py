@@ -1,0 +1,273 @@
+"""Head-level PAG beside the rest of diffusers: other guidance terms, user processors, caches, threads, offloading,
+save/load, signatures. Each claim is checked against stock diffusers or an explicit formula."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+
+import pytest
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    FluxPipeline,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    SeaCacheConfig,
+    StableDiffusion3Pipeline,
+    TaylorSeerCacheConfig,
+    TextKVCacheConfig,
+)
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+from headpag import FluxHeadPAGPipeline, HeadSet, StableDiffusion3HeadPAGPipeline, head_pag
+from headpag.guidance import Perturbation
+from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
+from headpag.runtime import describe_transformer
+from headpag.runtime.processors import reference_forward
+
+
+COMMON = dict(num_inference_steps=3, height=32, width=32, output_type="latent", max_sequence_length=32)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return StableDiffusion3Pipeline(**tiny_sd3_components())
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return FluxPipeline(**tiny_flux_components())
+
+
+def resolved(pipe, spec):
+    layout = describe_transformer(pipe.transformer)
+    return HeadSet.parse(spec).resolve(layout.num_layers, layout.num_heads)
+
+
+class StepSpy:
+    """Records what the scheduler's own `step` receives (after head_pag added its term)."""
+
+    def __init__(self, monkeypatch, scheduler):
+        self.calls = []
+        original = type(scheduler).step
+
+        def step(sched, model_output, timestep, sample, *args, **kwargs):
+            self.calls.append((model_output.clone(), timestep, sample.clone()))
+            return original(sched, model_output, timestep, sample, *args, **kwargs)
+
+        monkeypatch.setattr(type(scheduler), "step", step)
+
+
+@torch.no_grad()
+def test_skip_layer_guidance_keeps_its_own_term(sd3, monkeypatch):
+    """SD3 SLG + PAG: v = v_u + g (v_c - v_u) + s (v_c - v_p) + slg (v_c - v_skip), each from the stock model."""
+    spy = StepSpy(monkeypatch, sd3.scheduler)
+    g, s, slg, u = 4.0, 2.0, 2.8, 0.7
+    with head_pag(sd3, pag_heads="0.1, 2", pag_scale=s, pag_identity_weight=u):
+        sd3(
+            "a cat",
+            negative_prompt="blur",
+            **{**COMMON, "num_inference_steps": 2},
+            guidance_scale=g,
+            skip_guidance_layers=[1],
+            skip_layer_guidance_scale=slg,
+            skip_layer_guidance_start=0.0,
+            skip_layer_guidance_stop=1.0,
+            generator=gen(),
+        )
+    v, t, latents = spy.calls[1]  # SLG runs from step 1 (diffusers: i > start * steps)
+    pe, npe, pp, npp = sd3.encode_prompt("a cat", "a cat", "a cat", negative_prompt="blur", max_sequence_length=32)
+
+    def call(e, p, **extra):
+        kw = dict(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=e, pooled_projections=p)
+        return dict(kw, return_dict=False, **extra)
+
+    v_u = sd3.transformer(**call(npe, npp))[0]
+    v_c = sd3.transformer(**call(pe, pp))[0]
+    v_skip = sd3.transformer(**call(pe, pp, skip_layers=[1]))[0]
+    v_p = reference_forward(sd3.transformer, call(pe, pp), [resolved(sd3, "0.1, 2")], Perturbation(u))[0]
+    expected = v_u + g * (v_c - v_u) + s * (v_c - v_p) + slg * (v_c - v_skip)
+    torch.testing.assert_close(v, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(v, v_u + g * (v_c - v_u) + slg * (v_c - v_skip), atol=1e-3)  # PAG did act
+
+
+class CountingProcessor(JointAttnProcessor2_0):
+    """A user's processor: the stock one, counting the rows it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.rows.append(hidden_states.shape[0])
+        return super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+@torch.no_grad()
+def test_user_processor_keeps_running_and_u_zero_is_no_pag(sd3):
+    attn = sd3.transformer.transformer_blocks[1].attn
+    stock = attn.processor
+    mine = CountingProcessor()
+    attn.set_processor(mine)
+    try:
+        plain = sd3("a cat", **COMMON, guidance_scale=4.0, generator=gen()).images
+        mine.rows.clear()
+        with head_pag(sd3, pag_heads="1", pag_identity_weight=0.0):
+            u0 = sd3("a cat", **COMMON, guidance_scale=4.0, generator=gen()).images
+        assert mine.rows == [3, 3, 3]  # [uncond, cond, perturbed] every step, through the user's processor
+        torch.testing.assert_close(u0, plain, atol=1e-6, rtol=0)
+        with head_pag(sd3, pag_heads="1", pag_identity_weight=1.0):
+            u1 = sd3("a cat", **COMMON, guidance_scale=4.0, generator=gen()).images
+        assert not torch.allclose(u1, plain, atol=1e-3)
+        assert attn.processor is mine
+    finally:
+        attn.set_processor(stock)
+
+
+CACHES = [
+    FirstBlockCacheConfig(threshold=0.0),
+    MagCacheConfig(num_inference_steps=3, mag_ratios=torch.ones(3)),
+    SeaCacheConfig(),
+    TaylorSeerCacheConfig(),
+    FasterCacheConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 1000),
+    PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 1000),
+    TextKVCacheConfig(),
+]
+
+
+@pytest.mark.parametrize("config", CACHES, ids=lambda c: type(c).__name__)
+def test_caches_are_refused_up_front(config):
+    """Every cache diffusers ships is refused with a message naming it and what works; nothing runs."""
+    pipe = FluxPipeline(**tiny_flux_components())
+    try:
+        pipe.transformer.enable_cache(config)
+    except Exception as error:  # a config this tiny FLUX model cannot take at all is not a PAG question
+        pytest.skip(f"diffusers refuses {type(config).__name__} on FLUX itself: {error}")
+    with pytest.raises(ValueError, match=r"caching hooks \(.+\).*disable_cache"):
+        with head_pag(pipe, pag_heads="1"):
+            pytest.fail("the block must not run")
+    pipe.transformer.disable_cache()
+    with head_pag(pipe, pag_heads="1"):
+        pipe("a cat", **COMMON, generator=gen())
+
+
+def test_sd3_cache_through_apply_function_is_refused(sd3):
+    from diffusers.hooks import apply_first_block_cache
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components())
+    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=0.0))
+    with pytest.raises(ValueError, match="fbc_leader_block_hook"):
+        with head_pag(pipe):
+            pass
+
+
+@torch.no_grad()
+def test_other_threads_are_unaffected(sd3):
+    """A stock call and a PAG call with other heads, in other threads, during a PAG call: each gets its own result."""
+    other = StableDiffusion3Pipeline(
+        **{**sd3.components, "scheduler": type(sd3.scheduler).from_config(sd3.scheduler.config)}
+    )
+    third = StableDiffusion3Pipeline(
+        **{**sd3.components, "scheduler": type(sd3.scheduler).from_config(sd3.scheduler.config)}
+    )
+    stock_alone = other("a dog", **COMMON, generator=gen(1)).images
+    with head_pag(third, pag_heads="3.1"):
+        pag_alone = third("a cow", **COMMON, generator=gen(2)).images
+    with head_pag(sd3, pag_heads="1"):
+        main_alone = sd3("a cat", **COMMON, generator=gen()).images
+
+    results = {}
+
+    def stock_call():
+        results["stock"] = other("a dog", **COMMON, generator=gen(1)).images
+
+    def pag_call():
+        with head_pag(third, pag_heads="3.1"):
+            results["pag"] = third("a cow", **COMMON, generator=gen(2)).images
+
+    def pause(pipe, i, t, kwargs):  # in the middle of the main PAG call, the others run start to finish
+        if i == 0:
+            for target in (stock_call, pag_call):
+                thread = threading.Thread(target=target)
+                thread.start()
+                thread.join()
+        return kwargs
+
+    with head_pag(sd3, pag_heads="1"):
+        main = sd3("a cat", **COMMON, generator=gen(), callback_on_step_end=pause).images
+    assert torch.equal(results["stock"], stock_alone)
+    torch.testing.assert_close(results["pag"], pag_alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(main, main_alone, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_group_offloading_keeps_working():
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components())
+    with head_pag(pipe, pag_heads="1.0, 2"):
+        expected = pipe("a cat", **COMMON, generator=gen()).images
+    pipe.transformer.enable_group_offload(
+        onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    with head_pag(pipe, pag_heads="1.0, 2"):
+        got = pipe("a cat", **COMMON, generator=gen()).images
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_signature_and_docstring_are_the_parents_plus_pag():
+    for ours, parent in (
+        (StableDiffusion3HeadPAGPipeline, StableDiffusion3Pipeline),
+        (FluxHeadPAGPipeline, FluxPipeline),
+    ):
+        params = inspect.signature(ours.__call__).parameters
+        parent_params = inspect.signature(parent.__call__).parameters
+        assert list(params)[: len(parent_params)] == list(parent_params)
+        assert [n for n in params if n.startswith("pag_")] == [
+            "pag_heads", "pag_scale", "pag_identity_weight", "pag_identity_scope", "pag_target", "pag_interval",
+            "pag_adaptive_scale", "pag_sequential", "pag_share_prefix",
+        ]  # fmt: skip
+        assert (
+            ours.__call__.__doc__.startswith(parent.__call__.__doc__)
+            and "pag_identity_weight" in ours.__call__.__doc__
+        )
+
+
+@torch.no_grad()
+def test_save_load_round_trip(tmp_path):
+    pipe = StableDiffusion3HeadPAGPipeline(**tiny_sd3_components(), pag_heads="3.1, 2", pag_sequential=True)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    stock = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(stock) is StableDiffusion3Pipeline
+    ours = StableDiffusion3HeadPAGPipeline.from_pretrained(tmp_path)
+    assert ours.pag_heads == HeadSet.parse("3.1, 2") and ours._pag_sequential
+    assert StableDiffusion3HeadPAGPipeline.from_pretrained(tmp_path, pag_heads="1").pag_heads == HeadSet([1])
+    again = StableDiffusion3HeadPAGPipeline.from_pipe(ours)
+    assert again.pag_heads == HeadSet.parse("3.1, 2") and again._pag_sequential
+    a = ours("a cat", **COMMON, generator=gen()).images
+    with head_pag(stock, pag_heads="3.1, 2"):
+        b = stock("a cat", **COMMON, generator=gen()).images
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)  # sequential vs batched: batch-size effects only
+
+
+def test_head_pag_validates_before_work(sd3):
+    with pytest.raises(ValueError, match=r"identity_weight \(u\) must be a number in \[0, 1\], got nan"):
+        with head_pag(sd3, pag_identity_weight=float("nan")):
+            pass
+    with pytest.raises(ValueError, match="pag_scale must be a finite number >= 0, got inf"):
+        with head_pag(sd3, pag_scale=float("inf")):
+            pass
+    with pytest.raises(ValueError, match="valid layers are 0-3"):
+        with head_pag(sd3, pag_heads="7.1"):
+            pass
+    with pytest.raises(ValueError, match="needs a pipeline with a `transformer`"):
+        with head_pag(object()):
+            pass
+    assert "step" not in vars(sd3.scheduler)
