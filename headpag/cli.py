@@ -142,8 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ._io import save_png
-    from .runtime import describe_transformer
     from .pipelines import load_pipeline
+    from .runtime import describe_transformer
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     spec, scale, u = heads_and_defaults(args)

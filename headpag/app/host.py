@@ -12,8 +12,8 @@ from pathlib import Path
 
 from diffusers.utils import logging
 
-from ..runtime import TransformerLayout, describe_transformer
 from ..pipelines.tiny import TINY_MODELS
+from ..runtime import TransformerLayout, describe_transformer
 
 
 logger = logging.get_logger(__name__)

@@ -27,4 +27,3 @@ def perturbation_guidance(
     if v_uncond is None:
         return v_cond + pag
     return v_uncond + guidance_scale * (v_cond - v_uncond) + pag
-

@@ -28,8 +28,8 @@ class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3Pipeline):
 
     `v = v_u + g (v_c - v_u) + s (v_c - v_p)` with `g = guidance_scale` (CFG off when `g <= 1`) and `s = pag_scale`;
     `v_p` is the conditional prediction with the heads of `pag_heads` perturbed. Works for SD3 and SD3.5 (qk-norm,
-    dual attention). With CFG, one transformer call per step carries `[uncond, cond, perturbed]`; the PAG term joins the
-    prediction at the scheduler step, so skip-layer guidance (`skip_guidance_layers`) keeps its own meaning.
+    dual attention). With CFG, one transformer call per step carries `[uncond, cond, perturbed]`; the PAG term joins
+    the prediction at the scheduler step, so skip-layer guidance (`skip_guidance_layers`) keeps its own meaning.
 
     ```py
     >>> from headpag import StableDiffusion3HeadPAGPipeline

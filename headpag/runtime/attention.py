@@ -10,7 +10,6 @@ whose query and key lengths differ (an IP-Adapter's image attention) is left alo
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -66,7 +65,7 @@ class SoftPAGAttentionMode(TorchFunctionMode):
         return out.index_copy(0, rows, blended.to(out.dtype))
 
     def token_slices(self, length: int) -> tuple[slice, slice]:
-        """Image and text positions of a joint sequence of `length` tokens (SD3 `[image, text]`, FLUX `[text, image]`)."""
+        """Image and text positions of a joint sequence (SD3 `[image, text]`, FLUX `[text, image]`)."""
         plan = self.plan
         image_len, text_len = plan.image_len, plan.text_len
         if length == image_len:  # SD3.5's image-only attn2

@@ -27,7 +27,7 @@ def take_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
 
 
 def append_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
-    """`value` with copies of its rows `index` appended (`cat([x, x[index]])`) to every batch tensor; see [`take_rows`]."""
+    """`value` with copies of rows `index` appended (`cat([x, x[index]])`) to every batch tensor; see [`take_rows`]."""
     if isinstance(value, torch.Tensor):
         if value.ndim > 0 and value.shape[0] == batch:
             return torch.cat([value, value.index_select(0, index.to(value.device))])

@@ -153,8 +153,8 @@ def cmd_hunt(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from ..cli import resolve_device_dtype
-    from ..runtime import describe_transformer
     from ..pipelines import load_pipeline
+    from ..runtime import describe_transformer
     from .hunter import HeadHunter
 
     state = PartialState()
