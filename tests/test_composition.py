@@ -271,3 +271,23 @@ def test_head_pag_validates_before_work(sd3):
         with head_pag(object()):
             pass
     assert "step" not in vars(sd3.scheduler)
+
+
+@torch.no_grad()
+def test_torch_compile_adds_no_graph_after_the_first_call():
+    """A compiled transformer: PAG equals eager PAG, and later calls and `with` blocks add no compiled graph."""
+    from torch._dynamo.utils import counters
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components())
+    kwargs = dict(COMMON, guidance_scale=4.0)
+    with head_pag(pipe, pag_heads="1, 2.0"):
+        eager = pipe("a cat", **kwargs, generator=gen()).images
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    graphs = []
+    for _ in range(3):
+        with head_pag(pipe, pag_heads="1, 2.0"):
+            compiled = pipe("a cat", **kwargs, generator=gen()).images
+        graphs.append(counters["stats"]["unique_graphs"])
+        torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+    assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
