@@ -291,3 +291,58 @@ def test_torch_compile_adds_no_graph_after_the_first_call():
         graphs.append(counters["stats"]["unique_graphs"])
         torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
     assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
+
+
+def add_tiny_ip_adapter(transformer, image_embed_dim=16, tokens=4):
+    """A random IP-Adapter, set up the way diffusers' `FluxTransformer2DLoadersMixin` does after loading weights."""
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    torch.manual_seed(7)
+    dim = transformer.config.joint_attention_dim
+    projection = ImageProjection(
+        cross_attention_dim=dim, image_embed_dim=image_embed_dim, num_image_text_embeds=tokens
+    )
+    transformer.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    transformer.config.encoder_hid_dim_type = "ip_image_proj"
+    processors = {}
+    for name, processor in transformer.attn_processors.items():
+        if name.startswith("single_transformer_blocks"):
+            processors[name] = processor
+        else:
+            ip = FluxIPAdapterAttnProcessor(
+                hidden_size=transformer.inner_dim, cross_attention_dim=dim, num_tokens=(tokens,), scale=1.0
+            )
+            for linear in (*ip.to_k_ip, *ip.to_v_ip):
+                torch.nn.init.normal_(linear.weight, std=0.3)
+            processors[name] = ip
+    transformer.set_attn_processor(processors)
+
+
+@torch.no_grad()
+def test_flux_ip_adapter_with_pag():
+    pipe = FluxPipeline(**tiny_flux_components())
+    add_tiny_ip_adapter(pipe.transformer)
+    embeds = [torch.randn(1, 1, 16, generator=gen(1))]
+    kwargs = dict(
+        COMMON,
+        num_images_per_prompt=2,
+        ip_adapter_image_embeds=embeds,
+        negative_ip_adapter_image_embeds=[torch.zeros(1, 1, 16)],
+        negative_prompt="blur",
+        true_cfg_scale=2.0,
+    )
+    plain = pipe("a cat", **kwargs, generator=gen()).images
+    without_ip = pipe(
+        "a cat", **{**kwargs, "ip_adapter_image_embeds": [torch.zeros(1, 1, 16)]}, generator=gen()
+    ).images
+    assert not torch.allclose(plain, without_ip, atol=1e-4)  # the adapter does act
+    with head_pag(pipe, pag_heads="0, 3.1", pag_identity_weight=0.0):
+        u0 = pipe("a cat", **kwargs, generator=gen()).images
+    torch.testing.assert_close(u0, plain, atol=2e-6, rtol=0)
+    results = {}
+    for label, options in {"batched": {}, "sequential": {"pag_sequential": True, "pag_share_prefix": False}}.items():
+        with head_pag(pipe, pag_heads="0, 3.1", **options):
+            results[label] = pipe("a cat", **kwargs, generator=gen()).images
+    assert not torch.allclose(results["batched"], plain, atol=1e-4)
+    torch.testing.assert_close(results["batched"], results["sequential"], atol=2e-5, rtol=0)
