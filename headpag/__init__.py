@@ -4,6 +4,7 @@ from .guidance import HeadSet, Perturbation
 from .pipelines import (
     FluxHeadPAGImg2ImgPipeline,
     FluxHeadPAGPipeline,
+    HeadPerturbedAttentionGuidance,
     StableDiffusion3HeadPAGImg2ImgPipeline,
     StableDiffusion3HeadPAGPipeline,
     head_pag,
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FluxHeadPAGImg2ImgPipeline",
     "FluxHeadPAGPipeline",
+    "HeadPerturbedAttentionGuidance",
     "HeadSet",
     "Perturbation",
     "StableDiffusion3HeadPAGImg2ImgPipeline",

@@ -346,3 +346,39 @@ def test_flux_ip_adapter_with_pag():
             results[label] = pipe("a cat", **kwargs, generator=gen()).images
     assert not torch.allclose(results["batched"], plain, atol=1e-4)
     torch.testing.assert_close(results["batched"], results["sequential"], atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_modular_sd3_guider_equals_the_pipeline_class(tmp_path):
+    from diffusers.modular_pipelines.stable_diffusion_3 import StableDiffusion3AutoBlocks
+
+    from headpag import HeadPerturbedAttentionGuidance
+
+    components = tiny_sd3_components()
+    guider = HeadPerturbedAttentionGuidance(
+        guidance_scale=4.0, pag_scale=2.0, pag_heads="1, 2.0", pag_identity_weight=0.7
+    )
+    guider.save_config(tmp_path)
+    reloaded = HeadPerturbedAttentionGuidance.from_config(HeadPerturbedAttentionGuidance.load_config(tmp_path))
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(reloaded.config) == public(guider.config)
+    modular = StableDiffusion3AutoBlocks().init_pipeline()
+    modular.update_components(**components, guider=reloaded)
+    kwargs = dict(num_inference_steps=3, height=32, width=32, max_sequence_length=32)
+    got = modular(prompt="a cat", negative_prompt="", **kwargs, generator=gen(), output="latents")
+    ours = StableDiffusion3HeadPAGPipeline(**components)
+    expected = ours(
+        "a cat",
+        **kwargs,
+        output_type="latent",
+        guidance_scale=4.0,
+        pag_scale=2.0,
+        pag_heads="1, 2.0",
+        pag_identity_weight=0.7,
+        generator=gen(),
+    ).images
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    plain = ours("a cat", **kwargs, output_type="latent", guidance_scale=4.0, pag_scale=0, generator=gen()).images
+    assert not torch.allclose(got, plain, atol=1e-3)
+    with pytest.raises(ValueError, match=r"identity_weight \(u\) must be a number in \[0, 1\], got 3"):
+        HeadPerturbedAttentionGuidance(pag_identity_weight=3)

@@ -2,6 +2,7 @@
 
 from .attach import DEFAULT_LAYER, default_pag_heads, head_pag
 from .flux import FluxHeadPAGImg2ImgPipeline, FluxHeadPAGPipeline
+from .guider import HeadPerturbedAttentionGuidance
 from .loading import PIPELINES, detect_family, load_pipeline
 from .mixin import HeadPAGMixin
 from .policy import PAGOptions
@@ -14,6 +15,7 @@ __all__ = [
     "FluxHeadPAGImg2ImgPipeline",
     "FluxHeadPAGPipeline",
     "HeadPAGMixin",
+    "HeadPerturbedAttentionGuidance",
     "PAGOptions",
     "StableDiffusion3HeadPAGImg2ImgPipeline",
     "StableDiffusion3HeadPAGPipeline",

@@ -3,7 +3,7 @@
 from .direct import perturbed_forward
 from .hooks import ATTENTION_HOOK, PREFIX_HOOK, ROWS_HOOK, ensure_hooks, foreign_stateful_hooks, remove_hooks
 from .layout import FAMILIES, TransformerLayout, describe_transformer, unwrap
-from .plan import CallPlan, PerturbedCall, activated, active_plan
+from .plan import CallPlan, PerturbedCall, activate, activated, active_plan, deactivate
 from .scheduler import combining_at_step
 
 
@@ -15,9 +15,11 @@ __all__ = [
     "CallPlan",
     "PerturbedCall",
     "TransformerLayout",
+    "activate",
     "activated",
     "active_plan",
     "combining_at_step",
+    "deactivate",
     "describe_transformer",
     "ensure_hooks",
     "foreign_stateful_hooks",

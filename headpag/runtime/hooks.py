@@ -84,6 +84,10 @@ class RowsHook(_Owned):
         if decision is None:
             return forward(**kwargs)
         try:
+            if decision.in_place:
+                plan.set_token_counts(kwargs)
+                plan.batch = plan.batch_plan(0, kwargs["hidden_states"].shape[0])
+                return forward(**kwargs)
             return run_perturbed(plan, forward, kwargs, decision.rows, decision.scale)
         finally:
             plan.reset_call()
@@ -97,9 +101,7 @@ def run_perturbed(plan: CallPlan, forward, kwargs: dict[str, Any], rows: list[in
     hidden = kwargs["hidden_states"]
     n, p = hidden.shape[0], len(rows)
     index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
-    text = kwargs.get("encoder_hidden_states")
-    plan.text_len = 0 if text is None else text.shape[1]
-    plan.image_len = plan.layout.image_tokens(hidden)
+    plan.set_token_counts(kwargs)
     batch_names = TRANSFORMER_BATCH_ARGUMENTS[plan.layout.family]
     share = plan.prefix_end > 0
     if not plan.sequential:

@@ -33,10 +33,13 @@ class PerturbedCall:
     Args:
         rows (`list[int]`): Conditional rows of the call's batch; each gets one perturbed copy.
         scale (`float`): The PAG scale `s` of this step (> 0).
+        in_place (`bool`, defaults to `False`): Perturb the call's own rows and return `v_p` as its output, with no
+            clean rows and no PAG term (a guider that combines the predictions itself runs such a call).
     """
 
     rows: list[int]
-    scale: float
+    scale: float = 1.0
+    in_place: bool = False
 
 
 # `decide(call_kwargs, cache_context_name) -> PerturbedCall | None`: the pipeline family's policy, given by
@@ -110,6 +113,12 @@ class CallPlan:
             )
         return self._batch_plans[key]
 
+    def set_token_counts(self, kwargs: dict[str, Any]) -> None:
+        """Image and text token counts of a transformer call (for the image identity scope)."""
+        text = kwargs.get("encoder_hidden_states")
+        self.text_len = 0 if text is None else text.shape[1]
+        self.image_len = self.layout.image_tokens(kwargs["hidden_states"])
+
     def reset_call(self) -> None:
         self.batch = None
         self.prefix_mode = None
@@ -135,6 +144,16 @@ class CallPlan:
 def active_plan() -> CallPlan | None:
     """The plan active in the current context, or `None`."""
     return _ACTIVE.get()
+
+
+def activate(plan: CallPlan) -> contextvars.Token:
+    """Make `plan` active in the current context until [`deactivate`] with the returned token (for guiders, whose
+    `prepare_models` / `cleanup_models` pair cannot hold a `with` block)."""
+    return _ACTIVE.set(plan)
+
+
+def deactivate(token: contextvars.Token) -> None:
+    _ACTIVE.reset(token)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,129 @@
+"""`HeadPerturbedAttentionGuidance`: head-level PAG as a diffusers modular guider."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders import PerturbedAttentionGuidance
+from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_noise_cfg
+from diffusers.utils import logging
+
+from ..guidance import HeadSet, Perturbation
+from ..runtime import CallPlan, PerturbedCall, activate, deactivate, describe_transformer, ensure_hooks
+from .attach import refuse_caches, resolve_head_sets
+
+
+logger = logging.get_logger(__name__)
+
+
+class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
+    r"""
+    Head-level perturbed-attention guidance ([PAG](https://huggingface.co/papers/2403.17377), SoftPAG and the heads of
+    [HeadHunter](https://huggingface.co/papers/2506.10978)) for diffusers' modular pipelines (SD3, FLUX):
+
+    `v = v_u + g (v_c - v_u) + s (v_c - v_p)`, where `v_p` is the conditional prediction with the heads of
+    `pag_heads` perturbed by `A <- (1 - u) A + u I` inside the installed attention processors (joint attention
+    included, where diffusers' `PerturbedAttentionGuidance` raises "JointAttnProcessor2_0 not registered").
+
+    ```py
+    >>> from headpag import HeadPerturbedAttentionGuidance
+    >>> guider = HeadPerturbedAttentionGuidance(guidance_scale=5.0, pag_scale=3.0, pag_heads="11.15, 7")
+    >>> pipe.update_components(guider=guider)
+    ```
+
+    Args:
+        guidance_scale (`float`, defaults to 7.0): CFG scale `g` (1 turns CFG off).
+        pag_scale (`float`, defaults to 3.0): PAG scale `s` (0 turns PAG off).
+        pag_heads (`str`, *optional*): Head spec, e.g. `"11.15, 7"`; `None`: all heads of layer 7 (SD3) / 8 (FLUX).
+        pag_identity_weight (`float`, defaults to 1.0): SoftPAG's `u` in `[0, 1]`.
+        pag_identity_scope (`str`, defaults to `"joint"`): `"joint"` or `"image"`.
+        pag_target (`str`, defaults to `"identity"`): `"identity"`, `"uniform"` or `"query_mean"`.
+        pag_start, pag_stop (`float`, defaults to 0.0 and 1.0): Fractions of the steps with PAG, counted like
+            `pag_interval` of the pipelines (`int(start * N) <= step < int(stop * N)`).
+        guidance_rescale (`float`, defaults to 0.0): As in diffusers' guiders.
+        use_original_formulation (`bool`, defaults to `False`): As in diffusers' guiders.
+        start, stop (`float`, defaults to 0.0 and 1.0): Fractions of the steps with CFG.
+        enabled (`bool`, defaults to `True`): Turn the guider off.
+    """
+
+    _input_predictions = ["pred_cond", "pred_uncond", "pred_cond_skip"]
+
+    @register_to_config
+    def __init__(
+        self,
+        guidance_scale: float = 7.0,
+        pag_scale: float = 3.0,
+        pag_heads: str | None = None,
+        pag_identity_weight: float = 1.0,
+        pag_identity_scope: str = "joint",
+        pag_target: str = "identity",
+        pag_start: float = 0.0,
+        pag_stop: float = 1.0,
+        guidance_rescale: float = 0.0,
+        use_original_formulation: bool = False,
+        start: float = 0.0,
+        stop: float = 1.0,
+        enabled: bool = True,
+    ):
+        BaseGuidance.__init__(self, start, stop, enabled)
+        for name, value in (("guidance_scale", guidance_scale), ("pag_scale", pag_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if not 0.0 <= pag_start <= pag_stop <= 1.0:
+            raise ValueError(f"pag_start/pag_stop must satisfy 0 <= start <= stop <= 1, got {pag_start}, {pag_stop}.")
+        self.perturbation = Perturbation(pag_identity_weight, pag_identity_scope, pag_target)
+        self.heads = None if pag_heads is None else HeadSet.coerce(pag_heads)
+        self.guidance_scale = guidance_scale
+        self.skip_layer_guidance_scale = pag_scale
+        self.skip_layer_guidance_start = pag_start
+        self.skip_layer_guidance_stop = pag_stop
+        self.guidance_rescale = guidance_rescale
+        self.use_original_formulation = use_original_formulation
+        self._token = None
+
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        self._count_prepared += 1
+        if self._is_slg_enabled() and self.is_conditional and self._count_prepared > 1:  # the perturbed batch
+            layout = describe_transformer(denoiser)
+            refuse_caches(layout)
+            plan = CallPlan(
+                layout,
+                resolve_head_sets(self.heads, layout),
+                self.perturbation,
+                lambda kwargs, context: PerturbedCall(list(range(kwargs["hidden_states"].shape[0])), in_place=True),
+            )
+            ensure_hooks(layout)
+            self._token = activate(plan)
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        if self._token is not None:
+            deactivate(self._token)
+            self._token = None
+
+    def forward(
+        self,
+        pred_cond: torch.Tensor,
+        pred_uncond: torch.Tensor | None = None,
+        pred_cond_skip: torch.Tensor | None = None,
+    ) -> GuiderOutput:
+        """`v_u + g (v_c - v_u) + s (v_c - v_p)` (the CFG or PAG term only when it is enabled at this step)."""
+        cfg, pag = self._is_cfg_enabled(), self._is_slg_enabled()
+        pred = pred_cond if (self.use_original_formulation or not cfg) else pred_uncond
+        if cfg:
+            pred = pred + self.guidance_scale * (pred_cond - pred_uncond)
+        if pag:
+            pred = pred + self.skip_layer_guidance_scale * (pred_cond - pred_cond_skip)
+        if self.guidance_rescale > 0.0:
+            pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+    def _is_slg_enabled(self) -> bool:
+        if not self._enabled or math.isclose(self.skip_layer_guidance_scale, 0.0):
+            return False
+        if self._num_inference_steps is None:
+            return True
+        start = int(self.skip_layer_guidance_start * self._num_inference_steps)
+        stop = int(self.skip_layer_guidance_stop * self._num_inference_steps)
+        return start <= self._step < stop
