@@ -132,41 +132,99 @@ def test_user_processor_keeps_running_and_u_zero_is_no_pag(sd3):
         attn.set_processor(stock)
 
 
-CACHES = [
-    FirstBlockCacheConfig(threshold=0.0),
-    MagCacheConfig(num_inference_steps=3, mag_ratios=torch.ones(3)),
-    SeaCacheConfig(),
-    TaylorSeerCacheConfig(),
-    FasterCacheConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 1000),
-    PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 1000),
-    TextKVCacheConfig(),
-]
+def no_skip_caches(pipe):
+    """Every cache diffusers ships, in its setting that skips nothing (so its result must equal the uncached one)."""
+    return {
+        "FirstBlockCache": FirstBlockCacheConfig(threshold=0.0),
+        "MagCache": MagCacheConfig(threshold=0.0, max_skip_steps=0, num_inference_steps=3, mag_ratios=torch.ones(3)),
+        "SeaCache": SeaCacheConfig(threshold=0.0, max_consecutive_cached=0),
+        "TaylorSeerCache": TaylorSeerCacheConfig(cache_interval=1, disable_cache_before_step=0),
+        "FasterCache": FasterCacheConfig(
+            spatial_attention_block_skip_range=1,
+            unconditional_batch_skip_range=1,
+            attention_weight_callback=lambda _: 0.5,
+            current_timestep_callback=lambda: pipe.current_timestep,
+            is_guidance_distilled=True,
+        ),
+        "PyramidAttentionBroadcast": PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=1, current_timestep_callback=lambda: pipe.current_timestep
+        ),
+        "TextKVCache": TextKVCacheConfig(),
+    }
 
 
-@pytest.mark.parametrize("config", CACHES, ids=lambda c: type(c).__name__)
-def test_caches_are_refused_up_front(config):
-    """Every cache diffusers ships is refused with a message naming it and what works; nothing runs."""
+CACHE_NAMES = list(no_skip_caches(None))
+
+
+@pytest.mark.parametrize("name", CACHE_NAMES)
+@pytest.mark.parametrize("sequential", [False, True])
+@torch.no_grad()
+def test_every_cache_without_skips_equals_uncached(name, sequential):
+    """FLUX with true CFG and 2 images per prompt: with a cache that skips nothing, PAG equals uncached PAG."""
     pipe = FluxPipeline(**tiny_flux_components())
-    try:
-        pipe.transformer.enable_cache(config)
-    except Exception as error:  # a config this tiny FLUX model cannot take at all is not a PAG question
-        pytest.skip(f"diffusers refuses {type(config).__name__} on FLUX itself: {error}")
-    with pytest.raises(ValueError, match=r"caching hooks \(.+\).*disable_cache"):
-        with head_pag(pipe, pag_heads="1"):
+    kwargs = dict(COMMON, negative_prompt="blur", true_cfg_scale=2.0, num_images_per_prompt=2)
+    with head_pag(pipe, pag_heads="1, 2.0", pag_sequential=sequential):
+        expected = pipe("a cat", **kwargs, generator=gen()).images
+    pipe.transformer.enable_cache(no_skip_caches(pipe)[name])
+    with head_pag(pipe, pag_heads="1, 2.0", pag_sequential=sequential):
+        got = pipe("a cat", **kwargs, generator=gen()).images
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_pag_keeps_acting_on_cached_steps():
+    """A first-block cache that skips every step after the first: the perturbed rows are cached like the others, so
+    PAG still changes the result, and the sequential perturbed call keeps a cache state of its own."""
+    results = {}
+    for label, pag in {"plain": None, "batched": {}, "sequential": {"pag_sequential": True}}.items():
+        pipe = FluxPipeline(**tiny_flux_components())
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+        if pag is None:
+            results[label] = pipe("a cat", **COMMON, generator=gen()).images
+            continue
+        with head_pag(pipe, pag_heads="1, 2.0", **pag):
+            results[label] = pipe("a cat", **COMMON, generator=gen()).images
+    assert not torch.allclose(results["batched"], results["plain"], atol=1e-4)
+    torch.testing.assert_close(results["sequential"], results["batched"], atol=2e-5, rtol=0)
+
+
+def test_cache_combinations_that_cannot_be_exact_are_refused():
+    pipe = FluxPipeline(**tiny_flux_components())
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    with pytest.raises(ValueError, match=r"caching hooks \(fbc_leader_block_hook.*pag_sequential=True"):
+        with head_pag(pipe, pag_interval=(0.0, 0.5)):
             pytest.fail("the block must not run")
-    pipe.transformer.disable_cache()
-    with head_pag(pipe, pag_heads="1"):
+    with head_pag(pipe, pag_interval=(0.0, 0.5), pag_sequential=True):
         pipe("a cat", **COMMON, generator=gen())
+    pipe.transformer.disable_cache()
+    pipe.transformer.enable_cache(
+        FasterCacheConfig(current_timestep_callback=lambda: pipe.current_timestep, is_guidance_distilled=False)
+    )
+    with pytest.raises(ValueError, match="FasterCache on a model that is not guidance-distilled"):
+        with head_pag(pipe):
+            pytest.fail("the block must not run")
 
 
-def test_sd3_cache_through_apply_function_is_refused(sd3):
-    from diffusers.hooks import apply_first_block_cache
+@pytest.mark.parametrize("cache", ["taylorseer", "mag"])
+@torch.no_grad()
+def test_sd3_cache_through_apply_function(cache):
+    """SD3 has no `enable_cache`: diffusers' `apply_*` functions, inside a cache context the caller sets (stock SD3
+    cannot run a first-block cache at all: its last block returns no text stream)."""
+    from diffusers.hooks import apply_mag_cache, apply_taylorseer_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     pipe = StableDiffusion3Pipeline(**tiny_sd3_components())
-    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=0.0))
-    with pytest.raises(ValueError, match="fbc_leader_block_hook"):
-        with head_pag(pipe):
-            pass
+    with head_pag(pipe, pag_heads="1, 2.0"):
+        expected = pipe("a cat", **COMMON, guidance_scale=4.0, num_images_per_prompt=2, generator=gen()).images
+    if cache == "taylorseer":
+        apply_taylorseer_cache(pipe.transformer, TaylorSeerCacheConfig(cache_interval=1, disable_cache_before_step=0))
+    else:
+        config = MagCacheConfig(threshold=0.0, max_skip_steps=0, num_inference_steps=3, mag_ratios=torch.ones(3))
+        apply_mag_cache(pipe.transformer, config)
+    _set_cache_context(pipe.transformer, CacheContext("cond"))
+    with head_pag(pipe, pag_heads="1, 2.0"):
+        got = pipe("a cat", **COMMON, guidance_scale=4.0, num_images_per_prompt=2, generator=gen()).images
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
 
 
 @torch.no_grad()

@@ -57,16 +57,38 @@ def resolve_head_sets(
     return [hs.resolve(layout.num_layers, layout.num_heads) for hs in sets]
 
 
-def refuse_caches(layout: TransformerLayout) -> None:
-    """Refuse diffusers' caching hooks: they keep one state per call name and would skip or mix the perturbed rows."""
+def check_caches(layout: TransformerLayout, options: PAGOptions | None = None) -> bool:
+    r"""
+    Whether diffusers caching hooks sit on the transformer, after refusing the combinations that cannot be exact.
+
+    Caches keep one state per cache context (`"cond"`, `"uncond"`) and assume the batch of a context is the same at
+    every step. With PAG the conditional call carries `n + p` rows at every step; prefix sharing (which changes the
+    batch inside the block stack) is switched off, and a sequential perturbed call gets a context of its own. Refused:
+    FasterCache on a model that is not guidance-distilled (it splits the batch into `[uncond, cond]` halves), and a
+    batched PAG that skips steps (`pag_interval`, `pag_adaptive_scale`), which would change the batch between steps.
+    """
     caches = foreign_stateful_hooks(layout.model)
-    if caches:
+    if not caches:
+        return False
+    names = ", ".join(caches)
+    faster = caches.get("faster_cache_denoiser")
+    if faster is not None and not getattr(faster, "is_guidance_distilled", True):
         raise ValueError(
-            f"head_pag cannot run on a transformer with diffusers caching hooks ({', '.join(caches)}): a cache "
-            "reuses block outputs across steps and assumes a constant batch, so PAG would be skipped or mixed on "
-            "cached steps. Disable the cache first (`transformer.disable_cache()`, or remove the hooks registered by "
-            "`apply_*_cache`), or run without PAG (pag_scale=0)."
+            f"head_pag cannot run with FasterCache on a model that is not guidance-distilled (hooks: {names}): it "
+            "splits every batch into [uncond, cond] halves, which the perturbed rows would break. Use "
+            "FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig or PyramidAttentionBroadcastConfig, or "
+            "disable the cache (`transformer.disable_cache()`)."
         )
+    partial = options is not None and (options.interval != (0.0, 1.0) or options.adaptive_scale > 0)
+    if partial and not options.sequential:
+        raise ValueError(
+            f"With diffusers caching hooks ({names}), PAG must act at every step or run sequentially: "
+            f"pag_interval={options.interval} / pag_adaptive_scale={options.adaptive_scale} would change the "
+            "batch a cache has stored between steps. Use pag_sequential=True (the perturbed branch then gets a "
+            "cache of its own), the full interval, or disable the cache (`transformer.disable_cache()`)."
+        )
+    logger.info(f"head_pag with caching hooks ({names}): prefix sharing is off, caches see a constant batch.")
+    return True
 
 
 @contextlib.contextmanager
@@ -118,7 +140,7 @@ def head_pag(
 
     Raises:
         `ValueError`: for a bad argument (naming the value and what is allowed), an unsupported transformer, or a
-            transformer with diffusers caching hooks.
+            caching hook that cannot be combined exactly (see [`check_caches`]).
     """
     layout = transformer_layout(pipe)
     if pag_sequential is None:
@@ -135,15 +157,16 @@ def head_pag(
     if options.scale == 0 or not any(head_sets):
         yield
         return
-    refuse_caches(layout)
+    has_caches = check_caches(layout, options)
     plan = CallPlan(
         layout,
         head_sets,
         options.perturbation,
         POLICIES[layout.family](pipe, options),
-        share_prefix=options.share_prefix,
+        share_prefix=options.share_prefix and not has_caches,
         sequential=options.sequential,
         scheduler=pipe.scheduler,
+        has_caches=has_caches,
     )
     ensure_hooks(layout)
     with combining_at_step(pipe.scheduler), activated(plan):

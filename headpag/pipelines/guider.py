@@ -12,7 +12,7 @@ from diffusers.utils import logging
 
 from ..guidance import HeadSet, Perturbation
 from ..runtime import CallPlan, PerturbedCall, activate, deactivate, describe_transformer, ensure_hooks
-from .attach import refuse_caches, resolve_head_sets
+from .attach import check_caches, resolve_head_sets
 
 
 logger = logging.get_logger(__name__)
@@ -87,12 +87,13 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         self._count_prepared += 1
         if self._is_slg_enabled() and self.is_conditional and self._count_prepared > 1:  # the perturbed batch
             layout = describe_transformer(denoiser)
-            refuse_caches(layout)
             plan = CallPlan(
                 layout,
                 resolve_head_sets(self.heads, layout),
                 self.perturbation,
                 lambda kwargs, context: PerturbedCall(list(range(kwargs["hidden_states"].shape[0])), in_place=True),
+                share_prefix=False,
+                has_caches=check_caches(layout),
             )
             ensure_hooks(layout)
             self._token = activate(plan)

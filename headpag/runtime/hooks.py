@@ -14,13 +14,16 @@ other hooks; registering them once keeps `forward` stable for other threads and 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.hooks import BaseState, StateManager, _set_cache_context
 from diffusers.utils import logging
 
 from .attention import SoftPAGAttentionMode
@@ -80,6 +83,7 @@ class RowsHook(_Owned):
             return forward(*args, **kwargs)
         kwargs = bind(TRANSFORMER_ARGUMENTS[self.family], args, kwargs)
         context = self.cache_context._context
+        plan.cache_context = context
         decision = plan.decide(kwargs, None if context is None else context.name)
         if decision is None:
             return forward(**kwargs)
@@ -118,10 +122,28 @@ def run_perturbed(plan: CallPlan, forward, kwargs: dict[str, Any], rows: list[in
         clean = output_sample(output)
         plan.batch = plan.batch_plan(0, p)
         plan.prefix_mode = ("replay",) if share else None
-        perturbed = output_sample(forward(**map_arguments(kwargs, batch_names, take_rows, n, index)))
+        with perturbed_cache_context(plan):
+            perturbed = output_sample(forward(**map_arguments(kwargs, batch_names, take_rows, n, index)))
     plan.perturbed = perturbed
     plan.pending = scale * (clean.index_select(0, index) - perturbed.to(clean.dtype))
     return output
+
+
+@contextlib.contextmanager
+def perturbed_cache_context(plan: CallPlan) -> Iterator[None]:
+    """
+    The sequential perturbed call under a cache context of its own (`"<name>/headpag-perturbed"`), so that caching
+    hooks keep its state apart from the clean call's; the pipeline's context is restored afterwards.
+    """
+    context = plan.cache_context
+    if context is None or not plan.has_caches:
+        yield
+        return
+    _set_cache_context(plan.model, dataclasses.replace(context, name=f"{context.name}/headpag-perturbed"))
+    try:
+        yield
+    finally:
+        _set_cache_context(plan.model, context)
 
 
 class PrefixHook(_Owned):
@@ -176,7 +198,8 @@ class AttentionHook(_Owned):
         mode = SoftPAGAttentionMode(plan, self.layer)
         with mode:
             out = forward(*args, **kwargs)
-        if mode.perturbed == 0 and plan.batch.layer_weights(self.layer, torch.device("cpu")) is not None:
+        served_by_cache = plan.has_caches  # e.g. pyramid attention broadcast returns an earlier (perturbed) output
+        if not served_by_cache and mode.perturbed == 0 and plan.batch.layer_weights(self.layer, out_device(out)) is not None:
             backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
             raise RuntimeError(
                 f"Layer {self.layer}: the attention processor {type(module.processor).__name__} did not call "
@@ -215,14 +238,19 @@ def remove_hooks(transformer: torch.nn.Module) -> None:
         registry.invalidate_child_registries_cache()
 
 
-def foreign_stateful_hooks(model: torch.nn.Module) -> list[str]:
-    """Names of the stateful hooks (diffusers' caches) registered anywhere under `model`, other than ours."""
-    names = []
+def out_device(output: Any) -> torch.device:
+    first = output[0] if isinstance(output, tuple) else output
+    return first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+
+
+def foreign_stateful_hooks(model: torch.nn.Module) -> dict[str, ModelHook]:
+    """The stateful hooks (diffusers' caches) registered anywhere under `model`, other than ours, by name."""
+    found: dict[str, ModelHook] = {}
     for _, module in model.named_modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is None:
             continue
         for name, hook in registry.hooks.items():
-            if hook._is_stateful and not name.startswith(PREFIX) and name not in names:
-                names.append(name)
-    return names
+            if hook._is_stateful and not name.startswith(PREFIX):
+                found.setdefault(name, hook)
+    return found

@@ -59,6 +59,8 @@ class CallPlan:
         share_prefix (`bool`): Compute the blocks before the first perturbed layer once.
         sequential (`bool`): Run the perturbed rows as a second transformer call.
         scheduler (*optional*): The scheduler whose `step` receives the PAG term `s (v_c - v_p)`.
+        has_caches (`bool`, defaults to `False`): The transformer carries diffusers caching hooks (the sequential
+            perturbed call then gets a cache context of its own).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class CallPlan:
         share_prefix: bool = True,
         sequential: bool = False,
         scheduler: Any = None,
+        has_caches: bool = False,
     ):
         self.layout = layout
         self.model = layout.model
@@ -78,6 +81,8 @@ class CallPlan:
         self.decide = decide
         self.sequential = sequential
         self.scheduler = scheduler
+        self.has_caches = has_caches
+        self.cache_context: Any = None  # the pipeline's cache context of the transformer call under way
         first = min((layer for hs in self.head_sets for layer in hs.layers()), default=0)
         self.prefix_end = first if share_prefix else 0
         self.perturbed_layers = frozenset(layer for hs in self.head_sets for layer in hs.layers())
