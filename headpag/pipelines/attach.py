@@ -168,6 +168,6 @@ def head_pag(
         scheduler=pipe.scheduler,
         has_caches=has_caches,
     )
-    ensure_hooks(layout)
+    ensure_hooks(plan)
     with combining_at_step(pipe.scheduler), activated(plan):
         yield

@@ -95,7 +95,7 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
                 share_prefix=False,
                 has_caches=check_caches(layout),
             )
-            ensure_hooks(layout)
+            ensure_hooks(plan)
             self._token = activate(plan)
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:

@@ -47,7 +47,7 @@ def perturbed_forward(
         share_prefix=share_prefix,
         sequential=sequential,
     )
-    ensure_hooks(layout)
+    ensure_hooks(plan)
     with activated(plan):
         output = transformer(**kwargs)
         return output, plan.perturbed

@@ -198,8 +198,9 @@ class AttentionHook(_Owned):
         mode = SoftPAGAttentionMode(plan, self.layer)
         with mode:
             out = forward(*args, **kwargs)
-        served_by_cache = plan.has_caches  # e.g. pyramid attention broadcast returns an earlier (perturbed) output
-        if not served_by_cache and mode.perturbed == 0 and plan.batch.layer_weights(self.layer, out_device(out)) is not None:
+        # A cache may serve an earlier (perturbed) output without calling attention: pyramid attention broadcast.
+        expected = plan.batch.layer_weights(self.layer, out_device(out)) is not None and not plan.has_caches
+        if expected and mode.perturbed == 0:
             backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
             raise RuntimeError(
                 f"Layer {self.layer}: the attention processor {type(module.processor).__name__} did not call "
@@ -209,23 +210,33 @@ class AttentionHook(_Owned):
         return out
 
 
-def ensure_hooks(layout: TransformerLayout) -> None:
-    """Register the head-PAG hooks on `layout.model` once (thread-safe); later calls do nothing."""
-    model = layout.model
+def ensure_hooks(plan: CallPlan) -> None:
+    """
+    Register the hooks that `plan` needs (thread-safe): the rows hook on the transformer, attention hooks on its
+    perturbed layers, prefix hooks on the blocks before the first one. A module that already has its hook keeps it,
+    so `forward`s change only the first time a module is needed, and modules PAG never touches carry no hook.
+    """
+    layout, model = plan.layout, plan.model
     with _REGISTER_LOCK:
+        added = False
+        for index in range(plan.prefix_end):
+            block = layout.blocks[index]
+            registry = HookRegistry.check_if_exists_or_initialize(block)
+            if registry.get_hook(PREFIX_HOOK) is None:
+                registry.register_hook(PrefixHook(model, block, index), PREFIX_HOOK)
+                added = True
+        for layer in sorted(plan.perturbed_layers):
+            for attention in layout.attentions[layer]:
+                registry = HookRegistry.check_if_exists_or_initialize(attention)
+                if registry.get_hook(ATTENTION_HOOK) is None:
+                    registry.register_hook(AttentionHook(model, layer), ATTENTION_HOOK)
+                    added = True
         registry = HookRegistry.check_if_exists_or_initialize(model)
-        if registry.get_hook(ROWS_HOOK) is not None:
-            return
-        for index, block in enumerate(layout.blocks):
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(
-                PrefixHook(model, block, index), PREFIX_HOOK
-            )
-            for attention in layout.attentions[index]:
-                HookRegistry.check_if_exists_or_initialize(attention).register_hook(
-                    AttentionHook(model, index), ATTENTION_HOOK
-                )
-        registry.register_hook(RowsHook(model, layout), ROWS_HOOK)
-        registry.invalidate_child_registries_cache()
+        if registry.get_hook(ROWS_HOOK) is None:
+            registry.register_hook(RowsHook(model, layout), ROWS_HOOK)
+            added = True
+        if added:
+            registry.invalidate_child_registries_cache()
 
 
 def remove_hooks(transformer: torch.nn.Module) -> None:
