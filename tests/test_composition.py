@@ -279,6 +279,23 @@ def test_group_offloading_keeps_working():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("first", ["offload", "pag"])
+@torch.no_grad()
+def test_model_cpu_offload_keeps_working(first):
+    """accelerate's offload hooks and ours stack in either order (on CPU, where diffusers allows device="cpu")."""
+    reference = StableDiffusion3Pipeline(**tiny_sd3_components())
+    with head_pag(reference, pag_heads="1.0, 2"):
+        expected = reference("a cat", **COMMON, guidance_scale=4.0, generator=gen()).images
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components())
+    if first == "pag":
+        with head_pag(pipe, pag_heads="1.0, 2"):
+            pipe("a cat", **COMMON, generator=gen())
+    pipe.enable_model_cpu_offload(device="cpu")
+    with head_pag(pipe, pag_heads="1.0, 2"):
+        got = pipe("a cat", **COMMON, guidance_scale=4.0, generator=gen()).images
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
 def test_signature_and_docstring_are_the_parents_plus_pag():
     for ours, parent in (
         (StableDiffusion3HeadPAGPipeline, StableDiffusion3Pipeline),
