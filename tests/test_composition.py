@@ -457,3 +457,20 @@ def test_modular_sd3_guider_equals_the_pipeline_class(tmp_path):
     assert not torch.allclose(got, plain, atol=1e-3)
     with pytest.raises(ValueError, match=r"identity_weight \(u\) must be a number in \[0, 1\], got 3"):
         HeadPerturbedAttentionGuidance(pag_identity_weight=3)
+
+
+@torch.no_grad()
+def test_pag_survives_removing_a_cache_registered_before_it():
+    """`disable_cache()` after a head-PAG call under a cache: PAG must still act (diffusers' `remove_hook` drops the
+    next `new_forward` hook from the chain; the runtime puts it back)."""
+    pipe = FluxPipeline(**tiny_flux_components())
+    with head_pag(pipe, pag_heads="1, 2.0"):
+        expected = pipe("a cat", **COMMON, generator=gen()).images
+    pipe = FluxPipeline(**tiny_flux_components())
+    pipe.transformer.enable_cache(no_skip_caches(pipe)["FasterCache"])  # hooks on the transformer and attentions
+    with head_pag(pipe, pag_heads="1, 2.0"):
+        pipe("a cat", **COMMON, generator=gen())
+    pipe.transformer.disable_cache()
+    with head_pag(pipe, pag_heads="1, 2.0"):
+        got = pipe("a cat", **COMMON, generator=gen()).images
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)

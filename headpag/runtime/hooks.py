@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -217,26 +218,46 @@ def ensure_hooks(plan: CallPlan) -> None:
     so `forward`s change only the first time a module is needed, and modules PAG never touches carry no hook.
     """
     layout, model = plan.layout, plan.model
+    wanted = [
+        (block, PREFIX_HOOK, lambda b=block, i=index: PrefixHook(model, b, i))
+        for index, block in enumerate(layout.blocks[: plan.prefix_end])
+    ]
+    for layer in sorted(plan.perturbed_layers):
+        wanted += [
+            (attn, ATTENTION_HOOK, lambda l=layer: AttentionHook(model, l)) for attn in layout.attentions[layer]
+        ]
+    wanted.append((model, ROWS_HOOK, lambda: RowsHook(model, layout)))
     with _REGISTER_LOCK:
         added = False
-        for index in range(plan.prefix_end):
-            block = layout.blocks[index]
-            registry = HookRegistry.check_if_exists_or_initialize(block)
-            if registry.get_hook(PREFIX_HOOK) is None:
-                registry.register_hook(PrefixHook(model, block, index), PREFIX_HOOK)
+        for module, name, make in wanted:
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            if registry.get_hook(name) is None:
+                registry.register_hook(make(), name)
                 added = True
-        for layer in sorted(plan.perturbed_layers):
-            for attention in layout.attentions[layer]:
-                registry = HookRegistry.check_if_exists_or_initialize(attention)
-                if registry.get_hook(ATTENTION_HOOK) is None:
-                    registry.register_hook(AttentionHook(model, layer), ATTENTION_HOOK)
-                    added = True
-        registry = HookRegistry.check_if_exists_or_initialize(model)
-        if registry.get_hook(ROWS_HOOK) is None:
-            registry.register_hook(RowsHook(model, layout), ROWS_HOOK)
-            added = True
+            else:
+                _revive(registry, name)
         if added:
-            registry.invalidate_child_registries_cache()
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+
+def _revive(registry: HookRegistry, name: str) -> None:
+    """
+    Put a hook back in its module's call chain after an earlier hook was removed.
+
+    `HookRegistry.remove_hook` (diffusers 0.42) hands the removed hook's inner forward to the *next* hook by
+    overwriting that hook's `fn_ref.forward`; for a hook with `new_forward` (all of ours) that drops the hook from the
+    chain instead of updating its `original_forward`. So `transformer.disable_cache()` after a head-PAG call would
+    silently switch PAG off. Here the hook takes the forward it was bypassed with as its inner call again.
+    """
+    hook = registry.hooks[name]
+    fn_ref = registry._fn_refs[registry._hook_order.index(name)]
+    current = fn_ref.forward
+    if isinstance(current, functools.partial) and current.func == hook.new_forward:
+        return
+    fn_ref.original_forward = current
+    fn_ref.forward = functools.update_wrapper(
+        functools.partial(hook.new_forward, registry._module_ref), hook.new_forward
+    )
 
 
 def remove_hooks(transformer: torch.nn.Module) -> None:
