@@ -2,41 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 
-def take_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
+def map_batch(value: Any, batch: int, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     r"""
-    `value` with only the rows `index` of every tensor whose leading dimension is `batch`.
+    `value` with `function` applied to every tensor whose leading dimension is `batch`.
 
     Walks lists, tuples and dicts (ControlNet residual lists, `joint_attention_kwargs` with IP-Adapter embeddings);
     anything else (floats, ids, rotary embeddings, tensors of another leading size) is returned unchanged.
     """
     if isinstance(value, torch.Tensor):
-        if value.ndim > 0 and value.shape[0] == batch:
-            return value.index_select(0, index.to(value.device))
-        return value
+        return function(value) if value.ndim > 0 and value.shape[0] == batch else value
     if isinstance(value, (list, tuple)):
-        return type(value)(take_rows(v, batch, index) for v in value)
+        return type(value)(map_batch(v, batch, function) for v in value)
     if isinstance(value, dict):
-        return {k: take_rows(v, batch, index) for k, v in value.items()}
+        return {k: map_batch(v, batch, function) for k, v in value.items()}
     return value
+
+
+def take_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
+    """`value` with only the rows `index` of every batch tensor (see [`map_batch`])."""
+    return map_batch(value, batch, lambda t: t.index_select(0, index.to(t.device)))
 
 
 def append_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
-    """`value` with copies of rows `index` appended (`cat([x, x[index]])`) to every batch tensor; see [`take_rows`]."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim > 0 and value.shape[0] == batch:
-            return torch.cat([value, value.index_select(0, index.to(value.device))])
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(append_rows(v, batch, index) for v in value)
-    if isinstance(value, dict):
-        return {k: append_rows(v, batch, index) for k, v in value.items()}
-    return value
+    """`value` with copies of rows `index` appended (`cat([x, x[index]])`) to every batch tensor."""
+    return map_batch(value, batch, lambda t: torch.cat([t, t.index_select(0, index.to(t.device))]))
 
 
 def map_arguments(kwargs: dict[str, Any], names: Iterable[str], function, *args) -> dict[str, Any]:
