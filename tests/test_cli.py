@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -145,3 +146,62 @@ def test_module_entry_point_and_exclusive_heads(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "valid layers are 0-3" in proc.stderr
+
+
+GEN = ["generate", "--model", "tiny-sd3", "--prompt", "a cat", *FAST]
+
+
+def run_main(argv):
+    """`main`'s exit code, also for the usage errors argparse reports by exiting."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize(
+    "extra, code, message",
+    [
+        (["--guidance-scale", "nan"], 2, r"'nan' is not a finite number"),
+        (["--pag-scale", "inf"], 2, r"'inf' is not a finite number"),
+        (["--pag-scale", "1e38"], 2, r"pag_scale 1e\+38 is over the limit max_scale=100"),
+        (["--num-images", "0"], 2, r"'0' must be > 0"),
+        (["--device", "cuda:0"], 2, r"CUDA is not available on this machine; use --device cpu"),
+        (["--image", "{tmp}/missing.png"], 2, r"Input image not found: .*missing.png"),
+        (["--image", "{tmp}/notimage.png"], 2, r"is not an image PIL can read"),
+        (["--output", "{tmp}/x.gif"], 2, r"unknown image type '.gif'"),
+        (["--output", "{tmp}/notimage.png/sub/x.png"], 2, r"Output folder .* is not writable"),  # a file in the path
+        (["--strength", "1.5", "--image", "{tmp}/in.png"], 2, r"--strength 1.5: must be in \(0, 1\]"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_codes(tmp_path, capsys, extra, code, message):
+    (tmp_path / "notimage.png").write_text("not an image")
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    argv = [*GEN, "--output", str(tmp_path / "out.png"), *[a.format(tmp=tmp_path) for a in extra]]
+    assert run_main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert not list(tmp_path.glob("out*.png"))  # nothing written
+
+
+def test_cli_runtime_error_exit_1_and_debug_traceback(tmp_path, capsys, monkeypatch):
+    import headpag.pipelines as pipelines
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model exploded")
+
+    monkeypatch.setattr(pipelines, "load_pipeline", broken)
+    argv = [*GEN, "--output", str(tmp_path / "o.png")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "headpag generate: RuntimeError: the model exploded" in err and "Traceback" not in err
+    assert main(["--debug", *argv]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_output_types_and_folders(tmp_path):
+    assert main([*GEN, "--output", str(tmp_path / "a.jpg")]) == 0
+    assert Image.open(tmp_path / "a.jpg").format == "JPEG"
+    assert main([*GEN, "--output", str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "headpag.png").is_file()

@@ -15,7 +15,8 @@ from test_metrics import _noise_images, _random_inception_file
 from headpag._io import save_png
 from headpag.cli import main
 from headpag.eval import ClipScore
-from headpag.eval.compare import EvalConfig, bootstrap_ci
+from headpag.eval.compare import bootstrap_ci
+from headpag.options import parse_eval_config
 
 
 SMALL = "--guidance-scale 1 --steps 2 --height 32 --width 32"
@@ -146,15 +147,15 @@ def test_eval_bad_input(tmp_path, capsys, argv, message):
 
 
 def test_config_parsing_and_bootstrap():
-    assert EvalConfig.parse("cfg=--guidance-scale 5").settings.pag_scale == 0.0
-    c = EvalConfig.parse("pag: --pag-heads '7, 3.1' --pag-identity-weight 0.5")
+    assert parse_eval_config("cfg=--guidance-scale 5").settings.pag_scale == 0.0
+    c = parse_eval_config("pag: --pag-heads '7, 3.1' --pag-identity-weight 0.5")
     assert (c.name, c.settings.pag_heads, c.settings.pag_scale, c.settings.pag_identity_weight) == (
         "pag",
         "7, 3.1",
         3.0,
         0.5,
     )
-    assert EvalConfig.parse("s=--pag-scale 2").settings.pag_scale == 2.0  # default heads
+    assert parse_eval_config("s=--pag-scale 2").settings.pag_scale == 2.0  # default heads
     assert bootstrap_ci([1.0, 2.0, 3.0, 4.0]) == bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0

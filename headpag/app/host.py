@@ -75,7 +75,7 @@ class ModelHost:
         dtype: str | None = None,
         output_dir: str | None = None,
     ):
-        from ..cli import resolve_device_dtype
+        from ..options import resolve_device_dtype
 
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.lock = ModelLock()

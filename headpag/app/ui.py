@@ -561,7 +561,7 @@ def build_app(host: ModelHost, search_dir: str | os.PathLike = "runs/ui-search")
             batch_size: int = 8,
             output_dir: str = str(search_dir),
         ):
-            from ..search.cli import parse_seeds
+            from ..options import parse_seeds
 
             lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
             seed_list = parse_seeds(seeds or "0")

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import options
 
-def add_eval_parser(sub) -> None:
+
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="Compare configurations (table, plots, grids) or score existing images.",
@@ -18,7 +20,7 @@ def add_eval_parser(sub) -> None:
         ),
     )
     p.add_argument("--model", default=None, help="Hub id, local folder, or tiny-sd3 / tiny-sd35 / tiny-flux.")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    p.add_argument("--dtype", choices=options.DTYPES, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--prompts", default=None, help="Prompt file (one per line) or a single prompt.")
     p.add_argument("--seeds", default="0", help="Seeds, e.g. 0-9 or 0,3,7 (every prompt with every seed).")
@@ -49,9 +51,9 @@ def add_eval_parser(sub) -> None:
         default="inception",
         help="Features for FID/KID: the standard FID Inception, or the --clip-model image encoder.",
     )
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--grid-rows", type=int, default=8, help="Prompt-seed pairs per grid image.")
+    p.add_argument("--kid-subsets", type=options.positive(int), default=100)
+    p.add_argument("--kid-subset-size", type=options.positive(int), default=1000)
+    p.add_argument("--grid-rows", type=options.positive(int), default=8, help="Prompt-seed pairs per grid image.")
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--no-progress", action="store_true")
 
@@ -60,37 +62,37 @@ def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | No
     """(pair metrics by name, feature extractor or None); every model loads once."""
     pair: dict = {}
     if "clip" in metrics:
-        from .clip_score import ClipScore
+        from ..eval.clip_score import ClipScore
 
         pair["clip"] = ClipScore(args.clip_model, args.clip_checkpoint, args.clip_pretrained, device=device)
     if "pickscore" in metrics:
-        from .pickscore import PickScore
+        from ..eval.pickscore import PickScore
 
         pair["pickscore"] = PickScore(args.pickscore_model, args.pickscore_processor, device=device)
     features = None
     if any(m in metrics for m in ("fid", "kid")):
         if args.fid_features == "clip":
-            from .features import ClipFeatures
+            from ..eval.features import ClipFeatures
 
             features = ClipFeatures(args.clip_model, args.clip_checkpoint, args.clip_pretrained, device=device)
         else:
-            from .features import InceptionFeatures
+            from ..eval.features import InceptionFeatures
 
             features = InceptionFeatures(args.inception_weights, device=device)
     return pair, features
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..search.cli import parse_seeds, read_prompt_arg
-    from .compare import Comparison, EvalConfig, image_sets_from_folder, parse_metrics, score_sets
-    from .report import write_eval_report
+    from ..eval.compare import Comparison, image_sets_from_folder, parse_metrics, score_sets
+    from ..eval.report import write_eval_report
 
     metrics = parse_metrics(args.metrics)
     if any(m in metrics for m in ("fid", "kid")) and args.reference_images is None:
         raise ValueError("FID/KID need --reference-images DIR (the images to compare against).")
-    prompts = read_prompt_arg(args.prompts) if args.prompts else None
+    limits = options.Limits()
+    prompts = options.read_prompts(args.prompts, limits.max_prompts) if args.prompts else None
     settings = {"metrics": metrics, "reference_images": args.reference_images}
     if args.images:
         if args.config:
@@ -101,13 +103,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         if not args.model or not prompts or not args.config:
             raise ValueError("headpag eval needs --model, --prompts and at least one --config (or --images DIR).")
-        from ..cli import resolve_device_dtype
         from ..pipelines import load_pipeline
 
-        configs = [EvalConfig.parse(text) for text in args.config]
-        seeds = parse_seeds(args.seeds)
+        configs = [options.parse_eval_config(text) for text in args.config]
+        seeds = options.parse_seeds(args.seeds, limits.max_seeds)
         comparison = Comparison(prompts, seeds, configs, args.output_dir)
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        device, dtype = options.resolve_device_dtype(args.device, args.dtype)
         pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
         pipe.set_progress_bar_config(disable=True)
         total = len(configs) * len(comparison.items())

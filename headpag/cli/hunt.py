@@ -7,41 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-
-def parse_seeds(text: str) -> list[int]:
-    """`"0-4"` -> [0, 1, 2, 3, 4]; `"0,3,7"` -> [0, 3, 7]."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                seeds.extend(range(lo, hi + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise ValueError(f"Invalid --seeds {text!r}: use '0-4' or '0,3,7'.") from None
-    return seeds
+from .. import options
 
 
-def read_prompt_arg(value: str) -> list[str]:
-    """A prompt file (one per line, `#` comments) or a literal prompt."""
-    path = Path(value)
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    return [value]
-
-
-def add_hunt_parser(sub, add_model_args, add_pag_args) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("hunt", help="Search for the heads to perturb (HeadHunter).")
     p.add_argument("--report", metavar="DIR", default=None, help="Only rebuild the report of a search directory.")
     p.add_argument("--model", default=None, help="Hub id, local folder, or tiny-sd3 / tiny-sd35 / tiny-flux.")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    p.add_argument("--dtype", choices=options.DTYPES, default=None)
     p.add_argument("--device", default=None, help="Device (default: this process's accelerate device).")
     p.add_argument(
         "--preset",
@@ -54,8 +27,8 @@ def add_hunt_parser(sub, add_model_args, add_pag_args) -> None:
     p.add_argument("--pairing", choices=["zip", "product"], default=None)
     p.add_argument("--style", default=None, help="Style prompt: prompts become '{style}, {prompt}'.")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--rounds", type=options.positive(int), default=None)
+    p.add_argument("--top-k", type=options.positive(int), default=None)
     p.add_argument("--pool", default=None, help="Restrict candidates to a head spec, e.g. '0-11'.")
     p.add_argument("--objective", choices=["clip", "pickscore"], default="pickscore")
     p.add_argument(
@@ -64,33 +37,43 @@ def add_hunt_parser(sub, add_model_args, add_pag_args) -> None:
         help="CLIP: checkpoint file (.safetensors or torch, weights only). PickScore: folder or hub id.",
     )
     p.add_argument("--objective-arch", default=None, help="CLIP: open_clip model name or config JSON.")
-    p.add_argument("--pag-scale", type=float, default=None)
-    p.add_argument("--pag-identity-weight", type=float, default=None)
+    p.add_argument("--pag-scale", type=options.finite_float, default=None)
+    p.add_argument("--pag-identity-weight", type=options.finite_float, default=None)
     p.add_argument("--pag-identity-scope", choices=["joint", "image"], default=None)
     p.add_argument(
         "--guidance-scale",
-        type=float,
+        type=options.finite_float,
         default=None,
         help="SD3: CFG scale (default 0: off). FLUX: the distilled guidance embedding.",
     )
-    p.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX only: true CFG (with --negative-prompt).")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--max-sequence-length", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="Images per transformer call (default 8).")
+    p.add_argument(
+        "--true-cfg-scale",
+        type=options.finite_float,
+        default=None,
+        help="FLUX only: true CFG (with --negative-prompt).",
+    )
+    p.add_argument("--steps", type=options.positive(int), default=None)
+    p.add_argument("--height", type=options.positive(int), default=None)
+    p.add_argument("--width", type=options.positive(int), default=None)
+    p.add_argument("--max-sequence-length", type=options.positive(int), default=None)
+    p.add_argument(
+        "--batch-size", type=options.positive(int), default=None, help="Images per transformer call (default 8)."
+    )
     p.add_argument("--output-dir", default="runs/headhunter")
-    p.add_argument("--validation-images", type=int, default=4, help="Pairs in the report's validation grid.")
+    p.add_argument(
+        "--validation-images", type=options.positive(int), default=4, help="Pairs in the report's validation grid."
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
-def build_config(args: argparse.Namespace, family: str):
-    from .config import SearchConfig, preset
+def build_config(args: argparse.Namespace, family: str, limits: options.Limits | None = None):
+    from ..search.config import SearchConfig, preset
 
+    limits = limits or options.Limits()
     values = preset(args.preset, family) if args.preset else {}
     explicit = {
-        "prompts": read_prompt_arg(args.prompts) if args.prompts else None,
-        "seeds": parse_seeds(args.seeds) if args.seeds else None,
+        "prompts": options.read_prompts(args.prompts, limits.max_prompts) if args.prompts else None,
+        "seeds": options.parse_seeds(args.seeds, limits.max_seeds) if args.seeds else None,
         "pairing": args.pairing,
         "style_prompt": args.style,
         "negative_prompt": args.negative_prompt,
@@ -141,8 +124,8 @@ class Progress:
             self.bar.close()
 
 
-def cmd_hunt(args: argparse.Namespace) -> int:
-    from .report import write_report
+def run(args: argparse.Namespace) -> int:
+    from ..search.report import write_report
 
     if args.report:
         report = write_report(args.report)
@@ -152,13 +135,12 @@ def cmd_hunt(args: argparse.Namespace) -> int:
         raise ValueError("headpag hunt needs --model (or --report DIR).")
     from accelerate import PartialState
 
-    from ..cli import resolve_device_dtype
     from ..pipelines import load_pipeline
     from ..runtime import describe_transformer
-    from .hunter import HeadHunter
+    from ..search.hunter import HeadHunter
 
     state = PartialState()
-    device, dtype = resolve_device_dtype(args.device or str(state.device), args.dtype)
+    device, dtype = options.resolve_device_dtype(args.device or str(state.device), args.dtype)
     pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     config = build_config(args, describe_transformer(pipe.transformer).family)

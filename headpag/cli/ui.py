@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from .. import options
 
-def add_ui_parser(sub) -> None:
+
+def add_parser(sub) -> None:
     p = sub.add_parser("ui", help="Start the web UI (Gradio).")
     p.add_argument(
         "--model",
@@ -17,13 +19,13 @@ def add_ui_parser(sub) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="Also create a public gradio.live link.")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    p.add_argument("--dtype", choices=options.DTYPES, default=None)
     p.add_argument("--output-dir", default=None, help="Where generated PNGs go (default: a temporary folder).")
     p.add_argument("--search-dir", default="runs/ui-search", help="Default run directory of the Search tab.")
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    from .ui import launch
+def run(args: argparse.Namespace) -> int:
+    from ..app.ui import launch
 
     launch(
         args.model,

@@ -5,10 +5,7 @@ configuration (images cached on disk and reused when their settings match), then
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,24 +37,6 @@ def parse_metrics(names: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(cleaned))
 
 
-NAME_PATTERN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.+-]*)\s*[=:]\s*(.*)$", re.S)
-
-
-class _OptionsParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ValueError(message)
-
-
-def options_parser() -> argparse.ArgumentParser:
-    """The generation flags a configuration may use (those of `headpag generate` that shape an image)."""
-    from ..cli import _add_pag_args
-
-    parser = _OptionsParser(prog="--config NAME=", add_help=False)
-    _add_pag_args(parser)
-    parser.add_argument("--negative-prompt", default=None)
-    return parser
-
-
 @dataclass
 class EvalConfig:
     r"""
@@ -67,38 +46,13 @@ class EvalConfig:
         name (`str`): Column name and image folder name.
         options (`str`): The generation flags as given, e.g. `"--pag-heads 7 --guidance-scale 1"`.
         settings ([`GenerationSettings`]): The parsed settings (prompt and seed are filled in per image).
+
+    Clients build one from `NAME=OPTIONS` text with `headpag.options.parse_eval_config`.
     """
 
     name: str
     options: str
     settings: GenerationSettings
-
-    @classmethod
-    def parse(cls, text: str) -> EvalConfig:
-        """`NAME=OPTIONS` (or `NAME: OPTIONS`). PAG is on only when the options name heads or a `--pag-scale`."""
-        from ..cli import settings_from_args
-
-        match = NAME_PATTERN.match(text)
-        if not match:
-            raise ValueError(
-                f"Invalid --config {text!r}: use NAME=OPTIONS with a name of letters, digits, '_', '-', '.', '+', "
-                "e.g. 'cfg=--guidance-scale 5' or 'pag-layer=--pag-heads 7 --guidance-scale 1'."
-            )
-        name, options = match.groups()
-        try:
-            args = options_parser().parse_args(shlex.split(options))
-        except ValueError as e:
-            raise ValueError(
-                f"Invalid options for configuration {name!r} ({options!r}): {e}. Allowed: the generation flags of "
-                "`headpag generate` (--pag-heads, --pag-heads-file, --pag-scale, --pag-identity-weight, "
-                "--pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, --guidance-scale, "
-                "--true-cfg-scale, --steps, --height, --width, --negative-prompt)."
-            ) from None
-        pag_on = bool(args.pag_heads or args.pag_heads_file) or args.pag_scale is not None
-        settings = settings_from_args(args)
-        if not pag_on:
-            settings.pag_scale = 0.0
-        return cls(name, options.strip(), settings)
 
 
 @dataclass

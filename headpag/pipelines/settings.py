@@ -8,12 +8,14 @@ guidance embedding; `true_cfg_scale` is FLUX's real CFG (with a negative prompt)
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
-from ..guidance import HeadSet
+from ..guidance import HeadSet, Perturbation
+from .policy import PAGOptions
 
 
 @dataclass
@@ -58,14 +60,40 @@ class GenerationSettings:
     strength: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def check(self) -> None:
+        """Checks that need no model: finite numbers in range, counts, the PAG options and the head spec's syntax."""
+        for name in ("guidance_scale", "true_cfg_scale", "strength"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}.")
+        for name in ("num_inference_steps", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
+            raise ValueError(f"num_images must be an integer >= 1, got {self.num_images!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}.")
+        PAGOptions(
+            scale=self.pag_scale,
+            perturbation=Perturbation(self.pag_identity_weight, self.pag_identity_scope, self.pag_target),
+            interval=tuple(self.pag_interval),
+            adaptive_scale=self.pag_adaptive_scale,
+        )
+        if self.pag_heads is not None:
+            HeadSet.parse(self.pag_heads)
+
     def validate(self, family: str) -> None:
-        """Family-specific checks with messages that say what is allowed."""
+        """All checks, including the family-specific ones, with messages that say what is allowed."""
+        self.check()
         if family == "sd3" and self.true_cfg_scale not in (None, 1.0):
             raise ValueError(
                 f"true_cfg_scale={self.true_cfg_scale} applies to FLUX only; SD3's CFG scale is guidance_scale."
             )
-        if self.pag_heads is not None:
-            HeadSet.parse(self.pag_heads)
 
     def call_kwargs(self, family: str, image=None) -> dict[str, Any]:
         """Keyword arguments for a head-PAG pipeline call."""

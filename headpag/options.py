@@ -1,0 +1,341 @@
+"""
+Settings shared by every client (the `headpag` commands and the web UI): generation flags, seeds, prompts, devices
+and the limits on what one request may cost. Clients import this module; nothing below it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shlex
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .eval.compare import EvalConfig
+from .guidance import HeadSet
+from .pipelines.settings import GenerationSettings
+
+
+DTYPES = ("float16", "bfloat16", "float32")
+IMAGE_TYPES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+# ---------------------------------------------------------------------------------------------------------- limits
+@dataclass
+class Limits:
+    r"""
+    What one request may cost, in one place. Every client checks a request against these before any work; the web
+    UI takes each from a start-up flag (`--max-size` for `max_size`, ...).
+
+    Args:
+        max_size (`int`): Largest height or width in pixels.
+        max_steps (`int`): Most denoising steps.
+        max_images (`int`): Most images per generation call.
+        max_prompt_chars (`int`): Longest prompt (and negative prompt).
+        max_scale (`float`): Largest guidance, true-CFG, PAG and adaptive scale.
+        max_seeds (`int`): Most seeds in one list.
+        max_prompts (`int`): Most prompts in one search or evaluation.
+        max_pairs (`int`): Most prompt-seed pairs in one search.
+        max_pool (`int`): Most candidate heads in one search.
+        max_rounds (`int`): Most search rounds.
+        max_queue_per_client (`int`): Requests one client may have waiting or running.
+        max_queue (`int`): Requests waiting or running in total.
+        max_upload_mb (`float`): Largest uploaded file.
+    """
+
+    max_size: int = 2048
+    max_steps: int = 200
+    max_images: int = 8
+    max_prompt_chars: int = 2000
+    max_scale: float = 100.0
+    max_seeds: int = 1000
+    max_prompts: int = 1000
+    max_pairs: int = 1000
+    max_pool: int = 57 * 24
+    max_rounds: int = 64
+    max_queue_per_client: int = 2
+    max_queue: int = 16
+    max_upload_mb: float = 20.0
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The start-up flag that sets limit `name`."""
+        return "--" + name.replace("_", "-")
+
+    def refuse(self, what: str, value: Any, name: str) -> None:
+        raise ValueError(
+            f"{what} {value} is over the limit {name}={getattr(self, name)}; the server's operator can raise it with "
+            f"{self.flag(name)}."
+        )
+
+    def check_count(self, what: str, value: int, name: str) -> None:
+        if value > getattr(self, name):
+            self.refuse(what, value, name)
+
+    def check_settings(self, settings: GenerationSettings) -> None:
+        """Refuse a generation over a limit, before any work, naming the limit and its flag."""
+        for what, value in (("height", settings.height), ("width", settings.width)):
+            if value is not None and value > self.max_size:
+                self.refuse(what, value, "max_size")
+        if settings.num_inference_steps is not None and settings.num_inference_steps > self.max_steps:
+            self.refuse("num_inference_steps", settings.num_inference_steps, "max_steps")
+        self.check_count("num_images", settings.num_images, "max_images")
+        for what, text in (("prompt length", settings.prompt), ("negative prompt length", settings.negative_prompt)):
+            if text is not None and len(text) > self.max_prompt_chars:
+                self.refuse(what, len(text), "max_prompt_chars")
+        for name in ("guidance_scale", "true_cfg_scale", "pag_scale", "pag_adaptive_scale"):
+            value = getattr(settings, name)
+            if value is not None and abs(value) > self.max_scale:
+                self.refuse(name, value, "max_scale")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """One start-up flag per limit (for servers)."""
+        group = parser.add_argument_group("limits (each request is refused before any work when over one)")
+        for f in fields(self):
+            kind = float if isinstance(getattr(self, f.name), float) else int
+            group.add_argument(self.flag(f.name), type=positive(kind), default=getattr(self, f.name))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Limits:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+# ----------------------------------------------------------------------------------------------------- arg types
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (refuses `nan`, `inf`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive(kind=int):
+    """argparse type factory: a finite number > 0 of `kind`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+# ------------------------------------------------------------------------------------------------------- flags
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    parser.add_argument(
+        "--model",
+        required=required,
+        default=default,
+        help="Hub id, local diffusers folder, or an offline random-weight model: tiny-sd3, tiny-sd35, tiny-flux.",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU)."
+    )
+    parser.add_argument(
+        "--device", default=None, help="Device, e.g. cuda, cuda:1, cpu (default: cuda when available)."
+    )
+
+
+def add_pag_args(parser: argparse.ArgumentParser) -> None:
+    """The generation flags that shape an image (shared by `generate` and `eval --config`)."""
+    heads = parser.add_mutually_exclusive_group()
+    heads.add_argument("--pag-heads", default=None, help="Head spec, e.g. '11.15, 7, 3.0-5' (default: pipeline's).")
+    heads.add_argument("--pag-heads-file", default=None, help="Head-set JSON file (e.g. from `headpag hunt`).")
+    parser.add_argument(
+        "--pag-scale", type=finite_float, default=None, help="PAG scale s (default 3.0, or the file's)."
+    )
+    parser.add_argument(
+        "--pag-identity-weight", type=finite_float, default=None, help="SoftPAG u in [0, 1] (default 1.0)."
+    )
+    parser.add_argument("--pag-identity-scope", choices=["joint", "image"], default="joint")
+    parser.add_argument("--pag-target", choices=["identity", "uniform", "query_mean"], default="identity")
+    parser.add_argument("--pag-interval", type=finite_float, nargs=2, metavar=("START", "STOP"), default=(0.0, 1.0))
+    parser.add_argument("--pag-adaptive-scale", type=finite_float, default=0.0)
+    parser.add_argument(
+        "--guidance-scale",
+        type=finite_float,
+        default=None,
+        help="SD3: CFG scale (off when <= 1). FLUX: the distilled guidance embedding (default 3.5).",
+    )
+    parser.add_argument(
+        "--true-cfg-scale",
+        type=finite_float,
+        default=None,
+        help="FLUX only: true CFG scale, used with --negative-prompt.",
+    )
+    parser.add_argument("--steps", type=positive(int), default=None, help="Denoising steps (default: the pipeline's).")
+    parser.add_argument("--height", type=positive(int), default=None)
+    parser.add_argument("--width", type=positive(int), default=None)
+
+
+# ------------------------------------------------------------------------------------------------------- values
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """`(device, dtype)` with defaults (CUDA when available, bfloat16 there, float32 on CPU); a CUDA device on a
+    machine without CUDA is refused with a clear error."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}.")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, dtype
+
+
+def heads_and_defaults(args: argparse.Namespace) -> tuple[str | None, float, float]:
+    """(head spec, pag scale, identity weight): explicit flags first, then the head-set file's metadata."""
+    spec, scale, u = args.pag_heads, args.pag_scale, args.pag_identity_weight
+    if args.pag_heads_file:
+        hs = HeadSet.load(args.pag_heads_file)
+        spec = str(hs)
+        scale = scale if scale is not None else hs.metadata.get("recommended_scale")
+        u = u if u is not None else hs.metadata.get("identity_weight")
+    return spec, 3.0 if scale is None else scale, 1.0 if u is None else u
+
+
+def settings_from_args(args: argparse.Namespace, **values: Any) -> GenerationSettings:
+    """
+    [`GenerationSettings`] from the generation flags (`--pag-*`, `--guidance-scale`, `--steps`, ...,
+    `--negative-prompt`) shared by `generate` and `eval --config`; `values` add or override fields.
+    """
+    spec, scale, u = heads_and_defaults(args)
+    flags = dict(
+        negative_prompt=getattr(args, "negative_prompt", None),
+        pag_heads=spec,
+        pag_scale=scale,
+        pag_identity_weight=u,
+        pag_identity_scope=args.pag_identity_scope,
+        pag_target=args.pag_target,
+        pag_interval=tuple(args.pag_interval),
+        pag_adaptive_scale=args.pag_adaptive_scale,
+        guidance_scale=args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale,
+        num_inference_steps=args.steps,
+        height=args.height,
+        width=args.width,
+    )
+    return GenerationSettings(**{**flags, **values})
+
+
+SEEDS_PATTERN = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_seeds(text: str, limit: int | None = None) -> list[int]:
+    """
+    `"0-4"` -> [0, 1, 2, 3, 4]; `"0,3,7"` -> [0, 3, 7]. The count is checked against `limit` before any range is
+    expanded, so the cost is proportional to the text.
+    """
+    parts = [p for p in str(text).split(",") if p.strip()]
+    spans = []
+    for part in parts:
+        match = SEEDS_PATTERN.match(part)
+        if not match:
+            raise ValueError(f"Invalid seeds {text!r}: use non-negative integers like '0-4' or '0,3,7'.")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if hi < lo or hi >= 2**63:
+            raise ValueError(
+                f"Invalid seed range {part.strip()!r} in {text!r}: use LOW-HIGH with LOW <= HIGH < 2**63."
+            )
+        spans.append((lo, hi))
+    if not spans:
+        raise ValueError(f"No seeds in {text!r}: use '0-4' or '0,3,7'.")
+    count = sum(hi - lo + 1 for lo, hi in spans)
+    if limit is not None and count > limit:
+        raise ValueError(f"{count} seeds in {text!r} is over the limit max_seeds={limit}.")
+    return [seed for lo, hi in spans for seed in range(lo, hi + 1)]
+
+
+PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".md")
+
+
+def read_prompts(value: str, limit: int | None = None) -> list[str]:
+    """
+    A prompt file (one per line, `#` comments) or one literal prompt. A value that names a file which does not
+    exist (it has a path separator or a file suffix such as `.txt`) is an error, never a prompt.
+    """
+    path = Path(value)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"Cannot read prompt file {value}: {type(error).__name__}.") from None
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not prompts:
+            raise ValueError(f"Prompt file {value} has no prompts (one per line; '#' starts a comment).")
+    elif path.is_dir():
+        raise ValueError(f"Prompt file {value} is a folder; pass a text file with one prompt per line.")
+    elif "/" in value or "\\" in value or path.suffix.lower() in PROMPT_FILE_SUFFIXES:
+        raise ValueError(
+            f"Prompt file not found: {value}. Pass an existing file (one prompt per line) or the prompt text itself."
+        )
+    else:
+        prompts = [value]
+    if limit is not None and len(prompts) > limit:
+        raise ValueError(f"{len(prompts)} prompts is over the limit max_prompts={limit}.")
+    return prompts
+
+
+def image_output_type(path: str | Path) -> str:
+    """The image format of an output path from its suffix (PNG, JPEG, WEBP); anything else is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_TYPES:
+        raise ValueError(
+            f"Output {path}: unknown image type {suffix or '(no suffix)'!r}; use one of "
+            f"{', '.join(IMAGE_TYPES)} (or a folder name without a suffix)."
+        )
+    return IMAGE_TYPES[suffix]
+
+
+# ------------------------------------------------------------------------------------------------- eval configs
+class _OptionsParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+NAME_PATTERN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.+-]*)\s*[=:]\s*(.*)$", re.S)
+
+
+def config_options_parser() -> argparse.ArgumentParser:
+    """The generation flags an evaluation configuration may use (those of `headpag generate` that shape an image)."""
+    parser = _OptionsParser(prog="--config NAME=", add_help=False)
+    add_pag_args(parser)
+    parser.add_argument("--negative-prompt", default=None)
+    return parser
+
+
+def parse_eval_config(text: str) -> EvalConfig:
+    """`NAME=OPTIONS` (or `NAME: OPTIONS`) -> [`EvalConfig`]. PAG is on only when the options name heads or a
+    `--pag-scale`."""
+    match = NAME_PATTERN.match(text)
+    if not match:
+        raise ValueError(
+            f"Invalid --config {text!r}: use NAME=OPTIONS with a name of letters, digits, '_', '-', '.', '+', "
+            "e.g. 'cfg=--guidance-scale 5' or 'pag-layer=--pag-heads 7 --guidance-scale 1'."
+        )
+    name, options = match.groups()
+    try:
+        args = config_options_parser().parse_args(shlex.split(options))
+    except ValueError as e:
+        raise ValueError(
+            f"Invalid options for configuration {name!r} ({options!r}): {e}. Allowed: the generation flags of "
+            "`headpag generate` (--pag-heads, --pag-heads-file, --pag-scale, --pag-identity-weight, "
+            "--pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, --guidance-scale, "
+            "--true-cfg-scale, --steps, --height, --width, --negative-prompt)."
+        ) from None
+    pag_on = bool(args.pag_heads or args.pag_heads_file) or args.pag_scale is not None
+    settings = settings_from_args(args)
+    if not pag_on:
+        settings.pag_scale = 0.0
+    return EvalConfig(name, options.strip(), settings)
