@@ -205,3 +205,37 @@ def test_output_types_and_folders(tmp_path):
     assert Image.open(tmp_path / "a.jpg").format == "JPEG"
     assert main([*GEN, "--output", str(tmp_path / "folder")]) == 0
     assert (tmp_path / "folder" / "headpag.png").is_file()
+
+
+def test_hunt_and_eval_refuse_missing_prompt_files_and_huge_seed_lists(tmp_path, capsys):
+    import time
+
+    base = ["--model", "tiny-sd3", "--no-progress"]
+    assert (
+        run_main(["hunt", *base, "--prompts", str(tmp_path / "prompts.txt"), "--output-dir", str(tmp_path / "r")]) == 2
+    )
+    assert "Prompt file not found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    start = time.monotonic()
+    argv = ["eval", *base, "--prompts", "a cat", "--seeds", "0-99999999999", "--config", "a=--pag-scale 1"]
+    assert run_main([*argv, "--output-dir", str(tmp_path / "e")]) == 2
+    assert "over the limit max_seeds=1000" in capsys.readouterr().err
+    assert time.monotonic() - start < 30  # refused from the text, not by expanding the range
+
+
+def test_parse_seeds_and_prompts_bounds(tmp_path):
+    from headpag.options import parse_seeds, read_prompts
+
+    assert parse_seeds("0-2, 7") == [0, 1, 2, 7]
+    with pytest.raises(ValueError, match="over the limit max_seeds=10"):
+        parse_seeds("0-99999999999999", limit=10)
+    for bad in ("-1", "a", "3-1", "1.5"):
+        with pytest.raises(ValueError, match="seed"):
+            parse_seeds(bad)
+    assert read_prompts("a cat") == ["a cat"]
+    with pytest.raises(ValueError, match="Prompt file not found"):
+        read_prompts(str(tmp_path / "missing.txt"))
+    (tmp_path / "p.txt").write_text("# comment\na\nb\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a", "b"]
+    with pytest.raises(ValueError, match="over the limit max_prompts=1"):
+        read_prompts(str(tmp_path / "p.txt"), limit=1)
