@@ -18,6 +18,7 @@ from PIL import Image
 from .._io import save_png
 from ..pipelines.settings import GenerationSettings
 from .distribution import frechet_distance, image_files, is_image, kernel_distance, load_images
+from .paired import clustered_mean_ci
 
 
 logger = logging.get_logger(__name__)
@@ -218,8 +219,9 @@ def score_sets(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     r"""
-    Score each image set: per-image metrics with mean and 95% bootstrap interval, FID as a point value, KID as mean and
-    standard deviation over subsets (reference features computed once, each set's features once for both).
+    Score each image set: per-image metrics with mean and 95% interval (a bootstrap that resamples prompts, seeds
+    staying with their prompt), FID as a point value, KID as mean and standard deviation over subsets (reference
+    features computed once, each set's features once for both).
 
     Args:
         sets (`list[ImageSet]`): What to score.
@@ -255,8 +257,8 @@ def score_sets(
         }
         for name, metric in pair_metrics.items():
             values = [float(v) for v in metric(images, image_set.prompts)]
-            lo, hi = bootstrap_ci(values)
-            row["metrics"][name] = {"mean": float(np.mean(values)), "ci95": [lo, hi]}
+            interval = clustered_mean_ci(image_set.prompts, values)
+            row["metrics"][name] = {"mean": interval["mean"], "ci95": interval["ci95"], "prompts": interval["prompts"]}
             row["per_image"][name] = values
             if progress:
                 progress(f"{image_set.name}: {name}")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text, save_png
 from .grids import image_grid
+from .paired import paired_table
 
 
 LABELS = {
@@ -30,6 +31,15 @@ def format_metric(value: dict[str, Any]) -> str:
     if "std" in value:
         return f"{value['mean']:.4f} ± {value['std']:.4f}"
     return f"{value['value']:.3f}"
+
+
+def format_paired(value: dict[str, Any]) -> str:
+    """`+0.123 [+0.010, +0.240], p=0.012, wins 64%`."""
+    lo, hi = value["ci95"]
+    return (
+        f"{value['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}], p={value['p_wilcoxon']:.3g}, "
+        f"wins {100 * value['win_rate']:.0f}%"
+    )
 
 
 def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
@@ -79,13 +89,30 @@ def write_eval_report(
         `Path` of `report.md`.
     """
     out = Path(output_dir)
-    atomic_write_json(out / "report.json", {"settings": settings, "configurations": list(rows)})
     metrics = list(rows[0]["metrics"]) if rows else []
+    pair_metrics = [m for m in metrics if "ci95" in rows[0]["metrics"][m]]
+    paired = paired_table(rows, pair_metrics) if len(rows) > 1 and pair_metrics else None
+    atomic_write_json(out / "report.json", {"settings": settings, "configurations": list(rows), "paired": paired})
     lines = [f"# Comparison: {out}", ""]
     if settings.get("model"):
         lines.append(f"Model `{settings['model']}`; {rows[0]['count'] if rows else 0} images per configuration.")
+    if paired:
+        lines += [
+            "",
+            f"## Against `{paired['baseline']}` (paired, same prompts and seeds)",
+            "",
+            "Mean difference [95% interval resampling prompts, seeds kept with their prompt], Wilcoxon signed-rank "
+            "p on per-prompt mean differences, share of pairs won.",
+            "",
+            "| configuration | " + " | ".join(LABELS.get(m, m) for m in pair_metrics) + " |",
+            "|---|" + "---|" * len(pair_metrics),
+        ]
+        for name, by_metric in paired["comparisons"].items():
+            cells = " | ".join(format_paired(by_metric[m]) for m in pair_metrics)
+            lines.append(f"| {name} | {cells} |")
+        lines += ["", "## Per configuration", ""]
     lines += [
-        "Per-image metrics: mean [95% bootstrap interval]; FID: point value; KID: mean ± std over subsets.",
+        "Per-image metrics: mean [95% interval resampling prompts]; FID: point value; KID: mean ± std over subsets.",
         "",
         "| configuration | options | images | " + " | ".join(LABELS.get(m, m) for m in metrics) + " |",
         "|---|---|---|" + "---|" * len(metrics),
