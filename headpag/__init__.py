@@ -1,6 +1,7 @@
 """headpag: head-level perturbed-attention guidance (PAG, SoftPAG) and HeadHunter for SD3, SD3.5 and FLUX.1."""
 
 from .guidance import HeadSet, Perturbation
+from .guidance.presets import list_presets, load_preset
 from .pipelines import (
     FluxHeadPAGImg2ImgPipeline,
     FluxHeadPAGPipeline,
@@ -23,5 +24,7 @@ __all__ = [
     "StableDiffusion3HeadPAGPipeline",
     "__version__",
     "head_pag",
+    "list_presets",
     "load_pipeline",
+    "load_preset",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 from .eval.compare import EvalConfig
 from .guidance import HeadSet
+from .guidance.presets import load_preset
 from .pipelines.settings import GenerationSettings
 
 
@@ -151,6 +152,9 @@ def add_pag_args(parser: argparse.ArgumentParser) -> None:
     heads = parser.add_mutually_exclusive_group()
     heads.add_argument("--pag-heads", default=None, help="Head spec, e.g. '11.15, 7, 3.0-5' (default: pipeline's).")
     heads.add_argument("--pag-heads-file", default=None, help="Head-set JSON file (e.g. from `headpag hunt`).")
+    heads.add_argument(
+        "--pag-heads-preset", default=None, help="A ready-made head set by name (`headpag presets` lists them)."
+    )
     parser.add_argument(
         "--pag-scale", type=finite_float, default=None, help="PAG scale s (default 3.0, or the file's)."
     )
@@ -194,14 +198,22 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, st
 
 
 def heads_and_defaults(args: argparse.Namespace) -> tuple[str | None, float, float]:
-    """(head spec, pag scale, identity weight): explicit flags first, then the head-set file's metadata."""
+    """(head spec, pag scale, identity weight): explicit flags first, then the head-set file's or preset's metadata."""
     spec, scale, u = args.pag_heads, args.pag_scale, args.pag_identity_weight
-    if args.pag_heads_file:
-        hs = HeadSet.load(args.pag_heads_file)
+    preset = getattr(args, "pag_heads_preset", None)
+    if args.pag_heads_file or preset:
+        hs = HeadSet.load(args.pag_heads_file) if args.pag_heads_file else load_preset(preset)
         spec = str(hs)
         scale = scale if scale is not None else hs.metadata.get("recommended_scale")
         u = u if u is not None else hs.metadata.get("identity_weight")
     return spec, 3.0 if scale is None else scale, 1.0 if u is None else u
+
+
+def check_preset_fits(args: argparse.Namespace, layout) -> None:
+    """Refuse a `--pag-heads-preset` found on another model family or shape than the loaded model's."""
+    preset = getattr(args, "pag_heads_preset", None)
+    if preset:
+        load_preset(preset, num_layers=layout.num_layers, num_heads=layout.num_heads, family=layout.family)
 
 
 def settings_from_args(args: argparse.Namespace, **values: Any) -> GenerationSettings:
@@ -330,11 +342,11 @@ def parse_eval_config(text: str) -> EvalConfig:
     except ValueError as e:
         raise ValueError(
             f"Invalid options for configuration {name!r} ({options!r}): {e}. Allowed: the generation flags of "
-            "`headpag generate` (--pag-heads, --pag-heads-file, --pag-scale, --pag-identity-weight, "
-            "--pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, --guidance-scale, "
+            "`headpag generate` (--pag-heads, --pag-heads-file, --pag-heads-preset, --pag-scale, "
+            "--pag-identity-weight, --pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, --guidance-scale, "
             "--true-cfg-scale, --steps, --height, --width, --negative-prompt)."
         ) from None
-    pag_on = bool(args.pag_heads or args.pag_heads_file) or args.pag_scale is not None
+    pag_on = bool(args.pag_heads or args.pag_heads_file or args.pag_heads_preset) or args.pag_scale is not None
     settings = settings_from_args(args)
     if not pag_on:
         settings.pag_scale = 0.0

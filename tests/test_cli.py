@@ -239,3 +239,16 @@ def test_parse_seeds_and_prompts_bounds(tmp_path):
     assert read_prompts(str(tmp_path / "p.txt")) == ["a", "b"]
     with pytest.raises(ValueError, match="over the limit max_prompts=1"):
         read_prompts(str(tmp_path / "p.txt"), limit=1)
+
+
+def test_presets_command_and_flag(capsys, tmp_path):
+    assert run_main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    assert "sd3-blue" in listing and "flux-golden-hour" in listing
+    out = ["--output", str(tmp_path / "p.png")]
+    assert run_main([*GEN, "--pag-heads-preset", "sd3-blue", *out]) == 2  # tiny 4 x 4 model, preset is 24 x 24
+    err = capsys.readouterr().err
+    assert "24" in err and "4" in err and "Traceback" not in err
+    assert run_main([*GEN, "--pag-heads-preset", "no-such-preset", *out]) == 2
+    assert "sd3-blue" in capsys.readouterr().err  # the known names are listed
+    assert not (tmp_path / "p.png").exists()

@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     check_writable(paths[""][0].parent)
     image = read_image(args.image) if args.image else None
     pipe = load_pipeline(args.model, img2img=image is not None, torch_dtype=dtype, device=device)
-    family = describe_transformer(pipe.transformer).family
+    layout = describe_transformer(pipe.transformer)
+    family = layout.family
+    options.check_preset_fits(args, layout)
     settings.validate(family)
     pipe.set_progress_bar_config(disable=args.no_progress)
     for suffix, run_settings in runs:
