@@ -343,8 +343,8 @@ def parse_eval_config(text: str) -> EvalConfig:
         raise ValueError(
             f"Invalid options for configuration {name!r} ({options!r}): {e}. Allowed: the generation flags of "
             "`headpag generate` (--pag-heads, --pag-heads-file, --pag-heads-preset, --pag-scale, "
-            "--pag-identity-weight, --pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, --guidance-scale, "
-            "--true-cfg-scale, --steps, --height, --width, --negative-prompt)."
+            "--pag-identity-weight, --pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, "
+            "--guidance-scale, --true-cfg-scale, --steps, --height, --width, --negative-prompt)."
         ) from None
     pag_on = bool(args.pag_heads or args.pag_heads_file or args.pag_heads_preset) or args.pag_scale is not None
     settings = settings_from_args(args)
