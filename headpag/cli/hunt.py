@@ -133,13 +133,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise ValueError("headpag hunt needs --model (or --report DIR).")
-    from accelerate import PartialState
-
     from ..pipelines import load_pipeline
     from ..runtime import describe_transformer
-    from ..search.hunter import HeadHunter
+    from ..search.hunter import HeadHunter, process_state
 
-    state = PartialState()
+    state = process_state()
     device, dtype = options.resolve_device_dtype(args.device or str(state.device), args.dtype)
     pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)

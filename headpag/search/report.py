@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+from diffusers.utils import logging
 
 from .._io import atomic_write_bytes, atomic_write_text, save_png
 from ..eval.grids import image_grid
-from .journal import read_journal
+from ..guidance import HeadSet
+from .journal import CONFIG_NAME, JOURNAL_NAME, MAX_INDEX, check_head, read_journal, read_round, read_run_config
+
+
+logger = logging.get_logger(__name__)
 
 
 def heatmap_png(
@@ -44,41 +51,93 @@ def heatmap_png(
     return buffer.getvalue()
 
 
+def _positive_int(value: Any) -> int | None:
+    """`value` when it is a plausible count (an int in 1..`MAX_INDEX`), else `None`."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_INDEX else None
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or `None` (with a warning) when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        logger.warning("%s is unreadable (%s); ignored.", path, e)
+        return None
+
+
 def write_report(
     output_dir: str | os.PathLike, num_layers: int | None = None, num_heads: int | None = None, validation=None
 ) -> Path:
     """
     Build `output_dir/report/` from the journal and round files (so `headpag hunt --report DIR` can rebuild it).
 
+    Works on any folder that a resume accepts, including a run in progress: the journal is read through the same
+    validating reader as a resume ([`~search.journal.read_journal`]: torn, invalid, foreign and duplicate lines are
+    skipped with a warning), round files that are missing or malformed count as rounds in progress, and a run with
+    nothing scored yet gets a report that says so.
+
     Args:
         output_dir (`str`): The search directory.
-        num_layers, num_heads (`int`, *optional*): Grid size; read from `selected_heads.json` when omitted.
+        num_layers, num_heads (`int`, *optional*): Grid size; read from `config.json` or `selected_heads.json` when
+            omitted (inferred from the scored heads for runs that recorded neither).
         validation (*optional*): `(pairs, baseline_images, guided_images)` for the validation grid.
+
+    Raises:
+        `ValueError`: when the folder has no readable `config.json` (not a HeadHunter run directory).
     """
     out = Path(output_dir)
     report = out / "report"
-    meta = json.loads((out / "config.json").read_text())
-    heads_file = out / "selected_heads.json"
-    heads_doc = json.loads(heads_file.read_text()) if heads_file.exists() else {}
-    num_layers = num_layers or heads_doc.get("num_layers")
-    num_heads = num_heads or heads_doc.get("num_heads")
-    records = read_journal(out / "journal.jsonl", meta["config_hash"])
-    if not records:
-        raise ValueError(f"{out} has no journal entries to report.")
-    num_layers = num_layers or 1 + max(r["layer"] for r in records)
-    num_heads = num_heads or 1 + max(r["head"] for r in records)
-    lines = [f"# HeadHunter report: {out}", "", f"Config hash `{meta['config_hash']}`.", ""]
-    rounds = sorted({r["round"] for r in records})
-    order: list[tuple[int, int, float, int]] = []
-    for r in rounds:
-        scores = {(x["layer"], x["head"]): x["score"] for x in records if x["round"] == r}
+    meta = read_run_config(out)
+    if meta is None:
+        raise ValueError(f"{out} is not a HeadHunter run directory: it has no {CONFIG_NAME}.")
+    config_hash = meta["config_hash"]
+    settings = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    heads_doc = _read_json(out / "selected_heads.json")
+    heads_doc = heads_doc if isinstance(heads_doc, dict) else {}
+    num_layers = _positive_int(num_layers) or _positive_int(meta.get("num_layers"))
+    num_layers = num_layers or _positive_int(heads_doc.get("num_layers"))
+    num_heads = _positive_int(num_heads) or _positive_int(meta.get("num_heads"))
+    num_heads = num_heads or _positive_int(heads_doc.get("num_heads"))
+    num_rounds = _positive_int(settings.get("rounds"))
+    pool: HeadSet | None = None
+    if isinstance(settings.get("pool"), str):
+        try:
+            pool = HeadSet.parse(settings["pool"])
+        except ValueError as e:
+            logger.warning("%s: the pool %r is invalid (%s); not checked.", out / CONFIG_NAME, settings["pool"], e)
+    records = read_journal(out / JOURNAL_NAME, config_hash, num_rounds, pool, num_layers, num_heads)
+
+    def valid_head(head: tuple[int, int]) -> bool:
+        return check_head(*head, pool, num_layers, num_heads) is None
+
+    # Per round: a complete round file is what a resume uses; otherwise the journal's scores so far.
+    rounds: dict[int, tuple[dict[tuple[int, int], float], list[tuple[int, int]], bool]] = {}
+    for r in sorted({x["round"] for x in records}):
+        rounds[r] = ({(x["layer"], x["head"]): x["score"] for x in records if x["round"] == r}, [], False)
+    for r in range(num_rounds or (max(rounds, default=-1) + 1)):
         round_file = out / "rounds" / f"round_{r}.json"
-        chosen = [tuple(h) for h in json.loads(round_file.read_text())["chosen"]] if round_file.exists() else []
+        parsed = read_round(round_file, r) if round_file.exists() else None
+        if parsed is not None and not all(valid_head(h) for h in parsed[0]):
+            logger.warning("%s scores heads outside the model or the pool; ignored.", round_file)
+            parsed = None
+        if parsed is not None:
+            rounds[r] = (parsed[0], parsed[1], True)
+    heads = [h for scores, _, _ in rounds.values() for h in scores]
+    num_layers = num_layers or 1 + max((l for l, _ in heads), default=0)
+    num_heads = num_heads or 1 + max((h for _, h in heads), default=0)
+
+    lines = [f"# HeadHunter report: {out}", "", f"Config hash `{config_hash}`.", ""]
+    if not rounds:
+        lines.append("No candidate scored yet.")
+    order: list[tuple[int, int, float, int]] = []
+    for r, (scores, chosen, complete) in sorted(rounds.items()):
         order += [(l, h, scores[(l, h)], r) for l, h in chosen]
         atomic_write_bytes(
             report / f"heatmap_round_{r}.png", heatmap_png(scores, num_layers, num_heads, f"round {r}", chosen)
         )
-        status = "complete" if round_file.exists() else "in progress"
+        status = "complete" if complete else "in progress"
         lines.append(f"- Round {r} ({status}, {len(scores)} candidates scored): ![round {r}](heatmap_round_{r}.png)")
     lines += ["", "## Selected heads, in order", "", "| # | round | head (layer.head) | score |", "|---|---|---|---|"]
     lines += [f"| {i + 1} | {r} | {l}.{h} | {s:.4f} |" for i, (l, h, s, r) in enumerate(order)]
