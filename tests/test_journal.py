@@ -356,3 +356,20 @@ def test_report_on_a_damaged_run_in_progress(reference, tmp_path, warnings_log):
     (empty / "config.json").write_text("null")
     with pytest.raises(ValueError, match="not a HeadHunter config"):
         write_report(empty)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("pag_scale", float("nan"), "pag_scale must be a finite number"),
+        ("guidance_scale", float("inf"), "guidance_scale must be a finite number"),
+        ("pag_identity_weight", float("nan"), r"pag_identity_weight must be in \[0, 1\]"),
+        ("seeds", [-1], r"seeds must be integers in \[0, 2\*\*63\)"),
+        ("height", 0, "height must be an integer >= 1"),
+    ],
+)
+def test_search_config_refuses_non_finite_and_out_of_range_values(field, value, message):
+    from headpag.search import SearchConfig
+
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(prompts=["a cat"], **{field: value})

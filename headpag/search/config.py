@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from typing import Any
@@ -73,11 +74,20 @@ class SearchConfig:
                 f"pairing='zip' needs one seed per prompt (or a single seed): got {len(self.prompts)} prompts and "
                 f"{len(self.seeds)} seeds; use pairing='product' for every prompt with every seed."
             )
-        for name in ("rounds", "top_k", "batch_size", "num_inference_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
-        if not 0 <= self.pag_identity_weight <= 1:
+        for name in ("rounds", "top_k", "batch_size", "num_inference_steps", "height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        for name in ("pag_scale", "guidance_scale", "true_cfg_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.pag_scale < 0:
+            raise ValueError(f"pag_scale must be >= 0, got {self.pag_scale!r}.")
+        if not 0 <= self.pag_identity_weight <= 1:  # also refuses nan
             raise ValueError(f"pag_identity_weight must be in [0, 1], got {self.pag_identity_weight!r}.")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in self.seeds):
+            raise ValueError(f"seeds must be integers in [0, 2**63), got {self.seeds!r}.")
         self.seeds = [int(s) for s in self.seeds]
 
     def pairs(self) -> list[tuple[str, int]]:
