@@ -76,3 +76,18 @@ def write_tiny_clip_config(path):
 
     path.write_text(json.dumps(TINY_CLIP))
     return path
+
+
+def write_tiny_clip_checkpoint(folder, name: str = "tiny-clip", seed: int = 0):
+    """`(config path, checkpoint path)` of a tiny open_clip model with random weights, built with open_clip itself:
+    metrics refuse to run without weights, so tests pass this checkpoint explicitly."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = write_tiny_clip_config(folder / f"{name}.json")
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    checkpoint = folder / f"{name}.safetensors"
+    save_file(model.state_dict(), checkpoint)
+    return config, checkpoint

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
-import torch
-from conftest import write_tiny_clip_config
+from conftest import write_tiny_clip_checkpoint
 from PIL import Image
-from safetensors.torch import save_file
 from test_metrics import _noise_images, _random_inception_file
 
 from headpag._io import save_png
@@ -25,9 +24,8 @@ SMALL = "--guidance-scale 1 --steps 2 --height 32 --width 32"
 @pytest.fixture(scope="module")
 def metric_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
-    config = write_tiny_clip_config(root / "tiny-clip-e.json")
-    torch.manual_seed(0)
-    save_file(ClipScore(str(config), device="cpu").model.state_dict(), root / "clip.safetensors")
+    config, checkpoint = write_tiny_clip_checkpoint(root, "tiny-clip-e")
+    os.replace(checkpoint, root / "clip.safetensors")
     reference = root / "reference"
     for i, im in enumerate(_noise_images(3, 4)):
         save_png(im, reference / f"{i}.png")

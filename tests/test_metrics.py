@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIP, write_tiny_clip_config
+from conftest import TINY_CLIP, write_tiny_clip_checkpoint, write_tiny_clip_config
 from PIL import Image
 
 from headpag.eval import ClipScore, PickScore
@@ -20,9 +20,8 @@ def test_clip_score_equals_direct_open_clip(tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    config = write_tiny_clip_config(tmp_path / "tiny-clip-m.json")
-    torch.manual_seed(0)
-    metric = ClipScore(str(config), device="cpu")
+    config, checkpoint = write_tiny_clip_checkpoint(tmp_path, "tiny-clip-m")
+    metric = ClipScore(str(config), checkpoint=checkpoint, device="cpu")
     save_file(metric.model.state_dict(), tmp_path / "w.safetensors")
     torch.manual_seed(1)  # different random init: the checkpoint must override it
     loaded = ClipScore(str(config), checkpoint=tmp_path / "w.safetensors", device="cpu", batch_size=2)
@@ -40,6 +39,26 @@ def test_clip_score_equals_direct_open_clip(tmp_path):
     assert loaded.compute() == pytest.approx(sum(direct) / 3, abs=1e-4)
     with pytest.raises(ValueError, match="does not exist"):
         ClipScore(str(config), checkpoint=tmp_path / "missing.safetensors")
+
+
+def test_metrics_never_run_on_random_weights(tmp_path, monkeypatch):
+    from headpag.eval import ClipFeatures, PickScore
+    from headpag.search.objectives import load_objective
+
+    monkeypatch.delenv("HEADPAG_CLIP_CHECKPOINT", raising=False)
+    config = write_tiny_clip_config(tmp_path / "tiny-clip-r.json")
+    for make in (
+        lambda: ClipScore(str(config)),
+        lambda: ClipFeatures(str(config)),
+        lambda: load_objective("clip", arch=str(config)),
+    ):
+        with pytest.raises(ValueError, match=r"No weights for the CLIP model .*--clip-checkpoint FILE"):
+            make()
+    with pytest.raises(ValueError, match=r"PickScore weights could not be loaded .*--pickscore-model DIR"):
+        PickScore(str(tmp_path / "no-such-folder"))
+    _, checkpoint = write_tiny_clip_checkpoint(tmp_path, "tiny-clip-r")
+    monkeypatch.setenv("HEADPAG_CLIP_CHECKPOINT", str(checkpoint))
+    assert ClipScore(str(config))(IMAGES[:1], PROMPTS[:1])  # the environment variable supplies the weights
 
 
 def test_pickscore_from_local_folder(tmp_path):
@@ -191,11 +210,11 @@ def test_missing_inception_weights_error_says_what_to_do(tmp_path, monkeypatch):
 def test_clip_features_fid(tmp_path):
     from headpag.eval import FID, ClipFeatures, ClipScore
 
-    config = write_tiny_clip_config(tmp_path / "tiny-clip-f.json")
-    features = ClipFeatures(str(config), device="cpu")
+    config, checkpoint = write_tiny_clip_checkpoint(tmp_path, "tiny-clip-f")
+    features = ClipFeatures(str(config), checkpoint, device="cpu")
     a, b = _noise_images(0, 4), _noise_images(1, 4, shift=170)
     assert features(a).shape == (4, TINY_CLIP["embed_dim"])
     assert np.allclose(np.linalg.norm(features(a), axis=1), 1.0)
     fid = FID(features)
     assert fid(a, a) == pytest.approx(0.0, abs=1e-9) and fid(a, b) > 0
-    assert ClipScore(str(config), device="cpu")  # the same loader serves both
+    assert ClipScore(str(config), checkpoint, device="cpu")  # the same loader serves both

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_clip_config
+from conftest import write_tiny_clip_checkpoint
 from hunt_worker import CONFIG, brightness, hunter
 
 from headpag import HeadSet, load_pipeline
@@ -148,15 +148,8 @@ def test_config_pairs_presets_and_errors():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    from headpag.eval import ClipScore
-
     root = tmp_path_factory.mktemp("clip")
-    config = write_tiny_clip_config(root / "tiny-clip.json")
-    torch.manual_seed(0)
-    save_file(ClipScore(str(config), device="cpu").model.state_dict(), root / "tiny-clip.safetensors")
-    return config, root / "tiny-clip.safetensors"
+    return write_tiny_clip_checkpoint(root, "tiny-clip")
 
 
 def hunt_args(out, tiny_clip):

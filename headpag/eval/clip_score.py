@@ -15,6 +15,8 @@ from .base import PairMetric, default_device
 
 logger = logging.get_logger(__name__)
 
+CHECKPOINT_ENV = "HEADPAG_CLIP_CHECKPOINT"
+
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A checkpoint as a state dict: safetensors, or a torch file loaded with `weights_only=True` (never pickle)."""
@@ -43,12 +45,25 @@ def load_open_clip(
 
     Args:
         model_name (`str`): An open_clip model name, or a path to a model config JSON (registered under its stem).
-        checkpoint (`str`, *optional*): A local `.safetensors` file or torch file (read with `weights_only=True`).
+        checkpoint (`str`, *optional*): A local `.safetensors` file or torch file (read with `weights_only=True`);
+            defaults to `$HEADPAG_CLIP_CHECKPOINT`.
         pretrained (`str`, *optional*): An open_clip pretrained tag, downloaded when the hub is reachable.
+
+    Raises:
+        `ValueError`: with neither a checkpoint nor a pretrained tag: metrics never run on random weights.
         device (`str`): Where to put the model.
     """
     import open_clip
 
+    checkpoint = checkpoint or os.environ.get(CHECKPOINT_ENV) or None
+    if checkpoint is None and pretrained is None:
+        raise ValueError(
+            f"No weights for the CLIP model {model_name!r}: a metric never runs on random weights. Pass a local "
+            f"checkpoint of that open_clip model (`--clip-checkpoint FILE` in `headpag eval`, `--objective-model "
+            f"FILE` in `headpag hunt`, `checkpoint=` in Python, or ${CHECKPOINT_ENV}; .safetensors, or a torch file "
+            "read with weights_only=True), or an open_clip pretrained tag to download (`--clip-pretrained TAG`, "
+            "e.g. 'openai')."
+        )
     if str(model_name).endswith(".json"):
         config_path = Path(model_name)
         if not config_path.is_file():
@@ -72,7 +87,7 @@ class ClipScore(PairMetric):
         checkpoint (`str`, *optional*): A local checkpoint file (`.safetensors`, or a torch file read with
             `weights_only=True`).
         pretrained (`str`, *optional*): An open_clip pretrained tag (e.g. `"openai"`), downloaded when the hub is
-            reachable. With neither, weights are random (tests only).
+            reachable. With neither (and no `$HEADPAG_CLIP_CHECKPOINT`), a `ValueError` says what to supply.
         device (`str`, *optional*): Where to run (default: CUDA when available).
         batch_size (`int`, defaults to 32): Images per forward pass.
 

@@ -31,14 +31,26 @@ class PickScore(PairMetric):
     ):
         from transformers import AutoModel, AutoProcessor
 
+        if model == "yuvalkirstain/PickScore_v1" and os.environ.get("HEADPAG_PICKSCORE_MODEL"):
+            model = os.environ["HEADPAG_PICKSCORE_MODEL"]
         if processor is None:
             folder = os.fspath(model)
             names = ("preprocessor_config.json", "processor_config.json")
             has_processor = any(os.path.isfile(os.path.join(folder, name)) for name in names)
             processor = folder if has_processor else "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
         self.device = default_device(device)
-        self.processor = AutoProcessor.from_pretrained(processor)
-        self.model = AutoModel.from_pretrained(model).eval().to(self.device)
+        try:
+            self.processor = AutoProcessor.from_pretrained(processor)
+            self.model = AutoModel.from_pretrained(model).eval().to(self.device)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"PickScore weights could not be loaded from {os.fspath(model)!r} "
+                f"(processor {os.fspath(processor)!r}): {type(error).__name__}. Pass a local folder holding "
+                "`yuvalkirstain/PickScore_v1` "
+                "(`--pickscore-model DIR`, `--objective-model DIR` in `headpag hunt`, or $HEADPAG_PICKSCORE_MODEL) "
+                "and, unless that folder holds the processor files, the `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` "
+                "processor (`--pickscore-processor DIR`); or run where the Hugging Face Hub is reachable."
+            ) from None
         self.batch_size = batch_size
         self.reset()
 
