@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 from conftest import write_tiny_clip_checkpoint
@@ -80,6 +82,16 @@ def test_comparison_writes_report_and_reuses_images(tmp_path, metric_files, caps
         lo, hi = row["metrics"]["clip"]["ci95"]
         assert lo <= row["metrics"]["clip"]["mean"] <= hi
         assert row["metrics"]["fid"]["value"] > 0 and set(row["metrics"]["kid"]) == {"mean", "std"}
+    provenance = report["settings"]["provenance"]
+    clip_info = provenance["metrics"]["clip"]
+    assert clip_info["weights"] == str(metric_files["clip_checkpoint"])
+    assert (
+        clip_info["weights_sha256"] == hashlib.sha256(Path(metric_files["clip_checkpoint"]).read_bytes()).hexdigest()
+    )
+    assert "bilinear to 299x299" in provenance["features"]["resize"] and provenance["features"]["weights_sha256"]
+    assert provenance["libraries"]["torch"] and provenance["libraries"]["diffusers"]
+    assert provenance["images"] == {"baseline": 4, "pag-layer": 4, "soft": 4} and provenance["command"]
+    assert report["paired"]["baseline"] == "baseline" and set(report["paired"]["comparisons"]) == {"pag-layer", "soft"}
     # per-image CLIP scores equal the metric applied directly to the stored images
     clip = ClipScore(metric_files["clip_model"], checkpoint=metric_files["clip_checkpoint"], device="cpu")
     images = [Image.open(p) for p in rows["soft"]["images"]]

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..eval.compare import Comparison, image_sets_from_folder, parse_metrics, score_sets
+    from ..eval.provenance import describe, library_versions
     from ..eval.report import write_eval_report
 
     metrics = parse_metrics(args.metrics)
@@ -132,6 +133,13 @@ def run(args: argparse.Namespace) -> int:
             args.kid_subset_size,
             progress=lambda label: bar.update(1),
         )
+    settings["provenance"] = {
+        "metrics": {name: describe(metric) for name, metric in pair.items()},
+        "features": describe(features) if features is not None else None,
+        "libraries": library_versions(),
+        "command": ["headpag", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("headpag") else list(sys.argv),
+        "images": {row["name"]: row["count"] for row in rows},
+    }
     report = write_eval_report(args.output_dir, rows, settings, args.grid_rows)
     print(report.read_text().split("\n## ")[0].strip())
     print(f"report: {report}")

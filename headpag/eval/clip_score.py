@@ -11,6 +11,7 @@ from diffusers.utils import logging
 from PIL import Image
 
 from .base import PairMetric, default_device
+from .provenance import file_sha256
 
 
 logger = logging.get_logger(__name__)
@@ -77,6 +78,17 @@ def load_open_clip(
     return model.eval().to(device), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def clip_weights(model_name, checkpoint, pretrained) -> dict:
+    """The model and weights an open_clip metric loaded (with the checkpoint's SHA-256)."""
+    checkpoint = checkpoint or os.environ.get(CHECKPOINT_ENV) or None
+    return {
+        "model": str(model_name),
+        "weights": None if checkpoint is None else str(checkpoint),
+        "weights_sha256": file_sha256(checkpoint),
+        "pretrained": pretrained,
+    }
+
+
 class ClipScore(PairMetric):
     r"""
     CLIP score of image-prompt pairs with an open_clip model.
@@ -105,6 +117,11 @@ class ClipScore(PairMetric):
     ):
         self.device = default_device(device)
         self.model, self.preprocess, self.tokenizer = load_open_clip(model_name, checkpoint, pretrained, self.device)
+        self.provenance = {
+            "implementation": "CLIP score: mean of max(100 cos(image, text), 0) (torchmetrics' definition), open_clip "
+            "image transform",
+            **clip_weights(model_name, checkpoint, pretrained),
+        }
         self.batch_size = batch_size
         self.reset()
 

@@ -19,7 +19,8 @@ from diffusers.utils import logging
 from PIL import Image
 
 from .base import default_device
-from .clip_score import load_open_clip, load_state_dict
+from .clip_score import clip_weights, load_open_clip, load_state_dict
+from .provenance import file_sha256
 
 
 logger = logging.get_logger(__name__)
@@ -160,8 +161,16 @@ class InceptionFeatures(FeatureExtractor):
     ):
         super().__init__(device, batch_size)
         net = fid_inception_v3()
-        net.load_state_dict(load_state_dict(inception_weights_path(weights, download)))
+        path = inception_weights_path(weights, download)
+        net.load_state_dict(load_state_dict(path))
         self.net = net.eval().to(self.device)
+        self.provenance = {
+            "implementation": "FID Inception-v3 pool3 features (2048-d), pytorch-fid's port of the TensorFlow network",
+            "resize": "bilinear to 299x299 (torch interpolate, align_corners=False), then scaled to [-1, 1]: values "
+            "are comparable with pytorch-fid, not with clean-fid's or torchmetrics' defaults",
+            "weights": str(path),
+            "weights_sha256": file_sha256(path),
+        }
 
     def _embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         from torchvision.transforms.functional import to_tensor
@@ -197,6 +206,10 @@ class ClipFeatures(FeatureExtractor):
         super().__init__(device, batch_size)
         self.model, self.preprocess, _ = load_open_clip(model_name, checkpoint, pretrained, self.device)
         self.name = f"clip-{Path(str(model_name)).stem}"
+        self.provenance = {
+            "implementation": "L2-normalised open_clip image embeddings, open_clip image transform",
+            **clip_weights(model_name, checkpoint, pretrained),
+        }
 
     def _embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from .base import PairMetric, default_device
+from .provenance import folder_weights_sha256
 
 
 class PickScore(PairMetric):
@@ -51,6 +52,12 @@ class PickScore(PairMetric):
                 "and, unless that folder holds the processor files, the `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` "
                 "processor (`--pickscore-processor DIR`); or run where the Hugging Face Hub is reachable."
             ) from None
+        self.provenance = {
+            "implementation": "PickScore: logit_scale * cos(image, text) of a CLIP-H preference model",
+            "model": os.fspath(model),
+            "processor": os.fspath(processor),
+            "weights_sha256": folder_weights_sha256(model),
+        }
         self.batch_size = batch_size
         self.reset()
 
