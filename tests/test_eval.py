@@ -81,7 +81,10 @@ def test_comparison_writes_report_and_reuses_images(tmp_path, metric_files, caps
         assert row["count"] == 4 and set(row["metrics"]) == {"clip", "fid", "kid"}
         lo, hi = row["metrics"]["clip"]["ci95"]
         assert lo <= row["metrics"]["clip"]["mean"] <= hi
-        assert row["metrics"]["fid"]["value"] > 0 and set(row["metrics"]["kid"]) == {"mean", "std"}
+        assert row["metrics"]["fid"]["value"] > 0 and row["metrics"]["fid"]["generated"] == 4
+        assert "biased upward" in row["metrics"]["fid"]["warning"]  # 4 < 2048 images
+        kid = row["metrics"]["kid"]
+        assert {"mean", "std"} <= set(kid) and (kid["subset_size"], kid["reference"]) == (4, 4)
     provenance = report["settings"]["provenance"]
     clip_info = provenance["metrics"]["clip"]
     assert clip_info["weights"] == str(metric_files["clip_checkpoint"])

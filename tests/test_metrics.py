@@ -181,6 +181,17 @@ def test_kernel_distance_matches_its_definition():
     direct = (k(x, x).sum() - np.trace(k(x, x))) / off + (k(y, y).sum() - np.trace(k(y, y))) / off - 2 * k(x, y).mean()
     mean, std = kernel_distance(x, y, subsets=3, subset_size=5)  # subsets of all rows: one value
     assert mean == pytest.approx(direct) and std == pytest.approx(0.0, abs=1e-12)
+    assert kernel_distance(x, y, subsets=3) == (mean, std)  # default: min(1000, both sets) = 5
+
+
+def test_kid_subset_larger_than_the_sets_is_refused():
+    from headpag.eval import kernel_distance
+    from headpag.eval.distribution import kid_subset_size
+
+    x = np.zeros((6, 3))
+    with pytest.raises(ValueError, match=r"KID subset size 10 is larger than the sets \(6 reference, 4 generated"):
+        kernel_distance(x, x[:4], subset_size=10)
+    assert kid_subset_size(6, 4) == 4 and kid_subset_size(5000, 3000) == 1000 and kid_subset_size(6, 4, 3) == 3
 
 
 def test_missing_inception_weights_error_says_what_to_do(tmp_path, monkeypatch):

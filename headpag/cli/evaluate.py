@@ -52,7 +52,12 @@ def add_parser(sub) -> None:
         help="Features for FID/KID: the standard FID Inception, or the --clip-model image encoder.",
     )
     p.add_argument("--kid-subsets", type=options.positive(int), default=100)
-    p.add_argument("--kid-subset-size", type=options.positive(int), default=1000)
+    p.add_argument(
+        "--kid-subset-size",
+        type=options.positive(int),
+        default=None,
+        help="Images per KID subset (default: min(1000, both sets); refused when larger than a set).",
+    )
     p.add_argument("--grid-rows", type=options.positive(int), default=8, help="Prompt-seed pairs per grid image.")
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--no-progress", action="store_true")

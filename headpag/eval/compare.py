@@ -17,7 +17,15 @@ from PIL import Image
 
 from .._io import save_png
 from ..pipelines.settings import GenerationSettings
-from .distribution import frechet_distance, image_files, is_image, kernel_distance, load_images
+from .distribution import (
+    FID_MIN_IMAGES,
+    frechet_distance,
+    image_files,
+    is_image,
+    kernel_distance,
+    load_images,
+)
+from .distribution import kid_subset_size as resolve_kid_subset_size
 from .paired import clustered_mean_ci
 
 
@@ -215,7 +223,7 @@ def score_sets(
     set_metrics: Sequence[str] = (),
     reference: str | os.PathLike | None = None,
     kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
+    kid_subset_size: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     r"""
@@ -264,11 +272,26 @@ def score_sets(
                 progress(f"{image_set.name}: {name}")
         if set_metrics:
             feats = features(images)
+            counts = {"generated": len(feats), "reference": len(reference_features)}
             if "fid" in set_metrics:
-                row["metrics"]["fid"] = {"value": frechet_distance(reference_features, feats)}
+                fid = frechet_distance(reference_features, feats)
+                row["metrics"]["fid"] = {"value": fid, **counts}
+                if min(counts.values()) < FID_MIN_IMAGES:
+                    row["metrics"]["fid"]["warning"] = (
+                        f"FID on {min(counts.values())} < {FID_MIN_IMAGES} images: biased upward, compare only with "
+                        "FIDs on the same number of images"
+                    )
+                    logger.warning(f"{image_set.name}: {row['metrics']['fid']['warning']}.")
             if "kid" in set_metrics:
-                mean, std = kernel_distance(reference_features, feats, kid_subsets, kid_subset_size)
-                row["metrics"]["kid"] = {"mean": mean, "std": std}
+                size = resolve_kid_subset_size(len(reference_features), len(feats), kid_subset_size)
+                mean, std = kernel_distance(reference_features, feats, kid_subsets, size)
+                row["metrics"]["kid"] = {
+                    "mean": mean,
+                    "std": std,
+                    "subset_size": size,
+                    "subsets": kid_subsets,
+                    **counts,
+                }
             if progress:
                 progress(f"{image_set.name}: {'/'.join(set_metrics)}")
         row["images"] = [str(p) for p in image_set.paths]

@@ -72,11 +72,28 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     return float(max(diff @ diff + traces - 2 * tr_covmean, 0.0))
 
 
+KID_DEFAULT_SUBSET = 1000
+FID_MIN_IMAGES = 2048  # below the 2048 feature dimensions the covariance is rank-deficient and FID biased upward
+
+
+def kid_subset_size(n_real: int, n_fake: int, subset_size: int | None = None) -> int:
+    """
+    The KID subset size: `subset_size` when given (refused when larger than either set), else
+    `min(1000, N_real, N_fake)`.
+    """
+    if subset_size is not None and subset_size > min(n_real, n_fake):
+        raise ValueError(
+            f"KID subset size {subset_size} is larger than the sets ({n_real} reference, {n_fake} generated images); "
+            f"use --kid-subset-size {min(n_real, n_fake)} or fewer, or leave it out to use min(1000, both sets)."
+        )
+    return subset_size if subset_size is not None else min(KID_DEFAULT_SUBSET, n_real, n_fake)
+
+
 def kernel_distance(
-    real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+    real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int | None = None, seed: int = 0
 ) -> tuple[float, float]:
-    """KID `(mean, std)` over `subsets` random subsets of `min(subset_size, N_real, N_fake)` (at least 2) rows."""
-    m = min(subset_size, len(real), len(fake))
+    """KID `(mean, std)` over `subsets` random subsets of [`kid_subset_size`] rows (at least 2)."""
+    m = kid_subset_size(len(real), len(fake), subset_size)
     if m < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {len(real)} reference and {len(fake)} generated.")
     d = real.shape[1]
@@ -145,12 +162,12 @@ class KID(SetMetric):
     Kernel Inception Distance (lower is better); `compute()` returns `(mean, std)`.
 
     Args:
-        subsets (`int`, defaults to 100), subset_size (`int`, defaults to 1000), seed (`int`, defaults to 0): The
-            random subsets (smaller sets use all their images per subset).
+        subsets (`int`, defaults to 100), subset_size (`int`, *optional*), seed (`int`, defaults to 0): The random
+            subsets; `subset_size` defaults to `min(1000, N_real, N_fake)` and is refused when larger than a set.
         features, inception_weights, device: As for [`SetMetric`].
     """
 
-    def __init__(self, *args, subsets: int = 100, subset_size: int = 1000, seed: int = 0, **kwargs):
+    def __init__(self, *args, subsets: int = 100, subset_size: int | None = None, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
 

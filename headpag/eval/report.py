@@ -19,7 +19,7 @@ LABELS = {
     "clip": "CLIP score (higher is better)",
     "pickscore": "PickScore (higher is better)",
     "fid": "FID (lower is better)",
-    "kid": "KID (lower is better)",
+    "kid": "KID ×10³ (lower is better)",
 }
 
 
@@ -28,9 +28,11 @@ def format_metric(value: dict[str, Any]) -> str:
     if "ci95" in value:
         lo, hi = value["ci95"]
         return f"{value['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
-    if "std" in value:
-        return f"{value['mean']:.4f} ± {value['std']:.4f}"
-    return f"{value['value']:.3f}"
+    if "std" in value:  # KID, shown x 10^3 as is conventional
+        subset = f" (subsets of {value['subset_size']})" if "subset_size" in value else ""
+        return f"{1000 * value['mean']:.2f} ± {1000 * value['std']:.2f}{subset}"
+    counts = f" (n={value['generated']})" if "generated" in value else ""
+    return f"{value['value']:.3f}{counts}{' ⚠' if 'warning' in value else ''}"
 
 
 def format_paired(value: dict[str, Any]) -> str:
@@ -51,14 +53,15 @@ def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
 
     names = [r["name"] for r in rows]
     values = [r["metrics"][metric] for r in rows]
-    heights = [v.get("mean", v.get("value")) for v in values]
+    scale = 1000.0 if metric == "kid" else 1.0  # KID is shown x 10^3
+    heights = [scale * v.get("mean", v.get("value")) for v in values]
     if "ci95" in values[0]:
         errors = [
             [h - v["ci95"][0] for h, v in zip(heights, values)],
             [v["ci95"][1] - h for h, v in zip(heights, values)],
         ]
     elif "std" in values[0]:
-        errors = [v["std"] for v in values]
+        errors = [scale * v["std"] for v in values]
     else:
         errors = None
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 1), 3.2))
@@ -112,7 +115,8 @@ def write_eval_report(
             lines.append(f"| {name} | {cells} |")
         lines += ["", "## Per configuration", ""]
     lines += [
-        "Per-image metrics: mean [95% interval resampling prompts]; FID: point value; KID: mean ± std over subsets.",
+        "Per-image metrics: mean [95% interval resampling prompts]; FID: point value (n generated images; ⚠ below "
+        "2048 images, where FID is biased upward); KID ×10³: mean ± std over random subsets.",
         "",
         "| configuration | options | images | " + " | ".join(LABELS.get(m, m) for m in metrics) + " |",
         "|---|---|---|" + "---|" * len(metrics),
@@ -120,6 +124,11 @@ def write_eval_report(
     for r in rows:
         cells = " | ".join(format_metric(r["metrics"][m]) for m in metrics)
         lines.append(f"| {r['name']} | `{r['options'] or '-'}` | {r['count']} | {cells} |")
+    warnings = [
+        f"- {r['name']}: {r['metrics']['fid']['warning']}" for r in rows if "warning" in r["metrics"].get("fid", {})
+    ]
+    if warnings:
+        lines += ["", *warnings]
     if metrics:
         lines += ["", "## Plots", ""]
     for metric in metrics:
