@@ -125,13 +125,15 @@ def test_scoring_existing_images(tmp_path, metric_files, capsys):
     for i, im in enumerate(_noise_images(5, 3)):
         im.save(folder / f"{i}.png")  # no metadata: prompts come from the file, in name order
     (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\n")
-    argv = ["eval", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--metrics", "clip,fid"]
+    argv = ["eval", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--metrics", "clip,fid,cmmd"]
     argv += ["--clip-model", metric_files["clip_model"], "--clip-checkpoint", metric_files["clip_checkpoint"]]
     argv += ["--inception-weights", metric_files["inception"], "--reference-images", metric_files["reference"]]
     argv += ["--output-dir", str(tmp_path / "scored"), "--no-progress"]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "scored/report.json").read_text())["configurations"]
     assert [r["name"] for r in rows] == ["mine"] and rows[0]["prompts"] == ["one", "two", "three"]
+    assert rows[0]["metrics"]["cmmd"]["value"] >= 0 and rows[0]["metrics"]["cmmd"]["generated"] == 3
+    assert "CMMD" in (tmp_path / "scored/report.md").read_text()
     (tmp_path / "prompts.txt").write_text("one\ntwo\n")
     assert main(argv) == 2
     assert "Cannot pair the 3 images" in capsys.readouterr().err

@@ -229,3 +229,24 @@ def test_clip_features_fid(tmp_path):
     fid = FID(features)
     assert fid(a, a) == pytest.approx(0.0, abs=1e-9) and fid(a, b) > 0
     assert ClipScore(str(config), checkpoint, device="cpu")  # the same loader serves both
+
+
+def test_cmmd_and_prdc_against_their_definitions():
+    from headpag.eval.distribution import cmmd, precision_recall_density_coverage
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 4)), rng.normal(size=(6, 4)) + 0.5
+    k = lambda a, b: np.exp(-np.sum((a - b) ** 2) / (2 * 10.0**2))  # noqa: E731
+    mean = lambda a, b: np.mean([[k(p, q) for q in b] for p in a])  # noqa: E731
+    assert cmmd(x, y) == pytest.approx(1000 * (mean(x, x) + mean(y, y) - 2 * mean(x, y)), rel=1e-9)
+    assert cmmd(x, x) == pytest.approx(0.0, abs=1e-9)
+    # precision: share of fake points inside some real point's k-NN ball (Kynkäänniemi et al.), written out here
+    kth = lambda a: np.sort(np.linalg.norm(a[:, None] - a[None], axis=-1), axis=1)[:, 3]  # noqa: E731
+    real_radius = kth(x)
+    distances = np.linalg.norm(x[:, None] - y[None], axis=-1)  # (real, fake)
+    precision = np.mean((distances < real_radius[:, None]).any(axis=0))
+    coverage = np.mean(distances.min(axis=1) < real_radius)
+    result = precision_recall_density_coverage(x, y, nearest_k=3)
+    assert result["precision"] == pytest.approx(precision) and result["coverage"] == pytest.approx(coverage)
+    with pytest.raises(ValueError, match="need more than 5 images per set"):
+        precision_recall_density_coverage(x[:4], y)

@@ -33,7 +33,12 @@ def add_parser(sub) -> None:
         "--pag-identity-weight 0.5'. PAG is on only when OPTIONS name heads or --pag-scale. Repeatable.",
     )
     p.add_argument("--images", default=None, help="Score the images in DIR (or its sub-folders) without generating.")
-    p.add_argument("--metrics", default="clip", help="Comma-separated: clip, pickscore, fid, kid.")
+    p.add_argument(
+        "--metrics",
+        default="clip",
+        help="Comma-separated: clip, pickscore (per image); fid, kid, prdc (precision/recall/density/coverage, on the "
+        "--fid-features), cmmd (on CLIP features of --clip-model) against --reference-images.",
+    )
     p.add_argument("--reference-images", default=None, help="Folder of reference images for FID/KID.")
     p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name or config JSON (CLIP score).")
     p.add_argument("--clip-checkpoint", default=None, help="CLIP weights file (.safetensors or torch, weights only).")
@@ -64,7 +69,7 @@ def add_parser(sub) -> None:
 
 
 def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | None):
-    """(pair metrics by name, feature extractor or None); every model loads once."""
+    """(pair metrics by name, set-metric features or None, CMMD's CLIP features or None); every model loads once."""
     pair: dict = {}
     if "clip" in metrics:
         from ..eval.clip_score import ClipScore
@@ -75,7 +80,12 @@ def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | No
 
         pair["pickscore"] = PickScore(args.pickscore_model, args.pickscore_processor, device=device)
     features = None
-    if any(m in metrics for m in ("fid", "kid")):
+    cmmd_features = None
+    if "cmmd" in metrics:
+        from ..eval.features import ClipFeatures
+
+        cmmd_features = ClipFeatures(args.clip_model, args.clip_checkpoint, args.clip_pretrained, device=device)
+    if any(m in metrics for m in ("fid", "kid", "prdc")):
         if args.fid_features == "clip":
             from ..eval.features import ClipFeatures
 
@@ -84,18 +94,18 @@ def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | No
             from ..eval.features import InceptionFeatures
 
             features = InceptionFeatures(args.inception_weights, device=device)
-    return pair, features
+    return pair, features or cmmd_features, cmmd_features
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..eval.compare import Comparison, image_sets_from_folder, parse_metrics, score_sets
+    from ..eval.compare import SET_METRICS, Comparison, image_sets_from_folder, parse_metrics, score_sets
     from ..eval.provenance import describe, library_versions
     from ..eval.report import write_eval_report
 
     metrics = parse_metrics(args.metrics)
-    if any(m in metrics for m in ("fid", "kid")) and args.reference_images is None:
+    if any(m in metrics for m in SET_METRICS) and args.reference_images is None:
         raise ValueError("FID/KID need --reference-images DIR (the images to compare against).")
     limits = options.Limits()
     prompts = options.read_prompts(args.prompts, limits.max_prompts) if args.prompts else None
@@ -124,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
         del pipe
         sets = comparison.image_sets()
         settings.update(model=args.model, prompts=prompts, seeds=seeds, configs={c.name: c.options for c in configs})
-    pair, features = build_metrics(args, metrics, device)
-    set_metrics = [m for m in metrics if m in ("fid", "kid")]
+    pair, features, cmmd_features = build_metrics(args, metrics, device)
+    set_metrics = [m for m in metrics if m in SET_METRICS]
     steps = len(sets) * (len(pair) + (1 if set_metrics else 0))
     with tqdm(total=steps, desc="scoring", disable=args.no_progress, file=sys.stderr) as bar:
         rows = score_sets(
@@ -137,10 +147,12 @@ def run(args: argparse.Namespace) -> int:
             args.kid_subsets,
             args.kid_subset_size,
             progress=lambda label: bar.update(1),
+            cmmd_features=cmmd_features,
         )
     settings["provenance"] = {
         "metrics": {name: describe(metric) for name, metric in pair.items()},
         "features": describe(features) if features is not None else None,
+        "cmmd_features": describe(cmmd_features) if cmmd_features is not None else None,
         "libraries": library_versions(),
         "command": ["headpag", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("headpag") else list(sys.argv),
         "images": {row["name"]: row["count"] for row in rows},

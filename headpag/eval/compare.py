@@ -19,11 +19,13 @@ from .._io import save_png
 from ..pipelines.settings import GenerationSettings
 from .distribution import (
     FID_MIN_IMAGES,
+    cmmd,
     frechet_distance,
     image_files,
     is_image,
     kernel_distance,
     load_images,
+    precision_recall_density_coverage,
 )
 from .distribution import kid_subset_size as resolve_kid_subset_size
 from .paired import clustered_mean_ci
@@ -32,7 +34,7 @@ from .paired import clustered_mean_ci
 logger = logging.get_logger(__name__)
 
 PAIR_METRICS = ("clip", "pickscore")
-SET_METRICS = ("fid", "kid")
+SET_METRICS = ("fid", "kid", "prdc", "cmmd")
 METRICS = PAIR_METRICS + SET_METRICS
 
 
@@ -225,6 +227,7 @@ def score_sets(
     kid_subsets: int = 100,
     kid_subset_size: int | None = None,
     progress: Callable[[str], None] | None = None,
+    cmmd_features=None,
 ) -> list[dict[str, Any]]:
     r"""
     Score each image set: per-image metrics with mean and 95% interval (a bootstrap that resamples prompts, seeds
@@ -238,6 +241,7 @@ def score_sets(
         set_metrics (`list[str]`): Any of `"fid"`, `"kid"`.
         reference (`str`, *optional*): Folder of reference images (needed for FID/KID).
         progress (`Callable[[str], None]`, *optional*): Called after each set and metric with a label.
+        cmmd_features ([`FeatureExtractor`], *optional*): CLIP features for CMMD (default: `features`).
 
     Returns:
         One row per set: `{"name", "options", "count", "metrics": {...}, "per_image": {...}}`.
@@ -252,7 +256,10 @@ def score_sets(
             raise ValueError(f"{'/'.join(m.upper() for m in set_metrics)} need --reference-images DIR.")
         if features is None:
             raise ValueError("FID/KID need a feature extractor.")
-        reference_features = features(load_images(reference))
+        reference_images = load_images(reference)
+        reference_features = features(reference_images)
+        cmmd_features = cmmd_features or features
+        cmmd_reference = cmmd_features(reference_images) if "cmmd" in set_metrics else None
     rows = []
     for image_set in sets:
         images = image_set.images()
@@ -282,6 +289,15 @@ def score_sets(
                         "FIDs on the same number of images"
                     )
                     logger.warning(f"{image_set.name}: {row['metrics']['fid']['warning']}.")
+            if "prdc" in set_metrics:
+                row["metrics"]["prdc"] = {
+                    **precision_recall_density_coverage(reference_features, feats),
+                    "nearest_k": 5,
+                    **counts,
+                }
+            if "cmmd" in set_metrics:
+                fake = feats if cmmd_features is features else cmmd_features(images)
+                row["metrics"]["cmmd"] = {"value": cmmd(cmmd_reference, fake), **counts}
             if "kid" in set_metrics:
                 size = resolve_kid_subset_size(len(reference_features), len(feats), kid_subset_size)
                 mean, std = kernel_distance(reference_features, feats, kid_subsets, size)

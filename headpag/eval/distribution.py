@@ -108,6 +108,41 @@ def kernel_distance(
     return float(np.mean(values)), float(np.std(values))
 
 
+def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5) -> dict[str, float]:
+    """
+    Precision, recall (Kynkäänniemi et al., 2019), density and coverage (Naeem et al., 2020) of `fake` against
+    `real` on the same features, through the authors' `prdc` package. Needs more than `nearest_k` images per set.
+    """
+    from prdc import compute_prdc
+
+    if min(len(real), len(fake)) <= nearest_k:
+        raise ValueError(
+            f"Precision/recall/density/coverage with k={nearest_k} need more than {nearest_k} images per set, got "
+            f"{len(real)} reference and {len(fake)} generated."
+        )
+    return {k: float(v) for k, v in compute_prdc(real, fake, nearest_k).items()}
+
+
+CMMD_SIGMA = 10.0
+CMMD_SCALE = 1000.0
+
+
+def cmmd(real: np.ndarray, fake: np.ndarray, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE) -> float:
+    r"""
+    CMMD (Jayasumana et al., 2024): the maximum mean discrepancy with a Gaussian RBF kernel
+    `k(x, y) = exp(-|x - y|^2 / (2 sigma^2))` between (CLIP) embeddings, times `scale`, as the authors'
+    google-research/cmmd computes it (sigma 10, scale 1000, every pair including `i = j`).
+    """
+    x, y = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    gamma = 1.0 / (2.0 * sigma**2)
+
+    def mean_kernel(a: np.ndarray, b: np.ndarray) -> float:
+        squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+        return float(np.exp(-gamma * squared).mean())
+
+    return scale * (mean_kernel(x, x) + mean_kernel(y, y) - 2.0 * mean_kernel(x, y))
+
+
 class SetMetric:
     r"""
     A metric between a reference set and a generated set: `update(images, real=True|False)` then `compute()`, or

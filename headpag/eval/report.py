@@ -20,11 +20,15 @@ LABELS = {
     "pickscore": "PickScore (higher is better)",
     "fid": "FID (lower is better)",
     "kid": "KID ×10³ (lower is better)",
+    "prdc": "precision / recall / density / coverage (higher is better)",
+    "cmmd": "CMMD (lower is better)",
 }
 
 
 def format_metric(value: dict[str, Any]) -> str:
-    """`mean [lo, hi]` (per-image metrics), `mean ± std` (KID) or the point value (FID)."""
+    """`mean [lo, hi]` (per-image metrics), `mean ± std` (KID), P/R/D/C, or the point value (FID, CMMD)."""
+    if "precision" in value:
+        return " / ".join(f"{value[k]:.3f}" for k in ("precision", "recall", "density", "coverage"))
     if "ci95" in value:
         lo, hi = value["ci95"]
         return f"{value['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -45,7 +49,7 @@ def format_paired(value: dict[str, Any]) -> str:
 
 
 def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
-    """Bars per configuration; error bars show the 95% interval (per-image metrics) or the std (KID)."""
+    """A dot per configuration with its 95% interval (per-image metrics) or std (KID), on a fitted axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +69,10 @@ def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
     else:
         errors = None
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 1), 3.2))
-    ax.bar(names, heights, yerr=errors, capsize=4, color="#4c72b0")
+    # Dots with intervals on an axis fitted to the values (bars from zero would hide the differences).
+    ax.errorbar(names, heights, yerr=errors, fmt="o", capsize=4, color="#4c72b0")
+    ax.margins(x=0.15, y=0.2)
+    ax.grid(axis="y", alpha=0.3)
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_title(LABELS.get(metric, metric))
     ax.tick_params(axis="x", rotation=20)
@@ -131,7 +138,7 @@ def write_eval_report(
         lines += ["", *warnings]
     if metrics:
         lines += ["", "## Plots", ""]
-    for metric in metrics:
+    for metric in [m for m in metrics if m != "prdc"]:  # P/R/D/C are four numbers: the table shows them
         atomic_write_bytes(out / "plots" / f"{metric}.png", bar_plot_png(rows, metric))
         lines.append(f"![{metric}](plots/{metric}.png)")
     grids = _write_grids(out, rows, grid_rows)
