@@ -103,3 +103,17 @@ def test_report_puts_the_paired_table_first(tmp_path):
     assert "| other | +" in report and "p=" in report and "wins" in report
     saved = json.loads((tmp_path / "r" / "report.json").read_text())
     assert saved["paired"]["comparisons"]["other"]["m"]["pairs"] == 8
+
+
+def test_grids_are_labelled_and_downscaled():
+    from PIL import Image
+
+    from headpag.eval.grids import image_grid
+
+    big = [[Image.new("RGB", (1024, 512), (200, 0, 0)), Image.new("RGB", (1024, 512))] for _ in range(3)]
+    grid = image_grid(big, column_labels=["a", "b"], row_labels=["p0 (seed 0)", "p1 (seed 0)", "p2 (seed 0)"])
+    left = grid.size[0] - 2 * 256
+    assert left > 0 and grid.size[1] == 16 + 3 * 128  # 256 x 128 tiles, labels on top and on the left
+    assert grid.getpixel((left + 10, 16 + 10)) == (200, 0, 0)
+    full = image_grid(big, cell=None)
+    assert full.size == (2048, 1536)

@@ -63,6 +63,13 @@ def add_parser(sub) -> None:
         default=None,
         help="Images per KID subset (default: min(1000, both sets); refused when larger than a set).",
     )
+    p.add_argument(
+        "--grid-cell",
+        type=options.positive(int),
+        default=256,
+        help="Longest side of a grid tile in pixels (default 256; --grid-full-size keeps the images' size).",
+    )
+    p.add_argument("--grid-full-size", action="store_true", help="Grid tiles at the images' full size.")
     p.add_argument("--grid-rows", type=options.positive(int), default=8, help="Prompt-seed pairs per grid image.")
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--no-progress", action="store_true")
@@ -157,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         "command": ["headpag", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("headpag") else list(sys.argv),
         "images": {row["name"]: row["count"] for row in rows},
     }
-    report = write_eval_report(args.output_dir, rows, settings, args.grid_rows)
+    cell = None if args.grid_full_size else args.grid_cell
+    report = write_eval_report(args.output_dir, rows, settings, args.grid_rows, cell)
     print(report.read_text().split("\n## ")[0].strip())
     print(f"report: {report}")
     return 0

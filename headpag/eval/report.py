@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text, save_png
-from .grids import image_grid
+from .grids import DEFAULT_CELL, image_grid
 from .paired import paired_table
 
 
@@ -83,7 +83,11 @@ def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
 
 
 def write_eval_report(
-    output_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], settings: dict[str, Any], grid_rows: int = 8
+    output_dir: str | os.PathLike,
+    rows: Sequence[dict[str, Any]],
+    settings: dict[str, Any],
+    grid_rows: int = 8,
+    grid_cell: int | None = DEFAULT_CELL,
 ) -> Path:
     r"""
     Write `report.json`, `report.md`, `plots/<metric>.png` and `grids/grid_<k>.png` (one column per configuration,
@@ -94,6 +98,7 @@ def write_eval_report(
         rows (`list[dict]`): From [`score_sets`].
         settings (`dict`): Recorded in `report.json` (model, prompts, seeds, metrics...).
         grid_rows (`int`, defaults to 8): Pairs per grid image.
+        grid_cell (`int`, *optional*, defaults to 256): Longest side of a grid tile; `None` for full size.
 
     Returns:
         `Path` of `report.md`.
@@ -141,7 +146,7 @@ def write_eval_report(
     for metric in [m for m in metrics if m != "prdc"]:  # P/R/D/C are four numbers: the table shows them
         atomic_write_bytes(out / "plots" / f"{metric}.png", bar_plot_png(rows, metric))
         lines.append(f"![{metric}](plots/{metric}.png)")
-    grids = _write_grids(out, rows, grid_rows)
+    grids = _write_grids(out, rows, grid_rows, grid_cell)
     if grids:
         lines += ["", "## Images (one column per configuration, same prompt and seed per row)", ""]
         lines += [f"![grid {k}](grids/{path.name})" for k, path in enumerate(grids)]
@@ -149,16 +154,20 @@ def write_eval_report(
     return out / "report.md"
 
 
-def _write_grids(out: Path, rows: Sequence[dict[str, Any]], grid_rows: int) -> list[Path]:
+def _write_grids(
+    out: Path, rows: Sequence[dict[str, Any]], grid_rows: int, cell: int | None = DEFAULT_CELL
+) -> list[Path]:
     if not rows:
         return []
     count = min(len(r["images"]) for r in rows)
     names = [r["name"] for r in rows]
+    first = rows[0]
+    seeds = first.get("seeds") or [None] * count
+    labels = [f"{first['prompts'][i]}" + (f" (seed {seeds[i]})" if seeds[i] is not None else "") for i in range(count)]
     paths = []
     for k, start in enumerate(range(0, count, grid_rows)):
-        grid = [
-            [Image.open(r["images"][i]).convert("RGB") for r in rows]
-            for i in range(start, min(count, start + grid_rows))
-        ]
-        paths.append(save_png(image_grid(grid, column_labels=names), out / "grids" / f"grid_{k}.png"))
+        stop = min(count, start + grid_rows)
+        grid = [[Image.open(r["images"][i]).convert("RGB") for r in rows] for i in range(start, stop)]
+        image = image_grid(grid, column_labels=names, row_labels=labels[start:stop], cell=cell)
+        paths.append(save_png(image, out / "grids" / f"grid_{k}.png"))
     return paths
