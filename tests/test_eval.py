@@ -175,3 +175,41 @@ def test_config_parsing_and_bootstrap():
     assert bootstrap_ci([1.0, 2.0, 3.0, 4.0]) == bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0
+
+
+def test_two_parameter_sweep_writes_plots_and_reuses_images(tmp_path, metric_files, capsys):
+    (tmp_path / "prompts.txt").write_text("a red cat\n")
+    out = tmp_path / "sweep"
+    sweeps = ["--sweep", "pag_scale=1,2", "--sweep", "pag_identity_weight=0.5,1"]
+    configs = [f"base=--pag-heads 1 {SMALL}"]
+    assert _eval(out, metric_files, configs, metrics="clip", extra=sweeps) == 0
+    assert "10 generated" in capsys.readouterr().out  # 5 configurations x 2 seeds
+    report = json.loads((out / "report.json").read_text())
+    names = [r["name"] for r in report["configurations"]]
+    assert names[0] == "base" and "base[pag_scale=2.0,pag_identity_weight=0.5]" in names and len(names) == 5
+    assert report["settings"]["sweeps"]["parameters"] == ["pag_scale", "pag_identity_weight"]
+    assert Image.open(out / "plots" / "sweep_clip.png").size[0] > 0
+    assert _eval(out, metric_files, configs, metrics="clip", extra=sweeps) == 0
+    assert "0 generated, 10 reused" in capsys.readouterr().out
+
+
+def test_top_k_sweep_takes_heads_from_a_search_run(tmp_path):
+    from headpag.options import expand_sweeps, parse_sweep
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config_hash": "h", "config": {}}))
+    lines = [
+        {"round": 0, "layer": layer, "head": head, "score": score, "config_hash": "h"}
+        for layer, head, score in [(1, 0, 0.2), (2, 3, 0.9), (0, 1, 0.5)]
+    ]
+    (run / "journal.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    configs, values = expand_sweeps(None, [parse_sweep("top_k=1,2")], str(run))
+    assert [c.settings.pag_heads for c in configs] == ["2.3", "0.1, 2.3"]
+    assert values == {"top_k=1": {"top_k": 1}, "top_k=2": {"top_k": 2}}
+    with pytest.raises(ValueError, match=r"top_k=4: the run .* ranked 3 heads"):
+        expand_sweeps(None, [parse_sweep("top_k=4")], str(run))
+    with pytest.raises(ValueError, match="add --search-run"):
+        expand_sweeps(None, [parse_sweep("top_k=1")])
+    with pytest.raises(ValueError, match="Invalid --sweep 'color=1'"):
+        parse_sweep("color=1")

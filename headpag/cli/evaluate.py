@@ -32,6 +32,16 @@ def add_parser(sub) -> None:
         help="A configuration, e.g. 'cfg=--guidance-scale 5' or 'hh=--pag-heads-file heads.json "
         "--pag-identity-weight 0.5'. PAG is on only when OPTIONS name heads or --pag-scale. Repeatable.",
     )
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="Sweep a generation setting (e.g. pag_scale=1,2,3; pag_heads takes ';'-separated specs) or top_k (the "
+        "K best heads of --search-run) on top of the first --config (or the defaults). Repeatable: every "
+        "combination is a configuration; one or two swept settings get line plots / a heatmap.",
+    )
+    p.add_argument("--search-run", default=None, help="HeadHunter run folder for --sweep top_k=...")
     p.add_argument("--images", default=None, help="Score the images in DIR (or its sub-folders) without generating.")
     p.add_argument(
         "--metrics",
@@ -124,11 +134,18 @@ def run(args: argparse.Namespace) -> int:
         settings["images"] = args.images
         device = args.device
     else:
-        if not args.model or not prompts or not args.config:
-            raise ValueError("headpag eval needs --model, --prompts and at least one --config (or --images DIR).")
+        if not args.model or not prompts or not (args.config or args.sweep):
+            raise ValueError(
+                "headpag eval needs --model, --prompts and at least one --config or --sweep (or --images DIR)."
+            )
         from ..pipelines import load_pipeline
 
         configs = [options.parse_eval_config(text) for text in args.config]
+        sweeps = [options.parse_sweep(text) for text in args.sweep]
+        swept, sweep_values = options.expand_sweeps(configs[0] if configs else None, sweeps, args.search_run)
+        if swept:
+            configs = configs + swept
+            settings["sweeps"] = {"parameters": [name for name, _ in sweeps], "values": sweep_values}
         seeds = options.parse_seeds(args.seeds, limits.max_seeds)
         comparison = Comparison(prompts, seeds, configs, args.output_dir)
         device, dtype = options.resolve_device_dtype(args.device, args.dtype)

@@ -82,6 +82,61 @@ def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
     return buffer.getvalue()
 
 
+def sweep_plot_png(rows: Sequence[dict[str, Any]], sweeps: dict[str, Any], metric: str) -> bytes:
+    """
+    A metric against one swept setting (line with 95% intervals, one line per other configuration), or a heatmap of
+    its mean over two swept settings (the paper's Figs. 4, 10, 11).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params, values = sweeps["parameters"], sweeps["values"]
+    swept = [r for r in rows if r["name"] in values and metric in r["metrics"]]
+    scale = 1000.0 if metric == "kid" else 1.0
+    mean = lambda r: scale * r["metrics"][metric].get("mean", r["metrics"][metric].get("value"))  # noqa: E731
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    if len(params) == 1:
+        (param,) = params
+        swept.sort(key=lambda r: values[r["name"]][param])
+        xs = [values[r["name"]][param] for r in swept]
+        ys = [mean(r) for r in swept]
+        errors = None
+        if all("ci95" in r["metrics"][metric] for r in swept):
+            errors = [[y - r["metrics"][metric]["ci95"][0] for y, r in zip(ys, swept)],
+                      [r["metrics"][metric]["ci95"][1] - y for y, r in zip(ys, swept)]]  # fmt: skip
+        categorical = not all(isinstance(x, (int, float)) for x in xs)
+        positions = list(range(len(xs))) if categorical else xs
+        ax.errorbar(positions, ys, yerr=errors, fmt="o-", capsize=4, color="#4c72b0")
+        if categorical:
+            ax.set_xticks(positions, [str(x) for x in xs], rotation=20)
+        ax.set_xlabel(param)
+        ax.grid(alpha=0.3)
+    else:
+        first, second = params[:2]
+        xs = sorted({values[r["name"]][first] for r in swept}, key=str)
+        ys = sorted({values[r["name"]][second] for r in swept}, key=str)
+        grid = [[float("nan")] * len(xs) for _ in ys]
+        for r in swept:
+            grid[ys.index(values[r["name"]][second])][xs.index(values[r["name"]][first])] = mean(r)
+        image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+        fig.colorbar(image, ax=ax)
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+        ax.set_xlabel(first)
+        ax.set_ylabel(second)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_title(LABELS.get(metric, metric))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def write_eval_report(
     output_dir: str | os.PathLike,
     rows: Sequence[dict[str, Any]],
@@ -146,6 +201,10 @@ def write_eval_report(
     for metric in [m for m in metrics if m != "prdc"]:  # P/R/D/C are four numbers: the table shows them
         atomic_write_bytes(out / "plots" / f"{metric}.png", bar_plot_png(rows, metric))
         lines.append(f"![{metric}](plots/{metric}.png)")
+        if settings.get("sweeps"):
+            name = f"sweep_{metric}.png"
+            atomic_write_bytes(out / "plots" / name, sweep_plot_png(rows, settings["sweeps"], metric))
+            lines.append(f"![{metric} against {' x '.join(settings['sweeps']['parameters'])}](plots/{name})")
     grids = _write_grids(out, rows, grid_rows, grid_cell)
     if grids:
         lines += ["", "## Images (one column per configuration, same prompt and seed per row)", ""]

@@ -699,3 +699,46 @@ def remove_if_empty(folder: Path, names: Iterable[str] = ()) -> None:
         folder.rmdir()
     except OSError:
         pass
+
+
+def ranked_heads(output_dir: str | os.PathLike) -> list[Head]:
+    r"""
+    The heads of a run in rank order: the full round-1 ranking from the journal (best score first, ties by
+    `(layer, head)`), then any later-round selection in its selection order (from `selected_heads.json`).
+
+    Args:
+        output_dir (`str`): A HeadHunter run folder.
+
+    Raises:
+        `ValueError`: when the folder holds no HeadHunter run or its journal no scored round-1 candidate.
+    """
+    folder = Path(output_dir)
+    config = read_run_config(folder)
+    if config is None:
+        raise ValueError(f"{folder} holds no HeadHunter run (no {CONFIG_NAME}).")
+    records = read_journal(folder / JOURNAL_NAME, config["config_hash"])
+    first = sorted(
+        ((r["score"], (r["layer"], r["head"])) for r in records if r["round"] == 0), key=lambda x: (-x[0], x[1])
+    )
+    ranking = [head for _, head in first]
+    if not ranking:
+        raise ValueError(f"The journal of {folder} has no scored round-1 candidate yet.")
+    try:
+        selected = json.loads((folder / "selected_heads.json").read_text()).get("provenance", {}).get("order", [])
+    except (OSError, ValueError, AttributeError):
+        selected = []
+    seen = set(ranking)
+    for item in selected:
+        head = tuple(item) if isinstance(item, list) and len(item) == 2 else None
+        if head is not None and all(_is_int(v) for v in head) and head not in seen:
+            ranking.append(head)
+            seen.add(head)
+    return ranking
+
+
+def top_k_heads(output_dir: str | os.PathLike, k: int) -> list[Head]:
+    """The `k` best heads of a run (see [`ranked_heads`]); refused when `k` exceeds what the run ranked."""
+    ranking = ranked_heads(output_dir)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(ranking):
+        raise ValueError(f"top_k={k}: the run {output_dir} ranked {len(ranking)} heads; use 1 to {len(ranking)}.")
+    return ranking[:k]
