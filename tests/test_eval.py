@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_tiny_clip_checkpoint
 from PIL import Image
@@ -56,6 +57,8 @@ def _eval(out, metric_files, configs, metrics="clip,fid,kid", extra=()):
         metric_files["reference"],
         "--kid-subsets",
         "5",
+        "--cache-dir",
+        str(out.parent / "feature-cache"),
         "--output-dir",
         str(out),
         "--no-progress",
@@ -82,6 +85,7 @@ def test_comparison_writes_report_and_reuses_images(tmp_path, metric_files, caps
         lo, hi = row["metrics"]["clip"]["ci95"]
         assert lo <= row["metrics"]["clip"]["mean"] <= hi
         assert row["metrics"]["fid"]["value"] > 0 and row["metrics"]["fid"]["generated"] == 4
+        assert row["metrics"]["fid"]["ci95"][0] <= row["metrics"]["fid"]["ci95"][1]
         assert "biased upward" in row["metrics"]["fid"]["warning"]  # 4 < 2048 images
         kid = row["metrics"]["kid"]
         assert {"mean", "std"} <= set(kid) and (kid["subset_size"], kid["reference"]) == (4, 4)
@@ -129,7 +133,7 @@ def test_scoring_existing_images(tmp_path, metric_files, capsys):
     argv = ["eval", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--metrics", "clip,fid,cmmd"]
     argv += ["--clip-model", metric_files["clip_model"], "--clip-checkpoint", metric_files["clip_checkpoint"]]
     argv += ["--inception-weights", metric_files["inception"], "--reference-images", metric_files["reference"]]
-    argv += ["--output-dir", str(tmp_path / "scored"), "--no-progress"]
+    argv += ["--output-dir", str(tmp_path / "scored"), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "scored/report.json").read_text())["configurations"]
     assert [r["name"] for r in rows] == ["mine"] and rows[0]["prompts"] == ["one", "two", "three"]
@@ -213,3 +217,30 @@ def test_top_k_sweep_takes_heads_from_a_search_run(tmp_path):
         expand_sweeps(None, [parse_sweep("top_k=1")])
     with pytest.raises(ValueError, match="Invalid --sweep 'color=1'"):
         parse_sweep("color=1")
+
+
+def test_reference_features_are_cached_by_content_and_model(tmp_path):
+    from headpag.eval.distribution import cached_reference_features
+
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    for i, im in enumerate(_noise_images(7, 3)):
+        im.save(folder / f"{i}.png")
+    calls = []
+
+    class Counting:
+        name, provenance = "counting", {"weights_sha256": "w1"}
+
+        def __call__(self, images):
+            calls.append(len(images))
+            return np.arange(len(images) * 2, dtype=np.float64).reshape(-1, 2)
+
+    first = cached_reference_features(folder, Counting(), tmp_path / "cache")
+    again = cached_reference_features(folder, Counting(), tmp_path / "cache")
+    assert calls == [3] and np.array_equal(first, again)
+    other = Counting()
+    other.provenance = {"weights_sha256": "w2"}  # another model: not the cached features
+    cached_reference_features(folder, other, tmp_path / "cache")
+    _noise_images(8, 1)[0].save(folder / "0.png")  # a changed image: not the cached features
+    cached_reference_features(folder, Counting(), tmp_path / "cache")
+    assert calls == [3, 3, 3]

@@ -66,6 +66,11 @@ def add_parser(sub) -> None:
         default="inception",
         help="Features for FID/KID: the standard FID Inception, or the --clip-model image encoder.",
     )
+    p.add_argument(
+        "--cache-dir",
+        default=str(Path.home() / ".cache" / "headpag" / "reference-features"),
+        help="Cache of reference-image features, keyed by the folder's content and the feature model.",
+    )
     p.add_argument("--kid-subsets", type=options.positive(int), default=100)
     p.add_argument(
         "--kid-subset-size",
@@ -172,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
             args.kid_subset_size,
             progress=lambda label: bar.update(1),
             cmmd_features=cmmd_features,
+            cache_dir=args.cache_dir,
         )
     settings["provenance"] = {
         "metrics": {name: describe(metric) for name, metric in pair.items()},

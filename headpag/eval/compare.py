@@ -19,12 +19,13 @@ from .._io import save_png
 from ..pipelines.settings import GenerationSettings
 from .distribution import (
     FID_MIN_IMAGES,
+    cached_reference_features,
     cmmd,
+    fid_bootstrap_ci,
     frechet_distance,
     image_files,
     is_image,
     kernel_distance,
-    load_images,
     precision_recall_density_coverage,
 )
 from .distribution import kid_subset_size as resolve_kid_subset_size
@@ -228,6 +229,8 @@ def score_sets(
     kid_subset_size: int | None = None,
     progress: Callable[[str], None] | None = None,
     cmmd_features=None,
+    cache_dir: str | os.PathLike | None = None,
+    fid_resamples: int = 100,
 ) -> list[dict[str, Any]]:
     r"""
     Score each image set: per-image metrics with mean and 95% interval (a bootstrap that resamples prompts, seeds
@@ -242,6 +245,8 @@ def score_sets(
         reference (`str`, *optional*): Folder of reference images (needed for FID/KID).
         progress (`Callable[[str], None]`, *optional*): Called after each set and metric with a label.
         cmmd_features ([`FeatureExtractor`], *optional*): CLIP features for CMMD (default: `features`).
+        cache_dir (`str`, *optional*): Where reference features are cached (keyed by folder content and model).
+        fid_resamples (`int`, defaults to 100): Bootstrap resamples of the generated images for FID's interval.
 
     Returns:
         One row per set: `{"name", "options", "count", "metrics": {...}, "per_image": {...}}`.
@@ -256,10 +261,11 @@ def score_sets(
             raise ValueError(f"{'/'.join(m.upper() for m in set_metrics)} need --reference-images DIR.")
         if features is None:
             raise ValueError("FID/KID need a feature extractor.")
-        reference_images = load_images(reference)
-        reference_features = features(reference_images)
+        reference_features = cached_reference_features(reference, features, cache_dir)
         cmmd_features = cmmd_features or features
-        cmmd_reference = cmmd_features(reference_images) if "cmmd" in set_metrics else None
+        cmmd_reference = (
+            cached_reference_features(reference, cmmd_features, cache_dir) if "cmmd" in set_metrics else None
+        )
     rows = []
     for image_set in sets:
         images = image_set.images()
@@ -282,7 +288,8 @@ def score_sets(
             counts = {"generated": len(feats), "reference": len(reference_features)}
             if "fid" in set_metrics:
                 fid = frechet_distance(reference_features, feats)
-                row["metrics"]["fid"] = {"value": fid, **counts}
+                low, high = fid_bootstrap_ci(reference_features, feats, fid_resamples)
+                row["metrics"]["fid"] = {"value": fid, "ci95": [low, high], **counts}
                 if min(counts.values()) < FID_MIN_IMAGES:
                     row["metrics"]["fid"]["warning"] = (
                         f"FID on {min(counts.values())} < {FID_MIN_IMAGES} images: biased upward, compare only with "

@@ -13,10 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from diffusers.utils import logging
 from PIL import Image
 
 from .features import FeatureExtractor, InceptionFeatures
 
+
+logger = logging.get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -70,6 +73,59 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
         middle = root1 @ sigma2 @ root1
         tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
     return float(max(diff @ diff + traces - 2 * tr_covmean, 0.0))
+
+
+def fid_bootstrap_ci(real: np.ndarray, fake: np.ndarray, resamples: int = 100, seed: int = 0) -> tuple[float, float]:
+    """
+    95% percentile interval of FID over bootstrap resamples of the generated images (the reference set fixed):
+    how much the value moves with the sample of images.
+    """
+    rng = np.random.default_rng(seed)
+    values = [frechet_distance(real, fake[rng.integers(0, len(fake), len(fake))]) for _ in range(resamples)]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """SHA-256 over the names and contents of a folder's images: the key of its cached features."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in image_files(folder):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def cached_reference_features(folder: str | os.PathLike, features, cache_dir: str | os.PathLike | None) -> np.ndarray:
+    r"""
+    The features of a reference folder, cached as safetensors under `cache_dir` keyed by the folder's content hash
+    and the feature model (its name and weight SHA-256): a changed image or another model never reuses stale
+    features. Without `cache_dir`, computed every time.
+    """
+    if cache_dir is None:
+        return features(load_images(folder))
+    import hashlib
+
+    from safetensors.numpy import load_file, save_file
+
+    from .._io import atomic_write_bytes
+
+    model = getattr(features, "provenance", {})
+    model_key = f"{getattr(features, 'name', type(features).__name__)}:{model.get('weights_sha256')}"
+    key = hashlib.sha256(f"{folder_fingerprint(folder)}:{model_key}".encode()).hexdigest()[:32]
+    path = Path(cache_dir) / f"reference-{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["features"]
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+            logger.warning(f"Ignoring the unreadable cached reference features {path}.")
+    values = features(load_images(folder))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({"features": np.ascontiguousarray(values)}, f"{tmp}/f.safetensors")
+        atomic_write_bytes(path, Path(f"{tmp}/f.safetensors").read_bytes())
+    return values
 
 
 KID_DEFAULT_SUBSET = 1000

@@ -29,14 +29,17 @@ def format_metric(value: dict[str, Any]) -> str:
     """`mean [lo, hi]` (per-image metrics), `mean ± std` (KID), P/R/D/C, or the point value (FID, CMMD)."""
     if "precision" in value:
         return " / ".join(f"{value[k]:.3f}" for k in ("precision", "recall", "density", "coverage"))
+    if "value" in value:  # FID (with its bootstrap interval over images), CMMD
+        interval = f" [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]" if "ci95" in value else ""
+        counts = f" (n={value['generated']})" if "generated" in value else ""
+        return f"{value['value']:.3f}{interval}{counts}{' ⚠' if 'warning' in value else ''}"
     if "ci95" in value:
         lo, hi = value["ci95"]
         return f"{value['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
     if "std" in value:  # KID, shown x 10^3 as is conventional
         subset = f" (subsets of {value['subset_size']})" if "subset_size" in value else ""
         return f"{1000 * value['mean']:.2f} ± {1000 * value['std']:.2f}{subset}"
-    counts = f" (n={value['generated']})" if "generated" in value else ""
-    return f"{value['value']:.3f}{counts}{' ⚠' if 'warning' in value else ''}"
+    return f"{value['value']:.3f}"
 
 
 def format_paired(value: dict[str, Any]) -> str:
@@ -160,7 +163,7 @@ def write_eval_report(
     """
     out = Path(output_dir)
     metrics = list(rows[0]["metrics"]) if rows else []
-    pair_metrics = [m for m in metrics if "ci95" in rows[0]["metrics"][m]]
+    pair_metrics = [m for m in metrics if m in rows[0].get("per_image", {})]
     paired = paired_table(rows, pair_metrics) if len(rows) > 1 and pair_metrics else None
     atomic_write_json(out / "report.json", {"settings": settings, "configurations": list(rows), "paired": paired})
     lines = [f"# Comparison: {out}", ""]
@@ -182,8 +185,9 @@ def write_eval_report(
             lines.append(f"| {name} | {cells} |")
         lines += ["", "## Per configuration", ""]
     lines += [
-        "Per-image metrics: mean [95% interval resampling prompts]; FID: point value (n generated images; ⚠ below "
-        "2048 images, where FID is biased upward); KID ×10³: mean ± std over random subsets.",
+        "Per-image metrics: mean [95% interval resampling prompts]; FID: value [95% interval resampling the generated "
+        "images] (n images; ⚠ below 2048 images, where FID is biased upward); KID ×10³: mean ± std over random "
+        "subsets; CMMD: value.",
         "",
         "| configuration | options | images | " + " | ".join(LABELS.get(m, m) for m in metrics) + " |",
         "|---|---|---|" + "---|" * len(metrics),
