@@ -8,9 +8,8 @@ import threading
 
 import pytest
 import torch
-from conftest import write_tiny_clip_config
+from conftest import write_tiny_clip_checkpoint
 from PIL import Image
-from safetensors.torch import save_file
 
 
 pytest.importorskip("gradio_client")
@@ -18,6 +17,7 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from headpag.app.host import ModelHost, ModelLock  # noqa: E402
+from headpag.app.ui import PUBLIC_ENDPOINTS  # noqa: E402
 
 
 def free_port() -> int:
@@ -26,12 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(model, tmp_path):
+def serve(model, tmp_path, **kwargs):
+    """Serve the UI on a free local port with its folders under `tmp_path` (output/, search/, models/, eval/)."""
     from headpag.app import launch
 
-    demo, url = launch(
-        model, port=free_port(), block=False, output_dir=str(tmp_path / "png"), search_dir=str(tmp_path / "search")
-    )
+    demo, url = launch(model, port=free_port(), block=False, workdir=str(tmp_path), **kwargs)
     return demo, url
 
 
@@ -52,6 +51,12 @@ def test_binds_to_localhost_only(server):
     assert server[0].startswith("http://127.0.0.1:")
 
 
+def test_without_auth_on_loopback_every_endpoint_is_open(client):
+    """Authentication off (the default, loopback only): clients call the public endpoints without logging in."""
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert endpoints == {f"/{name}" for name in PUBLIC_ENDPOINTS}
+
+
 def test_generate_endpoint(client):
     pag, nopag, settings, gallery, files, seed = client.predict(
         prompt="a lighthouse at dusk", pag_heads="1.0-1, 2", seed=5, num_inference_steps=3, api_name="/generate"
@@ -64,6 +69,25 @@ def test_generate_endpoint(client):
     assert json.loads(nopag_image.text["headpag"])["pag_scale"] == 0.0
     assert json.loads(settings)["model"] == "tiny-sd3" and seed == 5
     assert len(files) == 2 and len(gallery) == 1
+
+
+def test_img2img_through_the_api(client, tmp_path):
+    from gradio_client import handle_file
+
+    source = tmp_path / "in.png"
+    Image.new("RGB", (96, 80), (200, 60, 30)).save(source)
+    pag, nopag, settings, *_ = client.predict(
+        prompt="a red square",
+        image=handle_file(str(source)),
+        strength=0.5,
+        num_inference_steps=2,
+        api_name="/generate",
+    )
+    assert Image.open(pag).size == (64, 64) and json.loads(settings)["strength"] == 0.5
+    huge = tmp_path / "huge.png"
+    Image.new("1", (9000, 16)).save(huge)  # a few bytes on disk, a side over 4 x max_size
+    with pytest.raises(AppError, match="each side may be at most 8192"):
+        client.predict(prompt="a cat", image=handle_file(str(huge)), num_inference_steps=1, api_name="/generate")
 
 
 def test_generate_matches_the_pipeline(client, server):
@@ -97,7 +121,9 @@ def test_two_concurrent_generations(client):
         ({"pag_heads": "9"}, "out of range: layer 9 does not exist; valid layers are 0-3"),
         ({"pag_heads": "1.x"}, "1.x"),
         ({"pag_heads": "1.7"}, "head 7 does not exist"),
-        ({"pag_identity_weight": 1.5}, "1.5 is greater than maximum value 1"),
+        ({"pag_identity_weight": 1.5}, "pag_identity_weight must be <= 1, got 1.5"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer, got 2.5"),
+        ({"pag_target": "nope"}, "pag_target must be one of"),
         ({"prompt": "  "}, "Write a prompt first"),
         ({"pag_interval_start": 0.8, "pag_interval_stop": 0.2}, "pag_interval"),
     ],
@@ -115,9 +141,9 @@ def test_app_keeps_serving_after_errors(client):
     assert Image.open(pag).size == (64, 64)
 
 
-def test_search_endpoint_and_resume(client, server, tmp_path):
-    config = write_tiny_clip_config(tmp_path / "tiny-clip-ui.json")
-    run = tmp_path / "run"
+def test_search_endpoint_and_resume(client, server):
+    write_tiny_clip_checkpoint(server[1] / "models", "tiny-clip-ui")  # named inside the models folder
+    run = server[1] / "search" / "run"
     kwargs = dict(
         prompts="a cat\na dog",
         seeds="0",
@@ -125,66 +151,53 @@ def test_search_endpoint_and_resume(client, server, tmp_path):
         top_k=1,
         pool="1-2",
         objective="clip",
-        objective_arch=str(config),
+        objective_arch="tiny-clip-ui.json",
+        objective_model="tiny-clip-ui.safetensors",
         num_inference_steps=2,
         size=32,
         batch_size=4,
-        output_dir=str(run),
+        run="run",
     )
     status, heatmap, selected = client.predict(**kwargs, api_name="/search")
     assert "done" in status and len(selected.split(",")) == 2
+    assert str(server[1]) not in status  # the run is named, its server path never shown
     assert Image.open(heatmap).size[0] > 0
     journal = (run / "journal.jsonl").read_text().splitlines()
     assert len(journal) == 8 + 7  # round 0: layers 1-2 x 4 heads; round 1: the other 7
     assert json.loads((run / "selected_heads.json").read_text())["heads"]
     # resuming a finished run re-scores nothing and returns the same heads
-    status, _, again = client.predict(
-        output_dir=str(run),
-        objective="clip",
-        objective_model="",
-        objective_arch=str(config),
-        api_name="/resume_search",
-    )
+    weights = dict(objective="clip", objective_model="tiny-clip-ui.safetensors", objective_arch="tiny-clip-ui.json")
+    status, _, again = client.predict(run="run", **weights, api_name="/resume_search")
     assert again == selected and len((run / "journal.jsonl").read_text().splitlines()) == len(journal)
-    with pytest.raises(AppError, match="not a HeadHunter run directory"):
-        client.predict(
-            output_dir=str(tmp_path / "nope"),
-            objective="clip",
-            objective_model="",
-            objective_arch=str(config),
-            api_name="/resume_search",
-        )
+    with pytest.raises(AppError, match="No search run named 'nope'"):
+        client.predict(run="nope", **weights, api_name="/resume_search")
+    with pytest.raises(AppError, match="holds a search with other settings"):
+        client.predict(**{**kwargs, "top_k": 2}, api_name="/search")
 
 
-def test_evaluate_endpoint(client, server, tmp_path):
+def test_evaluate_endpoint(client, server):
     from headpag.eval import ClipScore
 
-    config = write_tiny_clip_config(tmp_path / "tiny-clip-ev.json")
-    torch.manual_seed(0)
-    save_file(ClipScore(str(config), device="cpu").model.state_dict(), tmp_path / "clip.safetensors")
-    folder = tmp_path / "images"
+    models, evals = server[1] / "models", server[1] / "eval"
+    config, checkpoint = write_tiny_clip_checkpoint(models, "tiny-clip-ev")
+    folder = evals / "images"
     folder.mkdir()
     for i in range(3):
         Image.new("RGB", (32, 32), (80 * i, 40, 200)).save(folder / f"{i}.png")
+    tiny_clip = dict(metrics=["clip"], clip_model="tiny-clip-ev.json", clip_checkpoint="tiny-clip-ev.safetensors")
     table, details = client.predict(
-        source="folder",
-        folder=str(folder),
-        prompts="one\ntwo\nthree",
-        metrics=["clip"],
-        clip_model=str(config),
-        clip_checkpoint=str(tmp_path / "clip.safetensors"),
-        api_name="/evaluate",
+        source="folder", folder="images", prompts="one\ntwo\nthree", **tiny_clip, api_name="/evaluate"
     )
     assert details[0]["name"] == "images" and details[0]["count"] == 3
-    expected = ClipScore(str(config), checkpoint=tmp_path / "clip.safetensors", device="cpu")(
+    expected = ClipScore(str(config), checkpoint=checkpoint, device="cpu")(
         [Image.open(folder / f"{i}.png") for i in range(3)], ["one", "two", "three"]
     )
     assert details[0]["metrics"]["clip"]["mean"] == pytest.approx(sum(expected) / 3, abs=1e-5)
-    with pytest.raises(AppError, match="Cannot pair the 3 images"):
-        client.predict(source="folder", folder=str(folder), prompts="one", metrics=["clip"], api_name="/evaluate")
+    with pytest.raises(AppError, match="Cannot pair the 3 images") as info:
+        client.predict(source="folder", folder="images", prompts="one", **tiny_clip, api_name="/evaluate")
+    assert str(server[1]) not in str(info.value)
 
     fresh = Client(server[0], verbose=False)  # a new session: its gallery is empty
-    tiny_clip = dict(metrics=["clip"], clip_model=str(config), clip_checkpoint=str(tmp_path / "clip.safetensors"))
     with pytest.raises(AppError, match="gallery is empty"):
         fresh.predict(source="gallery", **tiny_clip, api_name="/evaluate")
     fresh.predict(prompt="a cat", seed=1, num_inference_steps=2, api_name="/generate")
@@ -193,19 +206,22 @@ def test_evaluate_endpoint(client, server, tmp_path):
     assert [(d["name"], d["count"]) for d in details] == [("with PAG", 2), ("without PAG", 2)]
 
 
-def test_eval_report_endpoint(client, tmp_path):
+def test_eval_report_endpoint(client, server, tmp_path):
     from headpag.eval.report import write_eval_report
 
     image = tmp_path / "a.png"
     Image.new("RGB", (16, 16), "red").save(image)
-    row = {"name": "cfg", "options": "--guidance-scale 5", "count": 1, "images": [str(image)]}
-    write_eval_report(tmp_path / "ev", [{**row, "metrics": {"clip": {"mean": 20.0, "ci95": [19.0, 21.0]}}}], {})
-    text, pictures = client.predict(run_dir=str(tmp_path / "ev"), api_name="/eval_report")
+    row = {"name": "cfg", "options": "--guidance-scale 5", "count": 1, "images": [str(image)], "prompts": ["a"]}
+    run = server[1] / "eval" / "ev"
+    write_eval_report(run, [{**row, "metrics": {"clip": {"mean": 20.0, "ci95": [19.0, 21.0]}}}], {})
+    text, pictures = client.predict(run="ev", api_name="/eval_report")
     assert "| cfg |" in text and len(pictures) == 2  # the CLIP bar plot and one grid
+    assert str(run) not in text  # the report's title names the run folder by its root, not its server path
 
 
 def test_startup_failure_still_serves_and_explains(tmp_path):
     demo, url = serve(str(tmp_path / "missing-model"), tmp_path)
+    assert str(tmp_path) not in demo.headpag.host.error  # clients read the folder's name, not its server path
     try:
         client = Client(url, verbose=False)
         with pytest.raises(AppError, match="Could not load .*missing-model.*tiny-sd3"):
@@ -261,7 +277,7 @@ def test_cancel_stops_a_running_generation(server):
     import time
 
     client = Client(server[0], verbose=False)  # cancellation is per session
-    png_dir = server[1] / "png"
+    png_dir = server[1] / "output"
     before = set(png_dir.glob("*.png"))
     job = client.submit(prompt="a long one", num_inference_steps=100, width=256, height=256, api_name="/generate")
     deadline = time.monotonic() + 60
@@ -276,3 +292,21 @@ def test_cancel_stops_a_running_generation(server):
     assert set(png_dir.glob("*.png")) == before  # nothing half-written
     pag, *_ = client.predict(prompt="a cat", num_inference_steps=1, api_name="/generate")  # lock released
     assert Image.open(pag).size == (64, 64)
+
+
+def test_heads_tab_offers_the_ready_made_head_sets(tmp_path):
+    """The Heads tab's preset dropdown lists the shipped head sets; a preset of another shape is refused clearly."""
+    import gradio as gr
+
+    from headpag.app.roots import Roots
+    from headpag.app.ui import build_app
+
+    host = ModelHost("tiny-sd3", output_dir=str(tmp_path / "output"))
+    demo = build_app(host, Roots.create(workdir=str(tmp_path)))
+    dropdowns = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "heads-preset"]
+    assert dropdowns and "sd3-blue" in [value for _, value in dropdowns[0].choices]
+    (use_preset,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "use_preset"]
+    with pytest.raises(gr.Error, match="24"):
+        use_preset("sd3-blue")  # SD3-medium's 24 x 24 heads; the tiny model has 4 x 4
+    with pytest.raises(gr.Error, match="Unknown"):
+        use_preset("no-such-preset")

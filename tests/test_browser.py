@@ -1,4 +1,5 @@
-"""A real browser (Playwright driving Debian's headless chromium) against the UI served with tiny-sd3."""
+"""A real browser (Playwright driving Debian's headless chromium) against the UI served with tiny-sd3, once open on
+127.0.0.1 and once with authentication (the browser logs in through Gradio's login page first)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
+USER, PASSWORD = "alice", "browser-pw"
+
+
+def log_in(page) -> None:
+    """Fill Gradio's login form (a text field, a password field and a Login button) and wait for the app."""
+    page.wait_for_selector("input[type=password]", timeout=60_000)
+    page.locator("input[type=text], textarea").first.fill(USER)
+    page.locator("input[type=password]").fill(PASSWORD)
+    page.get_by_role("button", name="Login").click()
+
+
+@pytest.fixture(scope="module", params=["open", "auth"])
+def page(request, tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
-    tmp = tmp_path_factory.mktemp("browser")
-    demo, url = serve("tiny-sd3", tmp)
+    tmp = tmp_path_factory.mktemp(f"browser-{request.param}")
+    auth = [(USER, PASSWORD)] if request.param == "auth" else None
+    demo, url = serve("tiny-sd3", tmp, auth=auth)
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
@@ -30,7 +43,10 @@ def page(tmp_path_factory):
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
+        if auth:
+            log_in(page)
         page.wait_for_selector("#prompt textarea", timeout=60_000)
+        page.shot_prefix = f"{request.param}-"
         yield page
         browser.close()
     demo.close()
@@ -39,7 +55,7 @@ def page(tmp_path_factory):
 def _shot(page, name: str) -> Path:
     folder = Path(os.environ.get("HEADPAG_SCREENSHOTS", "test-screenshots"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
+    path = folder / f"{getattr(page, 'shot_prefix', '')}{name}"
     page.screenshot(path=str(path), full_page=True)
     return path
 

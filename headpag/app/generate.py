@@ -12,8 +12,9 @@ from pathlib import Path
 from PIL import Image
 
 from .._io import save_png
+from ..options import Limits
 from ..pipelines.settings import GenerationSettings
-from .heads_grid import selected_pairs
+from . import inputs
 from .host import ModelHost
 
 
@@ -36,12 +37,24 @@ class Result:
         return f"seed {s.seed}, PAG {s.pag_scale:g} on {heads}, u={s.pag_identity_weight:g}: {s.prompt[:60]}"
 
 
-def check_settings(host: ModelHost, settings: GenerationSettings) -> None:
-    """Every check that needs the model, with messages that name the bad value and what is allowed."""
+def check_settings(host: ModelHost, settings: GenerationSettings, limits: Limits | None = None) -> None:
+    r"""
+    Every check before work, with messages that name the bad value and what is allowed: the server's limits, the
+    head spec against the model's grid (before it is expanded), then the settings' and the pipeline's own checks.
+
+    Args:
+        host ([`ModelHost`]): The loaded model.
+        settings ([`GenerationSettings`]): What to generate.
+        limits ([`~headpag.options.Limits`], *optional*): The server's limits (default: `Limits()`).
+    """
     from ..guidance import Perturbation
     from ..pipelines import PAGOptions
 
+    limits = limits or Limits()
     layout = host.layout
+    limits.check_settings(settings)
+    if settings.pag_heads:
+        inputs.head_spec(settings.pag_heads, layout.num_layers, layout.num_heads, limits)
     settings.validate(layout.family)
     PAGOptions(  # the pipeline's own checks of u, scope, target, scale and interval, before any work starts
         scale=settings.pag_scale,
@@ -49,8 +62,6 @@ def check_settings(host: ModelHost, settings: GenerationSettings) -> None:
         interval=tuple(settings.pag_interval),
         adaptive_scale=settings.pag_adaptive_scale,
     )
-    if settings.pag_heads:
-        selected_pairs(settings.pag_heads, layout.num_layers, layout.num_heads)
     for name in ("height", "width"):
         value = getattr(settings, name)
         if value is not None and (value < 16 or value % 16):
@@ -66,6 +77,7 @@ def generate_pair(
     randomize_seed: bool = False,
     session: str = "",
     progress: Callable[[float, str], None] | None = None,
+    limits: Limits | None = None,
 ) -> Result:
     r"""
     Generate `settings` with PAG and the same seed without PAG (img2img when `image` is given).
@@ -75,8 +87,10 @@ def generate_pair(
         settings ([`GenerationSettings`]): What to generate (one image).
         image (`PIL.Image.Image`, *optional*): Input image for img2img (`settings.strength` applies).
         randomize_seed (`bool`): Draw a new seed (recorded in the settings).
-        session (`str`): The browser session, for cancellation.
+        session (`str`): The browser session, for cancellation: a cancel request of `session` stops the call at its
+            next step (the caller clears stale requests before, see [`ModelHost.clear_cancel`]).
         progress (`Callable[[float, str], None]`, *optional*): Called with (fraction done, description).
+        limits ([`~headpag.options.Limits`], *optional*): The server's limits, checked before any work.
 
     Raises:
         `ValueError`: bad settings (message names the value); [`Cancelled`] when the session cancels.
@@ -86,14 +100,13 @@ def generate_pair(
         settings.seed = random.randint(0, 2**31 - 1)
     if image is not None and settings.strength is None:
         settings.strength = 0.6
-    check_settings(host, settings)
-    host.clear_cancel(session)
+    check_settings(host, settings, limits)
     report = progress or (lambda fraction, text: None)
 
     def waiting(holder: str) -> None:
         report(0.0, f"Waiting for the {holder} job to finish its current batch...")
 
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:16]}"  # served by name: not guessable
     paths = [
         host.output_dir / f"{stamp}-seed{settings.seed}.png",
         host.output_dir / f"{stamp}-seed{settings.seed}-nopag.png",

@@ -8,6 +8,8 @@ from __future__ import annotations
 from PIL import Image, ImageDraw
 
 from ..guidance import HeadSet
+from ..options import Limits
+from .inputs import head_spec
 
 
 CELL = 18
@@ -68,11 +70,18 @@ def cell_at(x: float, y: float, num_layers: int, num_heads: int) -> tuple[int, i
     return layer, head
 
 
-def selected_pairs(spec: str, num_layers: int, num_heads: int) -> set[tuple[int, int]]:
-    """The heads of a spec on this model (`ValueError` with the reason when it is malformed or out of range)."""
+def selected_pairs(spec: str, num_layers: int, num_heads: int, limits: Limits | None = None) -> set[tuple[int, int]]:
+    r"""
+    The heads of a spec on this model (`ValueError` with the reason when it is malformed, out of range or too long).
+    The spec is checked against the grid before any range is expanded (see [`~headpag.app.inputs.head_spec`]).
+
+    Args:
+        spec (`str`): The head spec. num_layers, num_heads (`int`): The model's grid.
+        limits ([`~headpag.options.Limits`], *optional*): Bounds the spec's length (default: `Limits()`).
+    """
     if not (spec or "").strip():
         return set()
-    return set(HeadSet.parse(spec).resolve(num_layers, num_heads).pairs())
+    return set(head_spec(spec, num_layers, num_heads, limits or Limits()).pairs())
 
 
 def toggle(spec: str, layer: int, head: int, num_layers: int, num_heads: int) -> str:

@@ -5,8 +5,10 @@ The model the web UI serves: loaded once, swapped at runtime, and shared by gene
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +19,11 @@ from ..runtime import TransformerLayout, describe_transformer
 
 
 logger = logging.get_logger(__name__)
+
+
+def _shown(model: str) -> str:
+    """A start-up model as clients see it: a local folder by its folder name, anything else as given."""
+    return Path(model).name if os.path.isabs(model) or os.path.exists(model) else model
 
 
 class ModelLock:
@@ -63,9 +70,11 @@ class ModelHost:
     Holds the loaded pipeline of the UI.
 
     Args:
-        model (`str`, *optional*): Loaded at start; when that fails, the app still starts with `error` set.
+        model (`str`, *optional*): Loaded at start (the operator's choice: a hub id, a local folder or a tiny name);
+            when that fails, the app still starts with `error` set (a message for clients, without server paths).
         device (`str`, *optional*), dtype (`str`, *optional*): As for `headpag generate`.
         output_dir (`str`, *optional*): Where generated PNGs are written (default: a fresh temporary folder).
+        max_metric_models (`int`, defaults to 2): Metric models kept loaded (least recently used dropped first).
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class ModelHost:
         device: str | None = None,
         dtype: str | None = None,
         output_dir: str | None = None,
+        max_metric_models: int = 2,
     ):
         from ..options import resolve_device_dtype
 
@@ -87,25 +97,34 @@ class ModelHost:
         self.layout: TransformerLayout | None = None
         self.error: str | None = None
         self._cancelled: set[str] = set()
-        self._metrics: dict[tuple, object] = {}
+        self._metrics: OrderedDict[tuple, object] = OrderedDict()
+        self._metrics_lock = threading.Lock()
+        self.max_metric_models = max_metric_models
         if model:
             try:
-                self.load(model)
+                self.load(model, name=_shown(model))
             except Exception as e:  # noqa: BLE001 - the app must start and say why
+                logger.warning("Could not load %r: %s", model, e)
                 self.error = self.describe_load_error(model, e)
-                logger.warning(self.error)
 
     # ------------------------------------------------------------------ loading
     @staticmethod
     def describe_load_error(model: str, error: Exception) -> str:
+        """What clients read when the start-up model failed (no server path, no file content; the log has both)."""
         return (
-            f"Could not load {model!r}: {error} Fix: log in with `hf auth login` (gated models), or pass a local "
-            f"diffusers folder; or load one of the offline random-weight models ({', '.join(TINY_MODELS)}) to try "
-            "the interface."
+            f"Could not load the start-up model {_shown(model)!r} ({type(error).__name__}; the server log has the "
+            "details). Fix: log in with `hf auth login` (gated models) or give the server a local diffusers "
+            f"folder; or load one of the offline random-weight models ({', '.join(TINY_MODELS)}) to try the interface."
         )
 
-    def load(self, model: str) -> None:
-        """Load `model` (hub id, local folder or tiny name) in place of the current one, under the model lock."""
+    def load(self, model: str, name: str | None = None) -> None:
+        r"""
+        Load `model` in place of the current one, under the model lock.
+
+        Args:
+            model (`str`): What `load_pipeline` gets (hub id, local folder or tiny name).
+            name (`str`, *optional*): The name clients see and PNGs record (default `model`).
+        """
         from ..pipelines import load_pipeline
 
         model = (model or "").strip()
@@ -115,7 +134,7 @@ class ModelHost:
             pipe = load_pipeline(model, torch_dtype=self.dtype, device=self.device)
             pipe.set_progress_bar_config(disable=True)  # the UI shows its own progress
             self.pipe, self._img2img = pipe, None
-            self.model_name, self.layout, self.error = model, describe_transformer(pipe.transformer), None
+            self.model_name, self.layout, self.error = name or model, describe_transformer(pipe.transformer), None
 
     def require(self):
         """The loaded pipeline, or a `ValueError` that says how to load one."""
@@ -171,6 +190,14 @@ class ModelHost:
 
     # ------------------------------------------------------------------ metric models (loaded once)
     def metric(self, key: tuple, factory: Callable[[], object]) -> object:
-        if key not in self._metrics:
-            self._metrics[key] = factory()
-        return self._metrics[key]
+        """The metric model under `key`, built once; at most `max_metric_models` are kept (least recent dropped)."""
+        with self._metrics_lock:
+            if key in self._metrics:
+                self._metrics.move_to_end(key)
+                return self._metrics[key]
+        model = factory()
+        with self._metrics_lock:
+            self._metrics[key] = model
+            while len(self._metrics) > self.max_metric_models:
+                self._metrics.popitem(last=False)
+        return model

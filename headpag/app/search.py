@@ -1,6 +1,6 @@
 """
 HeadHunter in the background of the UI: one search at a time on the loaded model, its progress and heatmap readable
-at any moment, resumable from its run directory.
+at any moment, cancellable between batches by the client that started it, resumable by run name.
 """
 
 from __future__ import annotations
@@ -8,32 +8,87 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from diffusers.utils import logging
 from PIL import Image
 
+from ..options import Limits
+from ..runtime import TransformerLayout
 from ..search.config import SearchConfig
 from ..search.journal import read_journal
+from . import inputs
 from .heads_grid import render_grid
-from .host import ModelHost
+from .host import ModelHost, ModelLock
+from .roots import Roots
 
 
 logger = logging.get_logger(__name__)
+
+MAX_META_BYTES = 1 << 20  # a run's config.json or round file larger than this is not one the UI wrote
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "prompts": (list,),
+    "seeds": (list,),
+    "pairing": (str,),
+    "rounds": (int,),
+    "top_k": (int,),
+    "pool": (str, type(None)),
+    "pag_scale": (int, float),
+    "pag_identity_weight": (int, float),
+    "pag_identity_scope": (str,),
+    "guidance_scale": (int, float),
+    "true_cfg_scale": (int, float),
+    "num_inference_steps": (int,),
+    "height": (int,),
+    "width": (int,),
+    "style_prompt": (str, type(None)),
+    "negative_prompt": (str, type(None)),
+    "max_sequence_length": (int, type(None)),
+    "batch_size": (int,),
+}
+
+
+class SearchCancelled(Exception):
+    """Raised at the start of a search batch once the search was cancelled (every finished candidate is journaled)."""
+
+
+class _CancellableHold:
+    """The model lock for HeadHunter's batches: refuses to start another batch once `cancelled` is set."""
+
+    def __init__(self, lock: ModelLock, cancelled: threading.Event):
+        self.lock, self.cancelled = lock, cancelled
+
+    def __enter__(self):
+        if self.cancelled.is_set():
+            raise SearchCancelled("Search cancelled.")
+        self.lock.acquire("search")
+        if self.cancelled.is_set():
+            self.lock.release()
+            raise SearchCancelled("Search cancelled.")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
 
 
 class SearchJob:
     r"""
     A HeadHunter run in a background thread. Each search batch holds the model lock, so generations interleave
-    between batches.
+    between batches; [`~SearchJob.cancel`] stops the run before its next batch.
 
     Args:
         host ([`ModelHost`]): The loaded model.
         config ([`SearchConfig`]): The settings.
         output_dir (`str`): The run directory (an existing one with the same settings resumes).
         objective (`str`): `"clip"` or `"pickscore"`.
-        objective_model, objective_arch (`str`, *optional*): As for `headpag hunt`.
+        objective_model, objective_arch (`str`, *optional*): As for `headpag hunt` (already resolved to server paths
+            or names).
+        name (`str`, *optional*): The run's name, as clients see it (default: the folder name).
+        owner (`str`, *optional*): The client that started it (only it may cancel).
+        on_end (`Callable[[], None]`, *optional*): Called once when the thread ends (releases the admission ticket).
+        roots ([`Roots`], *optional*): Server paths in error messages are replaced by their root's name.
     """
 
     def __init__(
@@ -44,9 +99,14 @@ class SearchJob:
         objective: str = "clip",
         objective_model: str | None = None,
         objective_arch: str | None = None,
+        name: str | None = None,
+        owner: str | None = None,
+        on_end=None,
+        roots: Roots | None = None,
     ):
         self.host, self.config, self.output_dir = host, config, Path(output_dir)
         self.objective, self.objective_model, self.objective_arch = objective, objective_model, objective_arch
+        self.name, self.owner, self.on_end, self.roots = name or self.output_dir.name, owner, on_end, roots
         self.done = self.total = 0
         self.status = "starting"
         self.result = None
@@ -54,6 +114,7 @@ class SearchJob:
         self.started = time.monotonic()
         self.config_hash = config.config_hash(host.model_name or "")
         self.layout = host.layout
+        self.cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="headpag-search", daemon=True)
 
     def start(self) -> SearchJob:
@@ -67,8 +128,22 @@ class SearchJob:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    def cancel(self) -> None:
+        """Stop before the next batch (the batch in flight finishes and is journaled)."""
+        self.cancelled.set()
+        if self.status == "running":
+            self.status = "cancelling"
+
     def _progress(self, done: int, total: int) -> None:
         self.done, self.total = done, total
+
+    def _message(self, error: Exception) -> str:
+        if isinstance(error, UnicodeError):  # its message quotes the bytes it could not decode
+            return "a file could not be read as text (not UTF-8)"
+        if isinstance(error, ValueError):
+            text = str(error)
+            return self.roots.redact(text) if self.roots else text
+        return f"{type(error).__name__} (the server log has the details)"
 
     def _run(self) -> None:
         from ..search import HeadHunter
@@ -85,16 +160,23 @@ class SearchJob:
                 objective_arch=self.objective_arch,
                 model_name=self.host.model_name or "",
                 progress=self._progress,
-                lock=self.host.lock.held_by("search"),
+                lock=_CancellableHold(self.host.lock, self.cancelled),
             )
+            if self.cancelled.is_set():
+                raise SearchCancelled("Search cancelled.")
             self.status = "running"
             self.result = hunter.run()
             write_report(self.output_dir, self.layout.num_layers, self.layout.num_heads)
             self.status = "done"
+        except SearchCancelled:
+            self.status = "cancelled"
         except Exception as e:  # noqa: BLE001 - shown in the UI; the app keeps serving
-            logger.warning("search failed: %s", e)
-            self.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            logger.warning("search %s failed: %s", self.name, e)
+            self.error = self._message(e)
             self.status = "failed"
+        finally:
+            if self.on_end is not None:
+                self.on_end()
 
     # ------------------------------------------------------------------ what the UI shows
     def scores(self) -> tuple[int, dict[tuple[int, int], float], list[tuple[int, int]]]:
@@ -120,7 +202,7 @@ class SearchJob:
             "seconds_left": left,
             "selected": "" if not selected else ", ".join(f"{l}.{h}" for l, h in selected),
             "error": self.error,
-            "output_dir": str(self.output_dir),
+            "run": self.name,
         }
 
     def markdown(self) -> str:
@@ -135,22 +217,124 @@ class SearchJob:
             line += f" · ~{s['seconds_left']:.0f}s left"
         if waiting:
             line += f" · waiting for the {self.host.lock.holder} job"
+        if s["status"] == "cancelled":
+            line += " · every finished candidate is in the journal; *Resume run* continues it"
         if s["selected"]:
             line += f"\n\nSelected so far: `{s['selected']}`"
-        line += f"\n\nRun directory: `{s['output_dir']}`"
+        line += f"\n\nRun: `{s['run']}`"
         return line
 
 
-def config_from_run_dir(run_dir: str | Path) -> SearchConfig:
-    """The settings of an existing run directory (to resume it)."""
-    meta = Path(run_dir) / "config.json"
-    if not meta.is_file():
-        raise ValueError(f"{run_dir} is not a HeadHunter run directory: it has no config.json.")
-    return SearchConfig(**json.loads(meta.read_text())["config"])
+def _read_small_json(path: Path) -> Any:
+    """A small JSON file, or `None` when it is missing, too large, not UTF-8 or not JSON (nothing is quoted)."""
+    try:
+        if path.stat().st_size > MAX_META_BYTES:
+            return None
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def read_run_meta(run_dir: Path, name: str) -> dict[str, Any]:
+    r"""
+    The `config.json` of a run folder, checked field by field; a `ValueError` that quotes nothing from the file
+    when it is not one HeadHunter wrote.
+
+    Args:
+        run_dir (`Path`): The (resolved, contained) run folder.
+        name (`str`): The run's name, for messages.
+    """
+    invalid = ValueError(
+        f"Search run {name!r} is not a valid HeadHunter run folder (its config.json is missing or malformed)."
+    )
+    meta = _read_small_json(run_dir / "config.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config_hash"), str):
+        raise invalid
+    config = meta.get("config")
+    if not isinstance(config, dict) or set(config) - set(CONFIG_TYPES):
+        raise invalid
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, CONFIG_TYPES[key]):
+            raise invalid
+    if not all(isinstance(p, str) for p in config.get("prompts", [])):
+        raise invalid
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in config.get("seeds", [])):
+        raise invalid
+    return meta
+
+
+def check_search(values: dict[str, Any], num_layers: int, num_heads: int, limits: Limits) -> None:
+    r"""
+    Refuse a search over a limit before anything is built or expanded (a new search's values, or a resumed run's
+    `config.json`): prompts, seeds, prompt-seed pairs, rounds, the pool (against the model's grid), steps, size,
+    scales and batch size, each refusal naming the limit and its flag.
+
+    Args:
+        values (`dict`): [`SearchConfig`] fields (missing ones take its defaults).
+        num_layers, num_heads (`int`): The loaded model's grid.
+        limits ([`Limits`]): The server's limits.
+    """
+    defaults = SearchConfig.__dataclass_fields__
+    get = lambda key: values.get(key, defaults[key].default if key != "seeds" else [0])  # noqa: E731
+    prompts, seeds = values.get("prompts") or [], get("seeds")
+    if not prompts:
+        raise ValueError("Give at least one prompt (one per line).")
+    limits.check_count("number of prompts", len(prompts), "max_prompts")
+    for prompt in prompts:
+        inputs.text(prompt, "a prompt", limits)
+    limits.check_count("number of seeds", len(seeds), "max_seeds")
+    for seed in seeds:
+        inputs.integer(seed, "seed", minimum=0, maximum=2**63 - 1)
+    pairs = len(prompts) * len(seeds) if get("pairing") == "product" else len(prompts)
+    limits.check_count("number of prompt-seed pairs", pairs, "max_pairs")
+    inputs.integer(get("rounds"), "rounds", minimum=1, limits=limits, limit="max_rounds")
+    inputs.integer(get("top_k"), "top_k", minimum=1, limits=limits, limit="max_pool")
+    inputs.pool(get("pool") or "", num_layers, num_heads, limits)
+    inputs.integer(get("num_inference_steps"), "num_inference_steps", minimum=1, limits=limits, limit="max_steps")
+    inputs.size(get("height"), "height", limits)
+    inputs.size(get("width"), "width", limits)
+    inputs.number(get("pag_scale"), "pag_scale", minimum=0, limits=limits, limit="max_scale")
+    inputs.number(get("pag_identity_weight"), "pag_identity_weight", minimum=0, maximum=1)
+    inputs.number(get("guidance_scale"), "guidance_scale", minimum=0, limits=limits, limit="max_scale")
+    inputs.number(get("true_cfg_scale"), "true_cfg_scale", minimum=0, limits=limits, limit="max_scale")
+    inputs.integer(get("batch_size"), "batch_size", minimum=1, limits=limits, limit="max_images")
+    inputs.text(get("style_prompt"), "style_prompt", limits)
+    inputs.text(get("negative_prompt"), "negative_prompt", limits)
+    if get("max_sequence_length") is not None:
+        inputs.integer(get("max_sequence_length"), "max_sequence_length", minimum=1, maximum=512)
+
+
+def config_from_run_dir(
+    run_dir: str | Path,
+    name: str | None = None,
+    layout: TransformerLayout | None = None,
+    limits: Limits | None = None,
+) -> SearchConfig:
+    r"""
+    The settings of an existing run folder (to resume it); a `ValueError` quoting nothing from its files.
+
+    Args:
+        run_dir (`str`): The run folder. name (`str`, *optional*): Its name, for messages.
+        layout (`TransformerLayout`, *optional*), limits ([`Limits`], *optional*): When given, the settings are
+            checked against the model's grid and the limits (see [`check_search`]) before they are built.
+    """
+    run_dir = Path(run_dir)
+    name = name or run_dir.name
+    meta = read_run_meta(run_dir, name)
+    if layout is not None:
+        check_search(meta["config"], layout.num_layers, layout.num_heads, limits or Limits())
+    try:
+        return SearchConfig(
+            **{f.name: meta["config"][f.name] for f in fields(SearchConfig) if f.name in meta["config"]}
+        )
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Search run {name!r} is not a valid HeadHunter run folder (its settings do not form a search)."
+        ) from None
 
 
 def run_scores(
-    run_dir: str | Path, config_hash: str | None = None
+    run_dir: str | Path, config_hash: str | None = None, name: str | None = None
 ) -> tuple[int, dict[tuple[int, int], float], list[tuple[int, int]]]:
     r"""
     The latest round of a run directory: `(round, {(layer, head): score} so far, heads selected up to it)`.
@@ -158,19 +342,21 @@ def run_scores(
     Args:
         run_dir (`str`): A HeadHunter run directory.
         config_hash (`str`, *optional*): Read from its `config.json` when not given.
+        name (`str`, *optional*): The run's name, for messages.
     """
     run = Path(run_dir)
     if config_hash is None:
-        meta = run / "config.json"
-        if not meta.is_file():
-            raise ValueError(f"{run} is not a HeadHunter run directory (no config.json).")
-        config_hash = json.loads(meta.read_text())["config_hash"]
+        config_hash = read_run_meta(run, name or run.name)["config_hash"]
     records = read_journal(run / "journal.jsonl", config_hash)
     current = max((r["round"] for r in records), default=0)
     selected: list[tuple[int, int]] = []
     for r in range(current + 1):
-        round_file = run / "rounds" / f"round_{r}.json"
-        if round_file.exists():
-            selected = [tuple(h) for h in json.loads(round_file.read_text())["selected"]]
+        doc = _read_small_json(run / "rounds" / f"round_{r}.json")
+        heads = doc.get("selected") if isinstance(doc, dict) else None
+        if isinstance(heads, list) and all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in h)
+            for h in heads
+        ):
+            selected = [tuple(h) for h in heads]
     scores = {(x["layer"], x["head"]): x["score"] for x in records if x["round"] == current}
     return current, scores, selected

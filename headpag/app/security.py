@@ -1,0 +1,180 @@
+"""
+Who may reach the UI and what they may call: credentials, the start-up check on exposure, client identities, and an
+ASGI guard in front of Gradio's routes (named calls of UI-only handlers and oversized request bodies are refused).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from diffusers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+AUTH_ENV = "HEADPAG_UI_AUTH"
+LOOPBACK_NAMES = ("localhost",)
+# Gradio's named-call routes: /gradio_api/call/NAME, /call/v2/NAME, /run/NAME, /api/NAME (with or without prefix).
+NAMED_ROUTE = re.compile(r"/(?:call/v2|call|run|api)/(?P<name>[^/]+)/?$")
+BODY_SLACK = 1 << 20  # multipart framing and JSON around an upload of the largest allowed size
+
+
+# ---------------------------------------------------------------------------------------------------- credentials
+def parse_credential(text: str, where: str) -> tuple[str, str]:
+    """`"user:pass"` -> `("user", "pass")` (the password may hold `:`); messages never quote the password."""
+    user, sep, password = text.strip().partition(":")
+    user = user.strip()
+    if not sep or not user or not password:
+        raise ValueError(f"{where}: expected 'user:password' with a non-empty user and password.")
+    return user, password
+
+
+def read_auth_file(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Credentials from a file of `user:password` lines (blank lines and `#` comments skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--auth-file {path}: cannot read it ({type(e).__name__}).") from None
+    out = [
+        parse_credential(line, f"--auth-file {path}, line {number}")
+        for number, line in enumerate(lines, start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not out:
+        raise ValueError(f"--auth-file {path} holds no 'user:password' line.")
+    return out
+
+
+def collect_auth(
+    auth: Iterable[str] | None = None, auth_file: str | os.PathLike | None = None, env: dict | None = None
+) -> list[tuple[str, str]] | None:
+    r"""
+    Every credential given at start-up, or `None` when there is none (authentication off).
+
+    Args:
+        auth (`list[str]`, *optional*): `--auth user:password` values.
+        auth_file (`str`, *optional*): `--auth-file`, lines of `user:password`.
+        env (`dict`, *optional*): The environment (default `os.environ`); `HEADPAG_UI_AUTH` holds `user:password`
+            entries separated by commas or newlines.
+    """
+    env = os.environ if env is None else env
+    pairs = [parse_credential(a, "--auth") for a in auth or ()]
+    if auth_file:
+        pairs += read_auth_file(auth_file)
+    raw = env.get(AUTH_ENV, "")
+    pairs += [parse_credential(e, AUTH_ENV) for e in re.split(r"[,\n]", raw) if e.strip()]
+    users: dict[str, str] = {}
+    for user, password in pairs:
+        users[user] = password  # the last definition of a user wins
+    return list(users.items()) or None
+
+
+# ---------------------------------------------------------------------------------------------------- exposure
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` reaches this machine only (`127.0.0.0/8`, `::1`, `localhost`)."""
+    host = (host or "").strip().strip("[]")
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, share: bool, authenticated: bool, insecure: bool) -> str | None:
+    r"""
+    Refuse to serve beyond this machine without authentication.
+
+    Args:
+        host (`str`): The interface to bind. share (`bool`): Whether a public share link is made.
+        authenticated (`bool`): Whether credentials were given. insecure (`bool`): `--insecure`.
+
+    Returns:
+        A warning to log when the exposure is allowed by `--insecure`, else `None`.
+
+    Raises:
+        `ValueError`: saying why and what to do, when the server would be reachable by others without a login.
+    """
+    if authenticated:
+        return None
+    reasons = []
+    if not is_loopback(host):
+        reasons.append(f"--host {host} is reachable from other machines")
+    if share:
+        reasons.append("--share makes a public link")
+    if not reasons:
+        return None
+    why = " and ".join(reasons)
+    if insecure:
+        return f"{why}, and no authentication is set: anyone who can reach it can use this server (--insecure)."
+    raise ValueError(
+        f"Refusing to start: {why}, but no authentication is set, so anyone could generate images, run searches "
+        "and switch the model. Give --auth user:password, --auth-file FILE or HEADPAG_UI_AUTH; or bind 127.0.0.1; "
+        "or pass --insecure to serve without a login anyway."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- clients
+def client_id(request) -> str:
+    """The client of a request: the logged-in user when authentication is on, else the IP address."""
+    if request is None:
+        return "local"
+    username = getattr(request, "username", None)
+    if username:
+        return f"user:{username}"
+    client = getattr(request, "client", None)
+    host = getattr(client, "host", None) if client is not None else None
+    return f"ip:{host or 'unknown'}"
+
+
+# ---------------------------------------------------------------------------------------------------- ASGI guard
+class RequestGuard:
+    r"""
+    ASGI middleware in front of the Gradio app.
+
+    Args:
+        app: The wrapped ASGI app.
+        public (`Callable[[], Sequence[str]]`): The API names clients may call by name; a named call
+            (`/gradio_api/call/NAME`, `/run/NAME`, ...) of any other handler is answered 404.
+        max_body (`int`): Largest request body in bytes (declared `Content-Length`); larger ones get 413.
+    """
+
+    def __init__(self, app, public: Callable[[], Sequence[str]], max_body: int):
+        self.app, self.public, self.max_body = app, public, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                status, message = refusal
+                body = json.dumps({"detail": message}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> tuple[int, str] | None:
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                try:
+                    size = int(value)
+                except ValueError:
+                    return 400, "Invalid Content-Length."
+                if size > self.max_body:
+                    return 413, f"Request body of {size} bytes is over the limit of {self.max_body} bytes."
+        if scope.get("method") == "POST":
+            match = NAMED_ROUTE.search(scope.get("path", ""))
+            if match and match["name"] not in self.public():
+                return 404, "No such API endpoint."
+        return None

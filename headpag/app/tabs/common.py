@@ -1,0 +1,197 @@
+"""What every tab shares: the app context (model, roots, limits, admission, the current search), error handling that
+never shows a traceback, a server path or a file's content, and the head grid helpers."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from diffusers.utils import logging
+from PIL import Image
+
+from ...options import Limits
+from ...pipelines.tiny import TINY_MODELS
+from ..admission import Admission
+from ..generate import Cancelled
+from ..heads_grid import render_grid, selected_pairs
+from ..host import ModelHost
+from ..roots import Roots
+from ..search import SearchCancelled, SearchJob
+from ..security import client_id
+
+
+logger = logging.get_logger(__name__)
+
+KNOWN_MODELS = [
+    "stabilityai/stable-diffusion-3-medium-diffusers",
+    "stabilityai/stable-diffusion-3.5-medium",
+    "stabilityai/stable-diffusion-3.5-large",
+    "black-forest-labs/FLUX.1-dev",
+    "black-forest-labs/FLUX.1-schnell",
+    *TINY_MODELS,
+]
+CSS = """
+#head-grid img { image-rendering: pixelated; cursor: pointer; }
+.field-error { color: #b42318; font-size: 0.9em; }
+.field-ok { color: #067647; font-size: 0.9em; }
+"""
+MAX_INPUT_IMAGE_FACTOR = 4  # an img2img input may be up to 4 x max_size on a side (the pipeline resizes it)
+
+
+@dataclass
+class AppContext:
+    r"""
+    Everything the tabs' handlers use.
+
+    Args:
+        host ([`ModelHost`]): The model (may hold a start-up error instead).
+        roots ([`Roots`]): The folders the UI may read or write.
+        limits ([`~headpag.options.Limits`]): What one request may cost.
+        model_switch (`bool`): Whether clients may load another model.
+    """
+
+    host: ModelHost
+    roots: Roots
+    limits: Limits
+    model_switch: bool = True
+    admission: Admission = None
+    jobs: dict[str, SearchJob] = field(default_factory=dict)
+    search_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        if self.admission is None:
+            self.admission = Admission(self.limits)
+
+    # ------------------------------------------------------------------ errors
+    def message(self, error: BaseException) -> str:
+        """What a client reads of an error: our messages with server paths replaced, other errors by type only."""
+        if isinstance(error, gr.Error):
+            return self.roots.redact(str(error.message))
+        if isinstance(error, UnicodeError):  # its message quotes the bytes it could not decode
+            return "A file could not be read as text (not UTF-8); nothing was done."
+        if isinstance(error, (ValueError, Cancelled, SearchCancelled)):
+            return self.roots.redact(str(error))
+        return f"{type(error).__name__} (the server log has the details)."
+
+    def readable(self, fn):
+        """Turn exceptions into `gr.Error` messages (no stack trace, server path or file content); the app keeps
+        serving."""
+
+        def convert(e: Exception) -> gr.Error:
+            if not isinstance(e, (gr.Error, ValueError, Cancelled, SearchCancelled)):
+                logger.exception("request failed")
+            return gr.Error(self.message(e), print_exception=False)
+
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def gen_wrapper(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001
+                    raise convert(e) from None
+
+            return gen_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise convert(e) from None
+
+        return wrapper
+
+    # ------------------------------------------------------------------ heads
+    def family_defaults(self) -> dict:
+        """Control defaults for the loaded family (tiny models: few steps, small images), within the limits."""
+        host, limits = self.host, self.limits
+        tiny = host.model_name in TINY_MODELS or host.pipe is None  # nothing loaded: the tiny models are offered
+        flux = host.family == "flux"
+        steps = (4 if flux else 8) if tiny else 28
+        size = 64 if tiny else 1024
+        return dict(
+            steps=min(steps, limits.max_steps),
+            size=max(16, min(size, limits.max_size // 16 * 16)),
+            guidance=min(3.5 if flux else 7.0, limits.max_scale),
+            guidance_label="Guidance embedding (FLUX)" if flux else "CFG scale (off at <= 1)",
+            flux=flux,
+        )
+
+    def spec_check(self, spec: str) -> str:
+        """A one-line verdict on a head spec, shown next to the field."""
+        if self.host.layout is None:
+            return ""
+        if not isinstance(spec, str) or not spec.strip():
+            return "<span class='field-ok'>Empty: the pipeline's default heads.</span>"
+        try:
+            pairs = selected_pairs(spec, self.host.layout.num_layers, self.host.layout.num_heads, self.limits)
+        except ValueError as e:
+            return f"<span class='field-error'>⚠ {_escape(str(e))}</span>"
+        layers = sorted({l for l, _ in pairs})
+        return f"<span class='field-ok'>✓ {len(pairs)} heads on layer(s) {', '.join(map(str, layers))}.</span>"
+
+    def grid_image(self, spec: str, scores: dict | None = None):
+        layout = self.host.layout
+        if layout is None:
+            return None
+        try:
+            chosen = selected_pairs(
+                spec if isinstance(spec, str) else "", layout.num_layers, layout.num_heads, self.limits
+            )
+        except ValueError:
+            chosen = set()
+        return render_grid(layout.num_layers, layout.num_heads, chosen, scores, layout.num_double_blocks)
+
+
+def scores_from_state(state) -> dict | None:
+    return None if not state else {tuple(map(int, k.split("."))): v for k, v in state.items()}
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def client(request: gr.Request | None) -> str:
+    return client_id(request)
+
+
+def read_uploaded_image(payload: Any, limits: Limits) -> Image.Image | None:
+    r"""
+    The PIL image of an uploaded file (an `image` input that skipped Gradio's preprocessing).
+
+    Gradio has already checked that the file is one uploaded to this server; it is checked again here to lie in
+    Gradio's upload folder, and its size is read from its header before it is decoded.
+
+    Args:
+        payload (`dict`, *optional*): Gradio's file data (`{"path": ...}`).
+        limits ([`Limits`]): Each side at most `MAX_INPUT_IMAGE_FACTOR x max_size`.
+    """
+    from gradio.utils import get_upload_folder
+
+    if payload is None:
+        return None
+    path = payload.get("path") if isinstance(payload, dict) else None
+    if not isinstance(path, str):
+        raise ValueError("image must be an uploaded image file.")
+    upload = Path(get_upload_folder()).resolve()
+    resolved = Path(path).resolve()
+    if upload not in resolved.parents or not resolved.is_file():
+        raise ValueError("image must be a file uploaded to this server.")
+    bound = MAX_INPUT_IMAGE_FACTOR * limits.max_size
+    try:
+        with Image.open(resolved) as im:
+            if max(im.size) > bound:
+                raise ValueError(
+                    f"The input image is {im.width}x{im.height}; each side may be at most {bound} "
+                    f"({MAX_INPUT_IMAGE_FACTOR} x max_size={limits.max_size}; the server's operator can raise it with "
+                    f"{Limits.flag('max_size')})."
+                )
+            return im.convert("RGB")
+    except (OSError, Image.DecompressionBombError):
+        raise ValueError("The input image is not a readable image file.") from None

@@ -1,0 +1,454 @@
+"""
+The web UI against hostile clients, through its API (gradio_client and raw HTTP) on 127.0.0.1 with tiny models:
+folders named inside the server's roots only, no file content in errors, model loading by name, authentication and
+exposure, limits refused before any work (non-finite numbers included), search cancellation and queue bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_tiny_clip_checkpoint
+from PIL import Image
+
+
+pytest.importorskip("gradio_client")
+import httpx  # noqa: E402
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from test_app import free_port, serve  # noqa: E402
+
+from headpag.app.security import check_exposure, collect_auth, is_loopback, read_auth_file  # noqa: E402
+from headpag.options import Limits  # noqa: E402
+
+
+USERS = {"alice": "pw-alice", "bob": "pw-bob", "carol": "pw-carol"}
+SECRET = "SECRET-7f3a"  # planted in files the server must never quote
+LIMITS = dict(max_queue_per_client=1, max_queue=2, max_upload_mb=1.0)
+SEARCH = dict(
+    prompts="a cat\na dog",
+    seeds="0",
+    top_k=1,
+    objective="clip",
+    objective_arch="tiny-clip.json",
+    objective_model="tiny-clip.safetensors",
+    num_inference_steps=2,
+    size=32,
+    batch_size=1,
+)
+WEIGHTS = dict(objective="clip", objective_arch="tiny-clip.json", objective_model="tiny-clip.safetensors")
+
+
+def _plant(tmp: Path) -> Path:
+    """The server's folders with crafted content, and an outside folder with secrets and a model."""
+    from headpag import load_pipeline
+
+    outside = tmp / "outside"
+    (outside / "model").mkdir(parents=True)
+    (outside / "config.json").write_text(json.dumps({"config_hash": SECRET, "config": {SECRET: 1}}))
+    (outside / "report.md").write_text(f"# {SECRET}\n")
+    (outside / "secret.txt").write_text(SECRET)
+    Image.new("RGB", (16, 16), "red").save(outside / "picture.png")
+    (outside / "model" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    ui = tmp / "ui"
+    search, models, evals = ui / "search", ui / "models", ui / "eval"
+    for folder in (search, models, evals):
+        folder.mkdir(parents=True)
+    write_tiny_clip_checkpoint(models, "tiny-clip")
+    load_pipeline("tiny-sd3").save_pretrained(models / "tiny-local")
+    (models / "crafted-model").mkdir()
+    (models / "crafted-model" / "model_index.json").write_text(json.dumps({"_class_name": f"{SECRET}Pipeline"}))
+    (models / "evil-link").symlink_to(outside / "model")
+    (search / "evil-link").symlink_to(outside)
+    (search / "crafted").mkdir()
+    (search / "crafted" / "config.json").write_text(json.dumps({"config_hash": "x", "config": {SECRET: 1}}))
+    (search / "binary").mkdir()
+    (search / "binary" / "config.json").write_bytes(b"\x89" + SECRET.encode())
+    (search / "linked").mkdir()
+    (search / "linked" / "config.json").symlink_to(outside / "config.json")
+    (evals / "evil-link").symlink_to(outside)
+    (evals / "binary-report").mkdir()
+    (evals / "binary-report" / "report.md").write_bytes(b"\xff\xfe" + SECRET.encode())
+    (evals / "linked-report").mkdir()
+    (evals / "linked-report" / "report.md").symlink_to(outside / "report.md")
+    (evals / "linked-images").mkdir()
+    (evals / "linked-images" / "a.png").symlink_to(outside / "picture.png")
+    return outside
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    """A server with authentication (alice, bob, carol) and small queue and upload limits."""
+    tmp = tmp_path_factory.mktemp("secure")
+    outside = _plant(tmp)
+    demo, url = serve("tiny-sd3", tmp / "ui", auth=list(USERS.items()), limits=Limits(**LIMITS))
+    yield demo, url, tmp / "ui", outside
+    demo.close()
+
+
+def login(secure, user: str = "alice") -> Client:
+    return Client(secure[1], auth=(user, USERS[user]), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def alice(secure):
+    return login(secure, "alice")
+
+
+def http(secure, user: str | None = "alice") -> httpx.Client:
+    """Raw HTTP, logged in as `user` (None: anonymous)."""
+    h = httpx.Client(base_url=secure[1], timeout=120)
+    if user is not None:
+        assert h.post("login", data={"username": user, "password": USERS[user]}).status_code == 200
+    return h
+
+
+def call_raw(h: httpx.Client, name: str, body: str) -> str:
+    """Call a named endpoint with a raw JSON body (so `NaN` and `Infinity` reach the server); the event stream."""
+    r = h.post(f"gradio_api/call/v2/{name}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    return h.get(f"gradio_api/call/v2/{name}/{r.json()['event_id']}").text
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------- auth
+def test_unauthenticated_clients_are_refused(secure):
+    with pytest.raises(Exception):  # noqa: B017 - the client cannot even read the app's config
+        Client(secure[1], verbose=False)
+    with pytest.raises(Exception):  # noqa: B017
+        Client(secure[1], auth=("alice", "wrong"), verbose=False)
+    anonymous = http(secure, None)
+    assert anonymous.get("gradio_api/info").status_code == 401
+    assert anonymous.post("gradio_api/call/v2/generate", json={"prompt": "a cat"}).status_code == 401
+    assert anonymous.post("login", data={"username": "alice", "password": "nope"}).status_code == 400
+
+
+def test_authenticated_client_generates(alice, secure):
+    pag, nopag, *_ = alice.predict(prompt="a cat", num_inference_steps=1, api_name="/generate")
+    assert Image.open(pag).size == (64, 64)
+    assert http(secure).get("gradio_api/info").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------- exposure
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.5", "::1", "[::1]", "localhost", "LOCALHOST"])
+def test_loopback_hosts(host):
+    assert is_loopback(host) and check_exposure(host, False, authenticated=False, insecure=False) is None
+
+
+@pytest.mark.parametrize(
+    "host, share", [("0.0.0.0", False), ("192.168.1.7", False), ("::", False), ("127.0.0.1", True)]
+)
+def test_exposure_without_auth_is_refused_at_start_up(tmp_path, host, share):
+    from headpag.app import launch
+
+    with pytest.raises(ValueError, match="Refusing to start: .*no authentication is set.*--insecure"):
+        launch("tiny-sd3", host=host, share=share, port=free_port(), block=False, workdir=str(tmp_path))
+    assert not (tmp_path / "output").exists()  # refused before anything was created, loaded or served
+    warning = check_exposure(host, share, authenticated=False, insecure=True)
+    assert "--insecure" in warning  # allowed with --insecure, loudly
+    assert check_exposure(host, share, authenticated=True, insecure=False) is None
+
+
+def test_cli_refuses_exposure_without_auth(tmp_path, capsys, monkeypatch):
+    from headpag.cli import main
+
+    monkeypatch.delenv("HEADPAG_UI_AUTH", raising=False)
+    code = main(["ui", "--model", "tiny-sd3", "--host", "0.0.0.0", "--workdir", str(tmp_path)])
+    assert (
+        code == 2 and "Refusing to start: --host 0.0.0.0 is reachable from other machines" in capsys.readouterr().err
+    )
+
+
+def test_credentials_from_flags_file_and_environment(tmp_path):
+    file = tmp_path / "users"
+    file.write_text("# logins\nbob:pw:with:colons\n\ncarol:pw-c\n")
+    env = {"HEADPAG_UI_AUTH": "dave:pw-d, erin:pw-e"}
+    pairs = collect_auth(["alice:pw-a"], file, env=env)
+    assert pairs == [
+        ("alice", "pw-a"),
+        ("bob", "pw:with:colons"),
+        ("carol", "pw-c"),
+        ("dave", "pw-d"),
+        ("erin", "pw-e"),
+    ]
+    assert collect_auth(None, None, env={}) is None
+    file.write_text("alice-without-password\n")
+    with pytest.raises(ValueError, match="line 1: expected 'user:password'") as info:
+        read_auth_file(file)
+    assert "alice-without-password" not in str(info.value)  # a credential line is never quoted
+
+
+# ---------------------------------------------------------------------------------------------------- roots
+ESCAPES = [
+    "/etc",
+    "run\n",
+    "../../escape",
+    "..",
+    "%2e%2e%2fescape",
+    "a/b",
+    "a\\b",
+    "evil-link",
+    "",
+    ".hidden",
+    "x" * 65,
+]
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_path_escapes_are_refused(alice, secure, name):
+    ui, outside = secure[2], secure[3]
+    before = tree(outside)
+    calls = [
+        dict(**SEARCH, rounds=1, run=name, api_name="/search"),
+        dict(run=name, **WEIGHTS, api_name="/resume_search"),
+        dict(run=name, api_name="/eval_report"),
+        dict(source="folder", folder=name, metrics=["clip"], clip_model="tiny-clip.json", api_name="/evaluate"),
+    ]
+    for kwargs in calls:
+        if name == "" and kwargs["api_name"] == "/search":
+            continue  # an empty run name is a new, timestamped run: fine
+        with pytest.raises(AppError) as info:
+            alice.predict(**kwargs)
+        message = str(info.value)
+        assert any(s in message for s in ("Invalid", "outside", "No ", "Choose")), (kwargs["api_name"], message)
+        assert str(outside) not in message and str(ui) not in message and SECRET not in message
+    assert tree(outside) == before  # nothing written through a link
+    assert not (ui / "escape").exists() and not (ui.parent / "escape").exists()
+
+
+def test_crafted_files_are_never_quoted(alice, secure):
+    for run in ("crafted", "binary"):
+        with pytest.raises(AppError, match="not a valid HeadHunter run folder") as info:
+            alice.predict(run=run, **WEIGHTS, api_name="/resume_search")
+        assert SECRET not in str(info.value) and "0x89" not in str(info.value)
+    with pytest.raises(AppError, match="outside") as info:
+        alice.predict(run="linked", **WEIGHTS, api_name="/resume_search")
+    assert SECRET not in str(info.value)
+    with pytest.raises(AppError, match="not a valid `headpag eval` run folder") as info:
+        alice.predict(run="binary-report", api_name="/eval_report")
+    assert SECRET not in str(info.value) and "0xff" not in str(info.value)
+    for run in ("linked-report", "evil-link"):
+        with pytest.raises(AppError, match="outside") as info:
+            alice.predict(run=run, api_name="/eval_report")
+        assert SECRET not in str(info.value)
+    with pytest.raises(AppError, match="outside"):
+        alice.predict(source="folder", folder="linked-images", clip_model="tiny-clip.json", api_name="/evaluate")
+    with pytest.raises(AppError, match="Unknown CLIP model") as info:
+        alice.predict(source="gallery", clip_model="secret.txt", api_name="/evaluate")
+    with pytest.raises(AppError, match="No CLIP weights file named"):
+        alice.predict(source="gallery", clip_model="tiny-clip.json", clip_checkpoint="x.pt", api_name="/evaluate")
+
+
+def test_only_outputs_are_served(alice, secure):
+    ui, outside = secure[2], secure[3]
+    pag, *_ = alice.predict(prompt="a cat", num_inference_steps=1, api_name="/generate")
+    served = next((ui / "output").glob("*.png"))
+    logged_in, anonymous = http(secure), http(secure, None)
+    assert logged_in.get(f"gradio_api/file={served}").status_code == 200
+    assert anonymous.get(f"gradio_api/file={served}").status_code == 401
+    for path in (ui / "models" / "tiny-clip.json", ui / "search" / "crafted" / "config.json", outside / "secret.txt"):
+        response = logged_in.get(f"gradio_api/file={path}")
+        assert response.status_code == 403 and SECRET not in response.text
+
+
+def test_upload_size_is_capped(secure):
+    h = http(secure)
+    big = b"0" * int(1.5 * (1 << 20))  # over max_upload_mb=1
+    response = h.post("gradio_api/upload", files={"files": ("big.png", big, "image/png")})
+    assert response.status_code == 413
+
+
+def test_ui_only_handlers_are_not_callable_through_the_api(alice, secure):
+    demo = secure[0]
+    private = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility == "private")
+    assert {"redraw", "spec_check", "save_heads", "load_scores", "click_cell"} <= set(private)
+    h = http(secure)
+    for name in private:
+        with pytest.raises(ValueError, match="Cannot find a function"):
+            alice.predict("1", api_name=f"/{name}")
+        for route in (f"gradio_api/call/{name}", f"gradio_api/call/v2/{name}", f"gradio_api/run/{name}"):
+            assert h.post(route, json={"data": ["1"]}).status_code == 404, route
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def test_model_switching_by_name_only(alice, secure, tmp_path, monkeypatch):
+    ui, outside = secure[2], secure[3]
+    try:
+        status, *_ = alice.predict(model="tiny-sd35", spec="", api_name="/load_model")
+        assert "Loaded:** `tiny-sd35`" in status
+        status, *_ = alice.predict(model="tiny-local", spec="1", api_name="/load_model")  # a models-folder name
+        assert "Loaded:** `tiny-local`" in status and str(ui) not in status
+        for model in (str(outside / "model"), "../outside/model", "/etc", "evil-link", "%2e%2e%2fmodel"):
+            with pytest.raises(AppError, match="not accepted|Invalid|outside|No model folder") as info:
+                alice.predict(model=model, spec="", api_name="/load_model")
+            assert str(outside) not in str(info.value)
+        status, *_ = alice.predict(model="crafted-model", spec="", api_name="/load_model")
+        assert "could not be loaded" in status and SECRET not in status and "Loaded:** `tiny-local`" in status
+        status, *_ = alice.predict(model="nobody/no-such-model", spec="", api_name="/load_model")
+        assert "Could not load 'nobody/no-such-model'" in status  # a hub id: tried on the hub (offline here)
+        monkeypatch.chdir(tmp_path)  # a hub id that is also a relative path on the server is not loaded from disk
+        (tmp_path / "owner" / "name").mkdir(parents=True)
+        with pytest.raises(AppError, match="also names a path on the server"):
+            alice.predict(model="owner/name", spec="", api_name="/load_model")
+    finally:
+        alice.predict(model="tiny-sd3", spec="", api_name="/load_model")
+
+
+def test_model_switch_can_be_switched_off(tmp_path):
+    demo, url = serve(None, tmp_path, model_switch=False)
+    try:
+        with pytest.raises(AppError, match="switched off on this server \\(--no-model-switch\\)"):
+            Client(url, verbose=False).predict(model="tiny-sd3", spec="", api_name="/load_model")
+        assert demo.headpag.host.pipe is None
+    finally:
+        demo.close()
+
+
+# ---------------------------------------------------------------------------------------------------- limits
+@pytest.mark.parametrize(
+    "endpoint, kwargs, message",
+    [
+        ("/generate", {"pag_heads": "0-99999999"}, "layer 99999999 does not exist; valid layers are 0-3"),
+        ("/generate", {"pag_heads": "1.0-99999999"}, "head 99999999 does not exist; valid heads are 0-3"),
+        ("/generate", {"width": 20000}, "width 20000 is over the limit max_size=2048.*--max-size"),
+        ("/generate", {"num_inference_steps": 10**6}, "over the limit max_steps=200.*--max-steps"),
+        ("/generate", {"pag_scale": 1e6}, "over the limit max_scale=100.*--max-scale"),
+        ("/generate", {"prompt": "x" * 5000}, "prompt is 5000 characters.*max_prompt_chars=2000.*--max-prompt-chars"),
+        ("/generate", {"seed": 2**70}, "seed must be <= "),
+        ("/search", {"seeds": "0-1000000"}, "over the limit max_seeds=1000.*--max-seeds"),
+        ("/search", {"size": 20000}, "over the limit max_size=2048.*--max-size"),
+        ("/search", {"pool": "0-99999999"}, "layer 99999999 does not exist"),
+        ("/search", {"rounds": 10**6}, "over the limit max_rounds=64.*--max-rounds"),
+        ("/search", {"batch_size": 10**5}, "over the limit max_images=8.*--max-images"),
+        ("/search", {"prompts": "a\n" * 1001}, "over the limit max_prompts=1000.*--max-prompts"),
+        ("/search", {"seeds": "0-99", "prompts": "a\n" * 11}, "pairs 1100 is over the limit max_pairs=1000"),
+        ("/search", {"num_inference_steps": 10**6}, "over the limit max_steps=200"),
+    ],
+)
+def test_huge_requests_are_refused_at_once(alice, secure, endpoint, kwargs, message):
+    base = {"prompt": "a cat", "num_inference_steps": 1} if endpoint == "/generate" else {**SEARCH, "run": "huge"}
+    start = time.monotonic()
+    with pytest.raises(AppError, match=message):
+        alice.predict(**{**base, **kwargs}, api_name=endpoint)
+    assert time.monotonic() - start < 10
+    assert not (secure[2] / "search" / "huge").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "endpoint, body, message",
+    [
+        ("generate", '{"prompt": "a cat", "pag_scale": NaN}', "pag_scale must be a finite number"),
+        ("generate", '{"prompt": "a cat", "guidance_scale": Infinity}', "guidance_scale must be a finite number"),
+        ("generate", '{"prompt": "a cat", "seed": -Infinity}', "seed must be a finite integer"),
+        ("generate", '{"prompt": "a cat", "width": NaN}', "width must be a finite integer"),
+        ("generate", '{"prompt": "a cat", "pag_interval_stop": NaN}', "pag_interval_stop must be a finite number"),
+        ("search", '{"prompts": "a cat", "pag_scale": Infinity, "run": "nan"}', "pag_scale must be a finite number"),
+        ("search", '{"prompts": "a cat", "size": NaN, "run": "nan"}', "height must be a finite integer"),
+        ("search", '{"prompts": "a cat", "rounds": "3", "run": "nan"}', "rounds must be an integer"),
+    ],
+)
+def test_non_finite_numbers_are_refused(secure, endpoint, body, message):
+    stream = call_raw(http(secure), endpoint, body)
+    assert "event: error" in stream and message in stream, stream
+    assert not (secure[2] / "search" / "nan").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- cancel
+def _journal(run: Path) -> list[str]:
+    path = run / "journal.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_cancel_a_running_search(alice, secure):
+    run = secure[2] / "search" / "cancel-me"
+    job = alice.submit(**SEARCH, rounds=2, run="cancel-me", api_name="/search")  # 16 + 15 candidates, 62 batches
+    deadline = time.monotonic() + 120
+    while not _journal(run) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _journal(run), "the search never journaled a candidate"
+    with pytest.raises(AppError, match="started by another client; only that client can cancel it"):
+        login(secure, "bob").predict(api_name="/cancel_search")
+    start = time.monotonic()
+    assert "Cancelling search run 'cancel-me'" in alice.predict(api_name="/cancel_search")
+    status, _, _ = job.result(timeout=60)
+    assert "cancelled" in status and time.monotonic() - start < 30
+    kept = _journal(run)
+    assert 0 < len(kept) < 31
+    records = [json.loads(line) for line in kept]  # every line a whole record
+    assert all({"round", "layer", "head", "score"} <= set(r) for r in records)
+    assert json.loads((run / "config.json").read_text())["config_hash"]
+    time.sleep(1.0)
+    assert _journal(run) == kept  # stopped: nothing more is written
+    with pytest.raises(AppError, match="No search is running"):
+        alice.predict(api_name="/cancel_search")
+    status, _, selected = alice.predict(run="cancel-me", **WEIGHTS, api_name="/resume_search")
+    assert "done" in status and len(selected.split(",")) == 2
+    final = _journal(run)
+    assert final[: len(kept)] == kept and len(final) == 31  # resumed: the cancelled run's candidates were kept
+
+
+# ---------------------------------------------------------------------------------------------------- queue
+def test_queue_bounds_per_client_and_in_total(secure):
+    ctx = secure[0].headpag
+    admission = ctx.admission
+    clients = {user: login(secure, user) for user in USERS}
+    wait = dict(prompt="waits for the model", num_inference_steps=2, api_name="/generate")
+    deadline = time.monotonic() + 60
+    jobs = []
+    ctx.host.lock.acquire("test")  # the model is busy: admitted generations wait for it
+    try:
+        jobs.append(clients["alice"].submit(**wait))
+        while admission.count("user:alice") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        start = time.monotonic()
+        with pytest.raises(AppError, match="max_queue_per_client=1.*--max-queue-per-client"):
+            clients["alice"].predict(prompt="another", num_inference_steps=1, api_name="/generate")
+        jobs.append(clients["bob"].submit(**wait))  # another client: admitted, it waits for the model
+        while admission.count("user:bob") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert admission.total == 2
+        with pytest.raises(AppError, match="server is busy.*max_queue=2.*--max-queue"):
+            clients["carol"].predict(prompt="a third", num_inference_steps=1, api_name="/generate")
+        assert time.monotonic() - start < 10  # refused at once, not after a wait
+        for user in ("alice", "bob"):
+            clients[user].predict(api_name="/cancel")
+    finally:
+        ctx.host.lock.release()
+    for job in jobs:
+        with pytest.raises(Exception):  # noqa: B017 - cancelled while waiting
+            job.result(timeout=120)
+    while admission.total and time.monotonic() < deadline + 60:
+        time.sleep(0.05)
+    assert admission.total == 0  # every ticket released
+    pag, *_ = clients["carol"].predict(prompt="now there is room", num_inference_steps=1, api_name="/generate")
+    assert Image.open(pag).size == (64, 64)
+
+
+def test_page_handlers_are_bounded_too(secure):
+    """The page calls its own handlers by index (that cannot be refused), so they are harmless: a huge spec costs as
+    much as its text."""
+    handlers = {fn.name: fn.fn for fn in secure[0].fns.values()}
+    start = time.monotonic()
+    assert "layer 99999999 does not exist" in handlers["spec_check"]("0-99999999")
+    assert handlers["redraw"]("0-99999999, 1.0-99999999", None) is not None  # the grid, with nothing selected
+    assert "max_prompt_chars" in handlers["spec_check"]("0," * 5000)
+    assert time.monotonic() - start < 5
+
+
+def test_ui_flags(tmp_path):
+    from headpag.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["ui", "--max-size", "512", "--max-queue", "3", "--auth", "a:b", "--auth", "c:d", "--no-model-switch"]
+    )
+    limits = Limits.from_args(args)
+    assert limits.max_size == 512 and limits.max_queue == 3 and limits.max_steps == Limits().max_steps
+    assert args.auth == ["a:b", "c:d"] and args.no_model_switch and args.workdir == "headpag-ui"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ui", "--max-size", "nan"])
