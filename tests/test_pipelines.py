@@ -352,3 +352,14 @@ def test_targets_run_and_differ(flux):
     assert not torch.allclose(outs["identity"], outs["uniform"]) and not torch.allclose(
         outs["uniform"], outs["query_mean"]
     )
+
+
+def test_non_finite_guidance_is_refused_before_work(sd3):
+    spy = BatchSpy(sd3.transformer)
+    for name in ("guidance_scale", "strength"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number, got nan"):
+            sd3("a cat", **COMMON, **{name: float("nan")})
+    with pytest.raises(ValueError, match="pag_scale must be a finite number >= 0, got inf"):
+        sd3("a cat", **COMMON, pag_scale=float("inf"))
+    spy.close()
+    assert spy.sizes == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,23 @@ PAG_DOCS = """
 """
 
 
+FINITE_ARGUMENTS = (
+    "guidance_scale",
+    "true_cfg_scale",
+    "strength",
+    "skip_layer_guidance_scale",
+    "controlnet_conditioning_scale",
+)
+
+
+def check_finite(kwargs: dict[str, Any]) -> None:
+    """Refuse non-finite guidance numbers before any work (diffusers would run and return a black image)."""
+    for name in FINITE_ARGUMENTS:
+        value = kwargs.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}.")
+
+
 def _diffusers_parent(cls: type) -> type:
     """The first diffusers pipeline class in `cls`'s MRO that is not one of ours."""
     for base in cls.__mro__[1:]:
@@ -95,6 +113,7 @@ class HeadPAGMixin:
 
         def __call__(self, *args, **kwargs):
             pag = {name: kwargs.pop(name) for name in PAG_NAMES if name in kwargs}
+            check_finite(kwargs)
             with head_pag(self, **pag):
                 return parent_call(self, *args, **kwargs)
 
