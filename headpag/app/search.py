@@ -18,7 +18,7 @@ from PIL import Image
 from ..options import Limits
 from ..runtime import TransformerLayout
 from ..search.config import SearchConfig
-from ..search.journal import read_journal
+from ..search.journal import mean_scores, pair_scores, read_journal
 from . import inputs
 from .heads_grid import render_grid
 from .host import ModelHost, ModelLock
@@ -47,6 +47,9 @@ CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "negative_prompt": (str, type(None)),
     "max_sequence_length": (int, type(None)),
     "batch_size": (int,),
+    "strategy": (str,),
+    "halving_min_pairs": (int,),
+    "halving_eta": (int,),
 }
 
 
@@ -358,5 +361,6 @@ def run_scores(
             for h in heads
         ):
             selected = [tuple(h) for h in heads]
-    scores = {(x["layer"], x["head"]): x["score"] for x in records if x["round"] == current}
+    # A head's mean over every pair it was scored on (halving scores survivors on more pairs stage by stage).
+    scores = mean_scores(pair_scores(records, current))
     return current, scores, selected

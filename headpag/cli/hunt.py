@@ -13,6 +13,13 @@ from .. import options
 def add_parser(sub) -> None:
     p = sub.add_parser("hunt", help="Search for the heads to perturb (HeadHunter).")
     p.add_argument("--report", metavar="DIR", default=None, help="Only rebuild the report of a search directory.")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        default=None,
+        help="Only compare two search directories: top-k overlap and Kendall's tau of their round-1 scores.",
+    )
     p.add_argument("--model", default=None, help="Hub id, local folder, or tiny-sd3 / tiny-sd35 / tiny-flux.")
     p.add_argument("--dtype", choices=options.DTYPES, default=None)
     p.add_argument("--device", default=None, help="Device (default: this process's accelerate device).")
@@ -59,6 +66,24 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--batch-size", type=options.positive(int), default=None, help="Images per transformer call (default 8)."
     )
+    p.add_argument(
+        "--strategy",
+        choices=["exhaustive", "halving"],
+        default=None,
+        help="exhaustive (default: every candidate on every pair) or halving (successive halving in each round).",
+    )
+    p.add_argument(
+        "--halving-min-pairs",
+        type=options.positive(int),
+        default=None,
+        help="halving: pairs of the first stage (default 1).",
+    )
+    p.add_argument(
+        "--halving-eta",
+        type=options.positive(int),
+        default=None,
+        help="halving: keep 1/eta of the candidates and multiply the pairs by eta at each stage (default 3, >= 2).",
+    )
     p.add_argument("--output-dir", default="runs/headhunter")
     p.add_argument(
         "--validation-images", type=options.positive(int), default=4, help="Pairs in the report's validation grid."
@@ -90,6 +115,9 @@ def build_config(args: argparse.Namespace, family: str, limits: options.Limits |
         "width": args.width,
         "max_sequence_length": args.max_sequence_length,
         "batch_size": args.batch_size,
+        "strategy": getattr(args, "strategy", None),
+        "halving_min_pairs": getattr(args, "halving_min_pairs", None),
+        "halving_eta": getattr(args, "halving_eta", None),
     }
     values.update({k: v for k, v in explicit.items() if v is not None})
     if "prompts" not in values:
@@ -125,14 +153,21 @@ class Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..search.report import write_report
+    from ..search.cost import Cost
+    from ..search.report import describe_cost, write_report
 
+    if getattr(args, "compare", None):
+        from ..search.compare import compare_runs, format_comparison
+
+        run_a, run_b = args.compare
+        print(format_comparison(run_a, run_b, compare_runs(run_a, run_b)))
+        return 0
     if args.report:
         report = write_report(args.report)
         print(f"report: {report / 'README.md'}")
         return 0
     if not args.model:
-        raise ValueError("headpag hunt needs --model (or --report DIR).")
+        raise ValueError("headpag hunt needs --model (or --report DIR, or --compare RUN_A RUN_B).")
     from ..pipelines import load_pipeline
     from ..runtime import describe_transformer
     from ..search.hunter import HeadHunter, process_state
@@ -165,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for i, (r, head) in enumerate((r, h) for r, rd in enumerate(result.rounds) for h in rd["chosen"]):
             print(f"  {i + 1:3d}. round {r}: {head[0]}.{head[1]}  score {result.rounds[r]['scores'][head]:.4f}")
+        print(f"cost ({config.strategy}, whole run, resumed parts included): {describe_cost(Cost(**result.cost))}")
         print(f"heads: {Path(args.output_dir) / 'selected_heads.json'}  (use --pag-heads-file)")
         print(f"report: {report / 'README.md'}")
     return 0

@@ -36,6 +36,15 @@ class SearchConfig:
         negative_prompt (`str`, *optional*): For CFG.
         max_sequence_length (`int`, *optional*): T5 tokens (pipeline default when `None`).
         batch_size (`int`): Images per transformer call (candidates are batched; does not change results).
+        strategy (`str`, defaults to `"exhaustive"`): Which candidates each round scores at which fidelity.
+            `"exhaustive"` (the paper's Algorithm 1): every candidate on all M pairs. `"halving"`: successive
+            halving within each round: every candidate on the first `halving_min_pairs` pairs, then only the top
+            `max(top_k, ceil(n / halving_eta))` of the `n` scored (by mean over the pairs scored so far) go on to
+            `halving_eta` times as many pairs, until the survivors are scored on all M pairs; the round chooses the
+            top-k among them. Pairs are taken in the configured order (put representative pairs first). A score on a
+            pair never depends on the stage that computed it, so later stages only render the new pairs.
+        halving_min_pairs (`int`, defaults to 1): Pairs of the first halving stage.
+        halving_eta (`int`, defaults to 3): Halving factor (>= 2): candidates kept `1 / eta`, pairs times `eta`.
     """
 
     prompts: list[str] = field(default_factory=list)
@@ -56,9 +65,16 @@ class SearchConfig:
     negative_prompt: str | None = None
     max_sequence_length: int | None = None
     batch_size: int = 8
+    strategy: str = "exhaustive"
+    halving_min_pairs: int = 1
+    halving_eta: int = 3
 
     # Fields that do not change any result: excluded from the config hash, so a run may resume with other values.
     _NOT_HASHED = ("batch_size",)
+    # Fields hashed only when the strategy is not the default: exhaustive runs keep the hash they had before the
+    # strategies existed (and the halving settings, which an exhaustive run ignores, never change its hash).
+    _STRATEGY_FIELDS = ("strategy", "halving_min_pairs", "halving_eta")
+    STRATEGIES = ("exhaustive", "halving")
 
     def __post_init__(self):
         if isinstance(self.pool, HeadSet):
@@ -74,10 +90,15 @@ class SearchConfig:
                 f"pairing='zip' needs one seed per prompt (or a single seed): got {len(self.prompts)} prompts and "
                 f"{len(self.seeds)} seeds; use pairing='product' for every prompt with every seed."
             )
-        for name in ("rounds", "top_k", "batch_size", "num_inference_steps", "height", "width"):
+        for name in ("rounds", "top_k", "batch_size", "num_inference_steps", "height", "width", "halving_min_pairs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if self.strategy not in self.STRATEGIES:
+            allowed = ", ".join(map(repr, self.STRATEGIES))
+            raise ValueError(f"strategy must be one of {allowed}, got {self.strategy!r}.")
+        if isinstance(self.halving_eta, bool) or not isinstance(self.halving_eta, int) or self.halving_eta < 2:
+            raise ValueError(f"halving_eta must be an integer >= 2, got {self.halving_eta!r}.")
         for name in ("pag_scale", "guidance_scale", "true_cfg_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -99,11 +120,36 @@ class SearchConfig:
         return list(zip(prompts, seeds))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """
+        The settings (as written to a run's `config.json`). The strategy fields appear only with a non-default
+        strategy, so an exhaustive run's `config.json` reads exactly as before the strategies existed (readers that
+        check its keys keep accepting it); [`~SearchConfig.from_dict`] restores the defaults.
+        """
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.strategy == "exhaustive":
+            for name in self._STRATEGY_FIELDS:
+                del out[name]
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
+        """
+        The settings of a `config.json`'s `"config"` (keys that are no field are ignored, missing ones default).
+
+        Args:
+            values (`dict`): Field values.
+        """
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     def config_hash(self, model: str = "") -> str:
-        """Hash of everything that changes a score (and the model's identity)."""
-        doc = {k: v for k, v in asdict(self).items() if k not in self._NOT_HASHED}
+        """
+        Hash of everything that changes a result (and the model's identity). The strategy fields count only when
+        the strategy is not `"exhaustive"`, so exhaustive runs keep their hash from before the strategies existed.
+        """
+        skip = set(self._NOT_HASHED)
+        if self.strategy == "exhaustive":
+            skip.update(self._STRATEGY_FIELDS)
+        doc = {k: v for k, v in asdict(self).items() if k not in skip}
         doc["model"] = model
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -6,7 +6,8 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from .._io import atomic_write_json
 from ..guidance import HeadSet
 from ..runtime import describe_transformer
 from .config import SearchConfig
-from .journal import CONFIG_NAME, Journal, RunLock, remove_if_empty
+from .cost import Cost, RowCounter
+from .journal import CONFIG_NAME, Journal, RunLock, check_head, journal_cost, remove_if_empty
 from .journal import read_round as read_round_file
 from .objectives import Objective, load_objective
+from .strategies import RoundOutcome, Stage, head_hunter, make_strategy, rank
 
 
 logger = logging.get_logger(__name__)
@@ -32,9 +35,14 @@ class SearchResult:
     r"""
     Args:
         order (`list[tuple[int, int]]`): Heads in the order they were added.
-        rounds (`list[dict]`): Per round: `{"scores": {(layer, head): mean score}, "chosen": [...]}`.
+        rounds (`list[dict]`): Per round: `{"scores": {(layer, head): mean score over the pairs it was scored on},
+            "chosen": [...], "pairs_scored": {(layer, head): pairs}, "stages": [{"pairs": [...], "candidates":
+            [...], "dropped": [...]}], "cost": {...}}` (one stage for the exhaustive strategy).
         family, num_layers, num_heads: The model's.
         config ([`SearchConfig`]): The settings.
+        provenance (`dict`): Output folder and model name.
+        cost (`dict`): The work of the whole run, resumed parts included (what its journal holds):
+            `{"row_evals", "images", "seconds"}` (see [`~search.cost.Cost`]).
     """
 
     order: list[Head]
@@ -44,6 +52,7 @@ class SearchResult:
     num_heads: int
     config: SearchConfig
     provenance: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)
 
     @property
     def selected(self) -> HeadSet:
@@ -64,13 +73,18 @@ class SearchResult:
 
 class HeadHunter:
     r"""
-    The paper's Algorithm 1: in round t, every head still in the pool is tried with the heads selected so far, images
-    are generated for the M prompt-seed pairs, scored by the objective and averaged; the top-k heads join the
-    selected set. Ties break by (layer, head) ascending.
+    The paper's Algorithm 1 ([`~search.strategies.head_hunter`]): in round t, every head still in the pool is tried
+    with the heads selected so far, images are generated for the M prompt-seed pairs, scored by the objective and
+    averaged; the top-k heads join the selected set. Ties break by (layer, head) ascending. The config's `strategy`
+    decides which candidates are scored on which pairs: `"exhaustive"` (all on all) or `"halving"` (successive
+    halving within each round, see [`~search.strategies.successive_halving`]).
 
-    Candidates are batched (several candidate head sets in one transformer call), text embeddings are computed once
-    per prompt, images reach the objective in memory, every finished candidate is journaled at once, and under
-    `accelerate launch` / `torchrun` the candidates are split across processes.
+    Rendering lives behind the `score(candidates, pairs)` callable that Algorithm 1 is given: journaled scores are
+    reused (a score on a pair never depends on the stage that asked for it), the rest is rendered. Candidates are
+    batched (several candidate head sets in one transformer call), text embeddings are computed once per prompt,
+    images reach the objective in memory, every candidate is journaled as soon as its stage's pairs are scored
+    (with the work it took: row-evaluations, images, seconds), and under `accelerate launch` / `torchrun` each
+    stage's candidates are split across processes.
 
     The run folder is safe against careless use: the constructor writes nothing (a failed check, such as an
     unknown objective or `true_cfg_scale` on SD3, leaves no `config.json` to block the corrected rerun), a folder
@@ -84,7 +98,8 @@ class HeadHunter:
         output_dir (`str`): Run directory (journal, round results, selected heads, report).
         objective_model, objective_arch (`str`, *optional*): See [`load_objective`].
         model_name (`str`, *optional*): Recorded in the config hash and the head-set file.
-        progress (`Callable[[int, int], None]`, *optional*): Called with (candidates done, total) in this process.
+        progress (`Callable[[int, int], None]`, *optional*): Called with (candidates done, total) of the stage under
+            way in this process (one stage per round for the exhaustive strategy).
         lock (context manager, *optional*): Held around every pipeline call, so that other users of the same
             pipeline (the web UI's generations) never run at the same time as a search batch.
     """
@@ -111,6 +126,8 @@ class HeadHunter:
         self.output_dir = Path(output_dir)
         self.model_name = model_name
         pool = self.pool()  # a pool outside the model fails here, before anything is written
+        self.num_pairs = len(self.config.pairs())
+        self.strategy = make_strategy(self.config.strategy, self.config.halving_min_pairs, self.config.halving_eta)
         # Nothing is written here: config.json is written by run() once every check has passed.
         self.journal = Journal(
             self.output_dir,
@@ -121,12 +138,15 @@ class HeadHunter:
             num_layers=self.layout.num_layers,
             num_heads=self.layout.num_heads,
             verbose=self.state.is_main_process,
+            num_pairs=self.num_pairs,
         )
         self._all_agree(self._check_unlocked)  # another live run on the folder: refused before loading anything
         self.objective = load_objective(objective, objective_model, objective_arch, device=self.state.device)
         self.progress = progress
         self.lock = lock or contextlib.nullcontext()
         self._embeddings: dict[str, dict[str, torch.Tensor]] = {}
+        self.counter = RowCounter(pipe, self.config.height, self.config.width)
+        self._replayed: set[int] = set()
 
     def _check_unlocked(self) -> None:
         RunLock(self.output_dir).check()
@@ -188,8 +208,22 @@ class HeadHunter:
             self._embeddings[prompt] = emb
         return self._embeddings[prompt]
 
-    def generate(self, items: list[tuple[HeadSet, str, int]], pag: bool = True, output_type: str = "pil"):
-        """Images for `(head set, prompt, seed)` items in one pipeline call (one transformer call per step)."""
+    def generate(
+        self,
+        items: list[tuple[HeadSet, str, int]],
+        pag: bool = True,
+        output_type: str = "pil",
+        counter: RowCounter | None = None,
+    ):
+        """
+        Images for `(head set, prompt, seed)` items in one pipeline call (one transformer call per step).
+
+        Args:
+            items (`list[tuple[HeadSet, str, int]]`): What to render.
+            pag (`bool`, defaults to `True`): `False` renders without PAG.
+            output_type (`str`, defaults to `"pil"`): The pipeline's.
+            counter ([`~search.cost.RowCounter`], *optional*): Counts the transformer rows of this call.
+        """
         c = self.config
         with self.lock:
             embeddings = [self._embed(prompt) for _, prompt, _ in items]
@@ -210,23 +244,36 @@ class HeadHunter:
             kwargs["max_sequence_length"] = c.max_sequence_length
         if self.family == "flux":
             kwargs["true_cfg_scale"] = c.true_cfg_scale
-        with self.lock:
+        with self.lock, counter or contextlib.nullcontext():
             return self.pipe(**kwargs).images
 
     # ------------------------------------------------------------------ scoring
-    def _score_candidates(self, round_index: int, candidates: list[Head], selected: list[Head]) -> dict[Head, float]:
+    def _render(
+        self, round_index: int, stage: int, units: list[tuple[Head, list[int]]], selected: list[Head]
+    ) -> dict[Head, dict[int, float]]:
+        """
+        Render and score `(candidate, pair indices)` units in batches; journal each unit (one record) as soon as its
+        pairs are scored, with its share of the work (row-evaluations and seconds split evenly over a batch's images).
+        """
         pairs = self.config.pairs()
-        work = [(cand, j) for cand in candidates for j in range(len(pairs))]
-        per_candidate: dict[Head, list[float | None]] = {cand: [None] * len(pairs) for cand in candidates}
-        finished: dict[Head, float] = {}
+        all_pairs = list(range(len(pairs)))
+        wanted = dict(units)
+        work = [(cand, j) for cand, missing in units for j in missing]
+        got: dict[Head, dict[int, float]] = {cand: {} for cand, _ in units}
+        spent: dict[Head, Cost] = {cand: Cost() for cand, _ in units}
+        finished = 0
+        if self.progress:
+            self.progress(0, len(units))
         bs = self.config.batch_size
         for start in range(0, len(work), bs):
             chunk = work[start : start + bs]
             items = [(HeadSet([*selected, cand]), pairs[j][0], pairs[j][1]) for cand, j in chunk]
-            images = self.generate(items)
+            began, rows = time.perf_counter(), self.counter.rows
+            images = self.generate(items, counter=self.counter)
             scores = list(self.objective(images, [prompt for _, prompt, _ in items]))
             if len(scores) != len(items):
                 raise ValueError(f"The objective returned {len(scores)} scores for {len(items)} images.")
+            share = Cost((self.counter.rows - rows) / len(chunk), 1.0, (time.perf_counter() - began) / len(chunk))
             for (cand, j), score in zip(chunk, scores):
                 score = float(score)
                 if not math.isfinite(score):
@@ -234,22 +281,49 @@ class HeadHunter:
                         f"The objective returned a non-finite score ({score}) for head {cand[0]}.{cand[1]} on "
                         f"{pairs[j][0]!r} seed {pairs[j][1]}; it would corrupt the ranking."
                     )
-                per_candidate[cand][j] = score
-                if all(s is not None for s in per_candidate[cand]):
-                    mean = sum(per_candidate[cand]) / len(pairs)
-                    finished[cand] = mean
-                    self.journal.append(
-                        {
-                            "round": round_index,
-                            "layer": cand[0],
-                            "head": cand[1],
-                            "score": mean,
-                            "scores": per_candidate[cand],
-                        }
-                    )
-                    if self.progress:
-                        self.progress(len(finished), len(candidates))
-        return finished
+                got[cand][j] = score
+                spent[cand] = spent[cand] + share
+                if len(got[cand]) < len(wanted[cand]):
+                    continue
+                values = [got[cand][p] for p in wanted[cand]]
+                record: dict[str, Any] = {
+                    "round": round_index,
+                    "layer": cand[0],
+                    "head": cand[1],
+                    "score": sum(values) / len(values),
+                    "scores": values,
+                    "cost": spent[cand].to_dict(),
+                }
+                if stage or wanted[cand] != all_pairs:  # exhaustive records keep the original format
+                    record.update(stage=stage, pairs=wanted[cand])
+                self.journal.append(record)
+                finished += 1
+                if self.progress:
+                    self.progress(finished, len(units))
+        return got
+
+    def _known(self, round_index: int, selected: list[Head]) -> dict[Head, dict[int, float]]:
+        """The journaled `{head: {pair: score}}` of a round (records of heads selected earlier are skipped)."""
+        done = {}
+        chosen = set(selected)
+        for head, known in self.journal.pair_scores(round_index).items():
+            if head not in chosen:
+                done[head] = known
+            elif self.state.is_main_process:
+                logger.warning(
+                    "%s: round %d holds head %d.%d, already selected in an earlier round; ignored.",
+                    self.journal.path,
+                    round_index,
+                    *head,
+                )
+        return done
+
+    def _score_for(self, round_index: int, selected: list[Head]) -> _RoundScore:
+        """The `score(candidates, pairs)` callable of a round, for Algorithm 1."""
+        known = self._known(round_index, selected)
+        if self.state.num_processes > 1:
+            self.state.wait_for_everyone()  # every process has read the journal before any appends to it
+        return _RoundScore(self, round_index, selected, known)
 
     # ------------------------------------------------------------------ the search
     def pool(self) -> list[Head]:
@@ -297,86 +371,118 @@ class HeadHunter:
                 remove_if_empty(self.output_dir)
             raise
 
-    def _done(self, round_index: int, pool: list[Head]) -> dict[Head, float]:
-        """The journaled scores of a round's candidates (records of heads no longer in its pool are skipped)."""
-        in_pool = set(pool)
-        done = {}
-        for head, score in self.journal.scores(round_index).items():
-            if head in in_pool:
-                done[head] = score
-            elif self.state.is_main_process:
-                logger.warning(
-                    "%s: round %d holds head %d.%d, already selected in an earlier round; ignored.",
-                    self.journal.path,
-                    round_index,
-                    *head,
-                )
-        return done
-
-    def _read_round(self, round_file: Path, r: int, pool: list[Head], selected: list[Head]):
-        """A round file's `(scores, chosen)` when it is exactly what this run would write, else `None` (warned)."""
+    def _replay(self, r: int, pool: list[Head], selected: list[Head]) -> RoundOutcome | None:
+        """A round file's outcome when it is exactly what this run would write, else `None` (warned)."""
+        round_file = self.output_dir / "rounds" / f"round_{r}.json"
+        if not round_file.exists():
+            return None
         parsed = read_round_file(round_file, r)
         if parsed is None:
             return None
         scores, chosen, recorded_selected = parsed
-        problem = None
+        stages, problem = None, None
         if set(scores) != set(pool):
             problem = "its scored heads are not this round's candidates"
-        elif chosen != self._rank(scores):
+        else:
+            stages, problem = self._read_stages(round_file, pool)
+        if problem is None and chosen != rank({h: scores[h] for h in stages[-1].candidates}, self.config.top_k):
             problem = "its chosen heads are not the top-k of its scores"
-        elif recorded_selected != selected + chosen:
+        elif problem is None and recorded_selected != selected + chosen:
             problem = "its selected heads do not follow the earlier rounds"
         if problem:
             logger.warning("%s: %s; the round is recomputed from the journal.", round_file, problem)
             return None
-        return scores, chosen
+        for stage, following in zip(stages, stages[1:]):
+            stage.kept = list(following.candidates)
+        stages[-1].kept = list(chosen)
+        self._replayed.add(r)
+        return RoundOutcome(scores, chosen, stages)
 
-    def _rank(self, scores: dict[Head, float]) -> list[Head]:
-        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [head for head, _ in ranked[: self.config.top_k]]
+    def _read_stages(self, round_file: Path, pool: list[Head]) -> tuple[list[Stage] | None, str | None]:
+        """The stages of a round file and `None`, or `None` and why they are not this run's schedule."""
+        try:
+            raw = json.loads(round_file.read_bytes().decode("utf-8")).get("stages")
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+            return None, "it is unreadable"
+        c, all_pairs = self.config, list(range(self.num_pairs))
+        if raw is None:  # written before the strategies existed: one exhaustive stage
+            if c.strategy != "exhaustive" and c.halving_min_pairs < self.num_pairs:
+                return None, "it records no stages"
+            return [Stage(all_pairs, list(pool))], None
+        stages: list[Stage] = []
+        for item in raw if isinstance(raw, list) else [None]:
+            pairs = item.get("pairs") if isinstance(item, dict) else None
+            heads = item.get("candidates") if isinstance(item, dict) else None
+            if (
+                not isinstance(pairs, list)
+                or not isinstance(heads, list)
+                or not all(isinstance(h, list) and len(h) == 2 and check_head(*h) is None for h in heads)
+            ):
+                return None, "its stages are malformed"
+            stages.append(Stage(pairs, [(h[0], h[1]) for h in heads]))
+        # The schedule the strategy follows: which pairs each stage renders and how many candidates it keeps.
+        done, alive = 0, len(pool)
+        for i, stage in enumerate(stages):
+            if c.strategy == "exhaustive":
+                target = self.num_pairs
+            else:
+                target = min(c.halving_min_pairs if i == 0 else done * c.halving_eta, self.num_pairs)
+            expected = alive if i == 0 else min(alive, max(c.top_k, math.ceil(alive / c.halving_eta)))
+            previous = set(pool) if i == 0 else set(stages[i - 1].candidates)
+            if stage.pairs != list(range(done, target)) or len(stage.candidates) != expected:
+                return None, f"its stage {i} does not follow the {c.strategy} schedule"
+            if len(set(stage.candidates)) != expected or not set(stage.candidates) <= previous:
+                return None, f"its stage {i} holds candidates that were not in play"
+            done, alive = target, expected
+        if done != self.num_pairs or not stages:
+            return None, "its stages do not reach all pairs"
+        return stages, None
+
+    def _finish_round(self, r: int, selected: list[Head], outcome: RoundOutcome) -> None:
+        """Main process: write the round file (unless it was replayed); then every process waits for it."""
+        if r in self._replayed:
+            return
+        if self.state.is_main_process:
+            atomic_write_json(
+                self.output_dir / "rounds" / f"round_{r}.json",
+                {
+                    "round": r,
+                    "strategy": self.config.strategy,
+                    "scores": [[l, h, s] for (l, h), s in sorted(outcome.scores.items())],
+                    "chosen": [list(h) for h in outcome.chosen],
+                    "selected": [list(h) for h in selected + outcome.chosen],
+                    "stages": [stage.to_json() for stage in outcome.stages],
+                    "cost": self.journal.cost(r).to_dict(),
+                },
+            )
+        self.state.wait_for_everyone()
 
     def _search(self) -> SearchResult:
-        from accelerate.utils import gather_object
-
-        c, state = self.config, self.state
-        pool = self.pool()
-        selected: list[Head] = []
-        rounds: list[dict[str, Any]] = []
-        for r in range(c.rounds):
-            if not pool:
-                break
-            round_file = self.output_dir / "rounds" / f"round_{r}.json"
-            known = self._read_round(round_file, r, pool, selected) if round_file.exists() else None
-            if known is not None:
-                scores, chosen = known
-            else:
-                done = self._done(r, pool)
-                if state.num_processes > 1:
-                    state.wait_for_everyone()  # every process has read the journal before any appends to it
-                todo = [h for h in pool if h not in done]
-                mine = todo[state.process_index :: state.num_processes]
-                if self.progress:
-                    self.progress(0, len(mine))
-                new = self._score_candidates(r, mine, selected)
-                gathered = gather_object([new]) if state.num_processes > 1 else [new]
-                scores = dict(done)
-                for part in gathered:
-                    scores.update(part)
-                chosen = self._rank(scores)
-                if state.is_main_process:
-                    atomic_write_json(
-                        round_file,
-                        {
-                            "round": r,
-                            "scores": [[l, h, s] for (l, h), s in sorted(scores.items())],
-                            "chosen": [list(h) for h in chosen],
-                            "selected": [list(h) for h in selected + chosen],
-                        },
-                    )
-                state.wait_for_everyone()
-            rounds.append({"scores": scores, "chosen": chosen})
-            selected += chosen
-            pool = [h for h in pool if h not in set(chosen)]
+        c = self.config
+        self._replayed = set()
+        outcomes = head_hunter(
+            self._score_for,
+            self.pool(),
+            c.rounds,
+            c.top_k,
+            self.num_pairs,
+            self.strategy,
+            replay=self._replay,
+            on_round=self._finish_round,
+        )
+        records = self.journal.records()
+        rounds = [
+            {
+                "scores": outcome.scores,
+                "chosen": outcome.chosen,
+                "pairs_scored": outcome.pairs_scored(),
+                "stages": _stage_summary(outcome),
+                "cost": journal_cost(records, r).to_dict(),
+            }
+            for r, outcome in enumerate(outcomes)
+        ]
+        selected = [head for outcome in outcomes for head in outcome.chosen]
+        cost = journal_cost(records).to_dict()
         result = SearchResult(
             selected,
             rounds,
@@ -384,11 +490,12 @@ class HeadHunter:
             self.layout.num_layers,
             self.layout.num_heads,
             c,
-            {"output_dir": str(self.output_dir), "model": self.model_name},
+            {"output_dir": str(self.output_dir), "model": self.model_name, "strategy": c.strategy},
+            cost,
         )
-        if state.is_main_process:
+        if self.state.is_main_process:
             result.save_heads(self.output_dir / "selected_heads.json")
-        state.wait_for_everyone()
+        self.state.wait_for_everyone()
         return result
 
     def validation_images(self, count: int = 4):
@@ -398,6 +505,54 @@ class HeadHunter:
         baseline = self.generate([(selected, p, s) for p, s in pairs], pag=False)
         guided = self.generate([(selected, p, s) for p, s in pairs])
         return pairs, baseline, guided
+
+
+def _stage_summary(outcome: RoundOutcome) -> list[dict[str, Any]]:
+    """`[{"pairs", "candidates", "dropped"}]` per stage; the last stage drops nobody (its candidates are ranked)."""
+    last = len(outcome.stages) - 1
+    return [
+        {"pairs": stage.pairs, "candidates": stage.candidates, "dropped": stage.dropped if s < last else []}
+        for s, stage in enumerate(outcome.stages)
+    ]
+
+
+class _RoundScore:
+    r"""
+    The `score(candidates, pairs)` callable of one round: scores known from the journal (or from an earlier stage)
+    are reused, the rest is rendered (split across processes by candidate, then gathered), and each call is one
+    stage of the round's journal records.
+    """
+
+    def __init__(
+        self, hunter: HeadHunter, round_index: int, selected: list[Head], known: dict[Head, dict[int, float]]
+    ):
+        self.hunter = hunter
+        self.round = round_index
+        self.selected = list(selected)
+        self.known = known
+        self.stage = 0
+
+    def __call__(self, candidates: Sequence[Head], pairs: Sequence[int]) -> dict[Head, list[float]]:
+        state = self.hunter.state
+        stage, self.stage = self.stage, self.stage + 1
+        units = []
+        for cand in candidates:
+            have = self.known.get(cand, {})
+            missing = [j for j in pairs if j not in have]
+            if missing:
+                units.append((cand, missing))
+        mine = units[state.process_index :: state.num_processes]
+        new = self.hunter._render(self.round, stage, mine, self.selected)
+        if state.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([new])
+        else:
+            gathered = [new]
+        for part in gathered:
+            for cand, scores in part.items():
+                self.known.setdefault(cand, {}).update(scores)
+        return {cand: [self.known[cand][j] for j in pairs] for cand in candidates}
 
 
 def process_state():

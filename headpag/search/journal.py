@@ -1,12 +1,15 @@
 """
-The search journal: one JSON line per finished candidate, appended and fsynced as soon as its score is known, read
-back through a validating reader; and the run lock that keeps a run folder to one writer.
+The search journal: one JSON line per finished candidate and stage, appended and fsynced as soon as its scores are
+known, read back through a validating reader; and the run lock that keeps a run folder to one writer.
 
 A run folder holds:
 
 - `config.json`: the settings and their hash (written when the run starts, after every check has passed);
-- `journal.jsonl`: one record per finished candidate, `{"round", "layer", "head", "score", "scores", "config_hash"}`;
-- `rounds/round_{r}.json`: the scores and the heads chosen in round `r` once it is complete;
+- `journal.jsonl`: one record per candidate and stage, `{"round", "layer", "head", "score", "scores", "cost",
+  "config_hash"}`, plus `"stage"` and `"pairs"` (the pair indices of `"scores"`) when the stage did not render every
+  pair (successive halving); without `"pairs"` a record's `"scores"` are the pairs `0 .. M-1`. `"score"` is the mean
+  of the record's `"scores"`, `"cost"` the work the record took (see [`~search.cost.Cost`]);
+- `rounds/round_{r}.json`: the scores, the stages and the heads chosen in round `r` once it is complete;
 - `.lock`: present while a run writes the folder (owner's pid, hostname, process start time, a random token).
 """
 
@@ -26,6 +29,8 @@ from typing import Any
 from diffusers.utils import logging
 
 from .._io import atomic_write_json
+from .config import SearchConfig
+from .cost import Cost, check_cost
 
 
 try:  # advisory locks serialize the appends of the processes of one run (not on Windows)
@@ -103,19 +108,23 @@ def check_record(
     pool: Container[Head] | None = None,
     num_layers: int | None = None,
     num_heads: int | None = None,
+    num_pairs: int | None = None,
 ) -> str | None:
     r"""
     Why a journal record is invalid, or `None` when it is valid.
 
     A valid record is a JSON object with `round` (int >= 0, below `rounds` when given), `layer` and `head` (ints,
     inside the model and the pool when given), `score` (a finite number), optionally `scores` (a list of finite
-    numbers), and `config_hash` equal to the run's when `config_hash` is given.
+    numbers), `stage` (an int >= 0), `pairs` (with `scores`: as many distinct pair indices >= 0, below `num_pairs`
+    when given; without it, `scores` must hold `num_pairs` scores when given), `cost` (an object of finite numbers
+    >= 0: `row_evals`, `images`, `seconds`), and `config_hash` equal to the run's when `config_hash` is given.
 
     Args:
         record: A decoded JSON value.
         config_hash (`str`, *optional*): The run's settings hash.
         rounds (`int`, *optional*): The configured number of rounds.
         pool, num_layers, num_heads: See [`check_head`].
+        num_pairs (`int`, *optional*): M, the run's prompt-seed pairs.
     """
     if not isinstance(record, dict):
         return f"not a JSON object (got {_short(record)})"
@@ -140,7 +149,96 @@ def check_record(
         scores = record["scores"]
         if not isinstance(scores, list) or not scores or not all(_is_finite_number(s) for s in scores):
             return f"scores must be a non-empty list of finite numbers, got {_short(scores, 60)}"
+    if "stage" in record and (not _is_int(record["stage"]) or not 0 <= record["stage"] <= MAX_INDEX):
+        return f"stage must be an int >= 0, got {_short(record['stage'])}"
+    if "pairs" in record:
+        pairs = record["pairs"]
+        if "scores" not in record:
+            return "pairs without scores"
+        if (
+            not isinstance(pairs, list)
+            or not all(_is_int(j) and j >= 0 for j in pairs)
+            or len(set(pairs)) < len(pairs)
+        ):
+            return f"pairs must be a list of distinct ints >= 0, got {_short(pairs, 60)}"
+        if len(pairs) != len(record["scores"]):
+            return f"pairs name {len(pairs)} pairs but scores hold {len(record['scores'])}"
+        if num_pairs is not None and any(j >= num_pairs for j in pairs):
+            return f"pairs {_short(pairs, 60)} name a pair the run lacks ({num_pairs} pairs: 0-{num_pairs - 1})"
+    elif "scores" in record and num_pairs is not None and len(record["scores"]) != num_pairs:
+        return f"scores hold {len(record['scores'])} scores but the run has {num_pairs} pairs (and no 'pairs' key)"
+    if "cost" in record:
+        problem = check_cost(record["cost"])
+        if problem:
+            return problem
     return None
+
+
+def record_key(record: dict[str, Any]) -> tuple[int, int, int, int]:
+    """`(round, layer, head, stage)`: what makes a (valid) record unique in a journal."""
+    return record["round"], record["layer"], record["head"], record.get("stage", 0)
+
+
+def record_pairs(record: dict[str, Any], num_pairs: int | None = None) -> dict[int, float]:
+    r"""
+    `{pair index: score}` of a valid record: its `pairs` and `scores`; `scores` without `pairs` are the pairs
+    `0 .. len(scores)-1`; a record with only a mean `score` counts as that score on each of the `num_pairs` pairs
+    (one pair when unknown).
+
+    Args:
+        record (`dict`): A record that passed [`check_record`].
+        num_pairs (`int`, *optional*): M.
+    """
+    if "scores" not in record:
+        return {j: float(record["score"]) for j in range(num_pairs or 1)}
+    pairs = record.get("pairs", range(len(record["scores"])))
+    return {j: float(s) for j, s in zip(pairs, record["scores"])}
+
+
+def pair_scores(
+    records: Iterable[dict[str, Any]], round_index: int, num_pairs: int | None = None
+) -> dict[Head, dict[int, float]]:
+    r"""
+    `{(layer, head): {pair index: score}}` of one round, merged over the round's records (stages) in file order; a
+    pair named by two records keeps the first record's score.
+
+    Args:
+        records (`list[dict]`): Valid records (from [`read_journal`] or [`scan_journal`]).
+        round_index (`int`): The round.
+        num_pairs (`int`, *optional*): M (see [`record_pairs`]).
+    """
+    out: dict[Head, dict[int, float]] = {}
+    for record in records:
+        if record["round"] != round_index:
+            continue
+        known = out.setdefault((record["layer"], record["head"]), {})
+        for j, score in record_pairs(record, num_pairs).items():
+            known.setdefault(j, score)
+    return out
+
+
+def mean_scores(pairs: dict[Head, dict[int, float]]) -> dict[Head, float]:
+    """Each head's mean over the pairs it was scored on (summed in pair order, like the search does)."""
+    return {head: sum(known[j] for j in sorted(known)) / len(known) for head, known in pairs.items() if known}
+
+
+def head_stages(records: Iterable[dict[str, Any]], round_index: int) -> dict[Head, int]:
+    """The last stage each head of a round has a record for."""
+    out: dict[Head, int] = {}
+    for record in records:
+        if record["round"] == round_index:
+            head = (record["layer"], record["head"])
+            out[head] = max(out.get(head, 0), record.get("stage", 0))
+    return out
+
+
+def journal_cost(records: Iterable[dict[str, Any]], round_index: int | None = None) -> Cost:
+    """The work journaled in `records` (of one round, or of all)."""
+    total = Cost()
+    for record in records:
+        if round_index is None or record["round"] == round_index:
+            total = total + Cost.from_dict(record.get("cost"))
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -151,6 +249,7 @@ def scan_journal(
     pool: Container[Head] | None = None,
     num_layers: int | None = None,
     num_heads: int | None = None,
+    num_pairs: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     r"""
     The valid records of a journal file and one message per line that was skipped.
@@ -161,12 +260,13 @@ def scan_journal(
     line without one is a write in progress or one cut by a kill, and [`Journal.append`] truncates it). Blank lines
     are skipped silently.
 
-    Duplicates: of several valid records with the same `(round, layer, head)`, the **first** in the file is kept
-    and every later one is skipped with a message, whatever its score.
+    Duplicates: of several valid records with the same `(round, layer, head, stage)` (a record without `stage` is
+    stage 0), the **first** in the file is kept and every later one is skipped with a message, whatever its score.
 
     Args:
         path (`str`): The `journal.jsonl` file (a missing file has no records).
-        config_hash, rounds, pool, num_layers, num_heads: What a record must match; see [`check_record`].
+        config_hash, rounds, pool, num_layers, num_heads, num_pairs: What a record must match; see
+            [`check_record`].
 
     Returns:
         `(records, problems)`: records in file order (`score` as a float), messages in file order.
@@ -180,7 +280,7 @@ def scan_journal(
         return [], [f"{path}: unreadable ({e}); no record read"]
     records: list[dict[str, Any]] = []
     problems: list[str] = []
-    first_line: dict[tuple[int, int, int], int] = {}
+    first_line: dict[tuple[int, int, int, int], int] = {}
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
     offset = 0
@@ -195,14 +295,15 @@ def scan_journal(
             reason = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not valid JSON"
             problems.append(f"{where} (byte {start}): {reason} ({raw[:40]!r}); line skipped")
             continue
-        problem = check_record(record, config_hash, rounds, pool, num_layers, num_heads)
+        problem = check_record(record, config_hash, rounds, pool, num_layers, num_heads, num_pairs)
         if problem:
             problems.append(f"{where}: {problem}; line skipped")
             continue
-        key = (record["round"], record["layer"], record["head"])
+        key = record_key(record)
         if key in first_line:
+            stage = f", stage {key[3]}" if "stage" in record else ""
             problems.append(
-                f"{where}: duplicate of line {first_line[key]} (round {key[0]}, head {key[1]}.{key[2]}); "
+                f"{where}: duplicate of line {first_line[key]} (round {key[0]}, head {key[1]}.{key[2]}{stage}); "
                 "the first valid record is kept, this one skipped"
             )
             continue
@@ -223,6 +324,7 @@ def read_journal(
     pool: Container[Head] | None = None,
     num_layers: int | None = None,
     num_heads: int | None = None,
+    num_pairs: int | None = None,
 ) -> list[dict[str, Any]]:
     r"""
     Valid records of a journal file; every skipped line (torn, garbage, invalid, foreign, duplicate) is reported
@@ -234,8 +336,9 @@ def read_journal(
         rounds (`int`, *optional*): Records of round `rounds` or later are invalid.
         pool (`Container[tuple[int, int]]`, *optional*): Records of heads outside it are invalid.
         num_layers, num_heads (`int`, *optional*): The model's size; heads outside it are invalid.
+        num_pairs (`int`, *optional*): M; records naming other pairs are invalid.
     """
-    records, problems = scan_journal(path, config_hash, rounds, pool, num_layers, num_heads)
+    records, problems = scan_journal(path, config_hash, rounds, pool, num_layers, num_heads, num_pairs)
     for problem in problems:
         logger.warning(problem)
     return records
@@ -360,6 +463,7 @@ class Journal:
         rounds (`int`, *optional*): The configured number of rounds (records of a later round are invalid).
         pool (`Container[tuple[int, int]]`, *optional*): The run's candidate heads (records of others are invalid).
         num_layers, num_heads (`int`, *optional*): The model's size (checked, and written to `config.json`).
+        num_pairs (`int`, *optional*): M, the run's prompt-seed pairs (records naming others are invalid).
         verbose (`bool`, *optional*, defaults to `True`): Log the skipped lines (off on the non-main processes).
 
     Raises:
@@ -376,12 +480,14 @@ class Journal:
         num_layers: int | None = None,
         num_heads: int | None = None,
         verbose: bool = True,
+        num_pairs: int | None = None,
     ):
         self.dir = Path(output_dir)
         self.path = self.dir / JOURNAL_NAME
         self.config_hash = config_hash
         self.config = config
         self.rounds, self.pool, self.num_layers, self.num_heads = rounds, pool, num_layers, num_heads
+        self.num_pairs = num_pairs
         self.verbose = verbose
         self._started = False
         self._reported: set[str] = set()
@@ -424,13 +530,16 @@ class Journal:
         Append one record (validated like a read one) as one fsynced line.
 
         Args:
-            record (`dict`): `{"round", "layer", "head", "score", "scores"}`; `config_hash` is added.
+            record (`dict`): `{"round", "layer", "head", "score", "scores"}` (and optionally `"stage"`, `"pairs"`,
+                `"cost"`); `config_hash` is added.
 
         Raises:
             `ValueError`: when the record would be skipped on reading (e.g. a NaN score, a head outside the pool).
         """
         record = {**record, "config_hash": self.config_hash}
-        problem = check_record(record, self.config_hash, self.rounds, self.pool, self.num_layers, self.num_heads)
+        problem = check_record(
+            record, self.config_hash, self.rounds, self.pool, self.num_layers, self.num_heads, self.num_pairs
+        )
         if problem:
             raise ValueError(f"Refusing to journal an invalid record ({problem}): {record!r}")
         self.start()
@@ -451,7 +560,7 @@ class Journal:
     def records(self) -> list[dict[str, Any]]:
         """The valid records (see [`scan_journal`]); each skipped line is warned about once per `Journal`."""
         records, problems = scan_journal(
-            self.path, self.config_hash, self.rounds, self.pool, self.num_layers, self.num_heads
+            self.path, self.config_hash, self.rounds, self.pool, self.num_layers, self.num_heads, self.num_pairs
         )
         for problem in problems:
             if problem not in self._reported:
@@ -461,8 +570,16 @@ class Journal:
         return records
 
     def scores(self, round_index: int) -> dict[Head, float]:
-        """`{(layer, head): mean score}` of the candidates finished in a round."""
-        return {(r["layer"], r["head"]): r["score"] for r in self.records() if r["round"] == round_index}
+        """`{(layer, head): mean score over the pairs journaled}` of the candidates scored in a round."""
+        return mean_scores(self.pair_scores(round_index))
+
+    def pair_scores(self, round_index: int) -> dict[Head, dict[int, float]]:
+        """`{(layer, head): {pair index: score}}` journaled in a round (see [`pair_scores`])."""
+        return pair_scores(self.records(), round_index, self.num_pairs)
+
+    def cost(self, round_index: int | None = None) -> Cost:
+        """The work journaled (in one round, or in all)."""
+        return journal_cost(self.records(), round_index)
 
 
 def _cut_torn_tail(fd: int, path: Path) -> int:
@@ -703,8 +820,9 @@ def remove_if_empty(folder: Path, names: Iterable[str] = ()) -> None:
 
 def ranked_heads(output_dir: str | os.PathLike) -> list[Head]:
     r"""
-    The heads of a run in rank order: the full round-1 ranking from the journal (best score first, ties by
-    `(layer, head)`), then any later-round selection in its selection order (from `selected_heads.json`).
+    The heads of a run in rank order: the full round-1 ranking from the journal (heads scored on more pairs first,
+    which only matters for successive halving; then best mean score first, ties by `(layer, head)`), then any
+    later-round selection in its selection order (from `selected_heads.json`).
 
     Args:
         output_dir (`str`): A HeadHunter run folder.
@@ -716,11 +834,12 @@ def ranked_heads(output_dir: str | os.PathLike) -> list[Head]:
     config = read_run_config(folder)
     if config is None:
         raise ValueError(f"{folder} holds no HeadHunter run (no {CONFIG_NAME}).")
-    records = read_journal(folder / JOURNAL_NAME, config["config_hash"])
-    first = sorted(
-        ((r["score"], (r["layer"], r["head"])) for r in records if r["round"] == 0), key=lambda x: (-x[0], x[1])
-    )
-    ranking = [head for _, head in first]
+    num_pairs = run_num_pairs(config)
+    records = read_journal(folder / JOURNAL_NAME, config["config_hash"], num_pairs=num_pairs)
+    # Heads scored on more pairs first (successive halving's survivors before the heads it dropped), then by mean.
+    first = pair_scores(records, 0, num_pairs)
+    means = mean_scores(first)
+    ranking = sorted(means, key=lambda h: (-len(first[h]), -means[h], h))
     if not ranking:
         raise ValueError(f"The journal of {folder} has no scored round-1 candidate yet.")
     try:
@@ -734,6 +853,17 @@ def ranked_heads(output_dir: str | os.PathLike) -> list[Head]:
             ranking.append(head)
             seen.add(head)
     return ranking
+
+
+def run_num_pairs(meta: dict[str, Any] | None) -> int | None:
+    """M of a run's `config.json` content (`None` when its settings do not form a search)."""
+    settings = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(settings, dict):
+        return None
+    try:
+        return len(SearchConfig.from_dict(settings).pairs())
+    except (TypeError, ValueError):
+        return None
 
 
 def top_k_heads(output_dir: str | os.PathLike, k: int) -> list[Head]:

@@ -12,7 +12,21 @@ from diffusers.utils import logging
 from .._io import atomic_write_bytes, atomic_write_text, save_png
 from ..eval.grids import image_grid
 from ..guidance import HeadSet
-from .journal import CONFIG_NAME, JOURNAL_NAME, MAX_INDEX, check_head, read_journal, read_round, read_run_config
+from .cost import Cost
+from .journal import (
+    CONFIG_NAME,
+    JOURNAL_NAME,
+    MAX_INDEX,
+    check_head,
+    journal_cost,
+    mean_scores,
+    pair_scores,
+    read_journal,
+    read_round,
+    read_run_config,
+    record_pairs,
+    run_num_pairs,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -67,6 +81,40 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def describe_cost(cost: Cost) -> str:
+    """`"N row-evaluations, N images, N s"`."""
+    return f"{cost.row_evals:g} row-evaluations, {cost.images:g} images, {cost.seconds:.1f} s"
+
+
+def _heads(heads) -> str:
+    return ", ".join(f"{l}.{h}" for l, h in sorted(heads)) or "none"
+
+
+def stage_lines(records: list[dict[str, Any]], r: int, chosen: list[tuple[int, int]], complete: bool) -> list[str]:
+    """One line per stage of round `r` (from its journal records): pairs, candidates, and who was dropped."""
+    pairs: dict[int, set[int]] = {}  # stage -> pair indices it rendered
+    heads: dict[int, set[tuple[int, int]]] = {}
+    for x in records:
+        if x["round"] == r:
+            stage = x.get("stage", 0)
+            pairs.setdefault(stage, set()).update(record_pairs(x))
+            heads.setdefault(stage, set()).add((x["layer"], x["head"]))
+    lines, total = [], 0
+    stages = sorted(heads)
+    for i, stage in enumerate(stages):
+        total += len(pairs[stage])
+        line = f"  - stage {stage} ({total} pair{'s' if total != 1 else ''}): {len(heads[stage])} candidates"
+        if i + 1 < len(stages):
+            dropped = heads[stage] - heads[stages[i + 1]]
+            line += f"; {len(dropped)} dropped: {_heads(dropped)}"
+        elif complete:
+            line += f"; chosen: {', '.join(f'{l}.{h}' for l, h in chosen)}"
+        else:
+            line += " (in progress)"
+        lines.append(line)
+    return lines
+
+
 def write_report(
     output_dir: str | os.PathLike, num_layers: int | None = None, num_heads: int | None = None, validation=None
 ) -> Path:
@@ -107,7 +155,8 @@ def write_report(
             pool = HeadSet.parse(settings["pool"])
         except ValueError as e:
             logger.warning("%s: the pool %r is invalid (%s); not checked.", out / CONFIG_NAME, settings["pool"], e)
-    records = read_journal(out / JOURNAL_NAME, config_hash, num_rounds, pool, num_layers, num_heads)
+    num_pairs = run_num_pairs(meta)
+    records = read_journal(out / JOURNAL_NAME, config_hash, num_rounds, pool, num_layers, num_heads, num_pairs)
 
     def valid_head(head: tuple[int, int]) -> bool:
         return check_head(*head, pool, num_layers, num_heads) is None
@@ -115,7 +164,7 @@ def write_report(
     # Per round: a complete round file is what a resume uses; otherwise the journal's scores so far.
     rounds: dict[int, tuple[dict[tuple[int, int], float], list[tuple[int, int]], bool]] = {}
     for r in sorted({x["round"] for x in records}):
-        rounds[r] = ({(x["layer"], x["head"]): x["score"] for x in records if x["round"] == r}, [], False)
+        rounds[r] = (mean_scores(pair_scores(records, r, num_pairs)), [], False)
     for r in range(num_rounds or (max(rounds, default=-1) + 1)):
         round_file = out / "rounds" / f"round_{r}.json"
         parsed = read_round(round_file, r) if round_file.exists() else None
@@ -128,7 +177,14 @@ def write_report(
     num_layers = num_layers or 1 + max((l for l, _ in heads), default=0)
     num_heads = num_heads or 1 + max((h for _, h in heads), default=0)
 
-    lines = [f"# HeadHunter report: {out}", "", f"Config hash `{config_hash}`.", ""]
+    strategy = settings.get("strategy", "exhaustive")
+    lines = [f"# HeadHunter report: {out}", "", f"Config hash `{config_hash}`, strategy `{strategy}`.", ""]
+    if strategy != "exhaustive":
+        lines += [
+            "Successive halving: a candidate's score is its mean over the pairs it was scored on (the heatmaps mix "
+            "fidelities); the stages below say who was dropped where.",
+            "",
+        ]
     if not rounds:
         lines.append("No candidate scored yet.")
     order: list[tuple[int, int, float, int]] = []
@@ -139,8 +195,17 @@ def write_report(
         )
         status = "complete" if complete else "in progress"
         lines.append(f"- Round {r} ({status}, {len(scores)} candidates scored): ![round {r}](heatmap_round_{r}.png)")
+        lines += stage_lines(records, r, chosen, complete)
+        lines.append(f"  - cost: {describe_cost(journal_cost(records, r))}")
     lines += ["", "## Selected heads, in order", "", "| # | round | head (layer.head) | score |", "|---|---|---|---|"]
     lines += [f"| {i + 1} | {r} | {l}.{h} | {s:.4f} |" for i, (l, h, s, r) in enumerate(order)]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"{describe_cost(journal_cost(records))} in all (the journaled work, parts done before a resume included; "
+        "a row-evaluation is one transformer row, clean or perturbed, at the configured size).",
+    ]
     if validation is not None:
         pairs, baseline, guided = validation
         save_png(image_grid([[b, g] for b, g in zip(baseline, guided)]), report / "validation.png")

@@ -1,0 +1,221 @@
+"""
+HeadHunter's Algorithm 1 as a plain function of a `score(candidates, pairs)` callable, and the strategies that decide
+which candidates a round scores on which pairs.
+
+Nothing here renders, journals or knows about processes: the caller's `score` does (see [`HeadHunter`]), so a round
+that is replayed from the journal runs the very same code and simply finds every score already known.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+Head = tuple[int, int]
+# `score(candidates, pairs) -> {candidate: [score on pairs[0], score on pairs[1], ...]}` (pair indices into the M
+# prompt-seed pairs; a candidate's score on a pair never depends on the call that asks for it).
+Score = Callable[[Sequence[Head], Sequence[int]], Mapping[Head, Sequence[float]]]
+# `strategy(score, candidates, num_pairs, top_k) -> RoundOutcome`
+Strategy = Callable[[Score, Sequence[Head], int, int], "RoundOutcome"]
+
+
+@dataclass
+class Stage:
+    r"""
+    One fidelity stage of a round.
+
+    Args:
+        pairs (`list[int]`): The pairs rendered at this stage (new to every candidate of the stage).
+        candidates (`list[tuple[int, int]]`): The candidates scored at this stage.
+        kept (`list[tuple[int, int]]`): The candidates that went on to the next stage (the chosen ones, at the last).
+    """
+
+    pairs: list[int]
+    candidates: list[Head]
+    kept: list[Head] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> list[Head]:
+        kept = set(self.kept)
+        return [h for h in self.candidates if h not in kept]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pairs": list(self.pairs), "candidates": [list(h) for h in self.candidates]}
+
+
+@dataclass
+class RoundOutcome:
+    r"""
+    What one round of Algorithm 1 found.
+
+    Args:
+        scores (`dict[tuple[int, int], float]`): Every candidate's mean score over the pairs it was scored on.
+        chosen (`list[tuple[int, int]]`): The top-k of the last stage, best first.
+        stages (`list[Stage]`): The stages, first to last (one for the exhaustive strategy).
+    """
+
+    scores: dict[Head, float]
+    chosen: list[Head]
+    stages: list[Stage]
+
+    def pairs_scored(self) -> dict[Head, int]:
+        """How many pairs each candidate was scored on."""
+        counts: dict[Head, int] = {}
+        for stage in self.stages:
+            for head in stage.candidates:
+                counts[head] = counts.get(head, 0) + len(stage.pairs)
+        return counts
+
+    def dropped_at(self) -> dict[Head, int]:
+        """The stage each dropped candidate was dropped at (candidates of the last stage are not dropped)."""
+        return {h: s for s, stage in enumerate(self.stages[:-1]) for h in stage.dropped}
+
+
+def rank(scores: Mapping[Head, float], top_k: int) -> list[Head]:
+    """The `top_k` best heads, best first; ties break by (layer, head) ascending."""
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [head for head, _ in ranked[:top_k]]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _scores_of(score: Score, candidates: Sequence[Head], pairs: Sequence[int]) -> dict[Head, list[float]]:
+    got = score(list(candidates), list(pairs))
+    out = {}
+    for head in candidates:
+        values = list(got[head])
+        if len(values) != len(pairs):
+            raise ValueError(f"score gave {len(values)} scores for head {head[0]}.{head[1]} on {len(pairs)} pairs.")
+        out[head] = values
+    return out
+
+
+def exhaustive(score: Score, candidates: Sequence[Head], num_pairs: int, top_k: int) -> RoundOutcome:
+    r"""
+    The paper's round: every candidate on all `num_pairs` pairs; the top-k by mean score.
+
+    Args:
+        score (`Callable`): `score(candidates, pairs) -> {candidate: scores}`.
+        candidates (`list[tuple[int, int]]`): The round's pool.
+        num_pairs (`int`): M. top_k (`int`): Heads chosen.
+    """
+    pairs = list(range(num_pairs))
+    per = _scores_of(score, candidates, pairs)
+    means = {head: _mean(values) for head, values in per.items()}
+    chosen = rank(means, top_k)
+    return RoundOutcome(means, chosen, [Stage(pairs, list(candidates), chosen)])
+
+
+def halving_schedule(num_candidates: int, num_pairs: int, top_k: int, min_pairs: int = 1, eta: int = 3):
+    """`[(candidates, cumulative pairs), ...]` of successive halving (for cost estimates; ignores ties)."""
+    out, n, m = [], num_candidates, min(min_pairs, num_pairs)
+    while True:
+        out.append((n, m))
+        if m >= num_pairs:
+            return out
+        n, m = min(n, max(top_k, math.ceil(n / eta))), min(m * eta, num_pairs)
+
+
+def successive_halving(
+    score: Score, candidates: Sequence[Head], num_pairs: int, top_k: int, min_pairs: int = 1, eta: int = 3
+) -> RoundOutcome:
+    r"""
+    Successive halving within one round: every candidate on the first `min_pairs` pairs; the top
+    `max(top_k, ceil(n / eta))` of the `n` scored, by mean over the pairs scored so far (ties by (layer, head)), go
+    on with `eta` times as many pairs (only the new pairs are rendered); until the survivors are scored on all
+    `num_pairs` pairs, among whom the top-k are chosen. With `min_pairs >= num_pairs` it is [`exhaustive`].
+
+    Args:
+        score (`Callable`): `score(candidates, pairs) -> {candidate: scores}`.
+        candidates (`list[tuple[int, int]]`): The round's pool.
+        num_pairs (`int`): M. top_k (`int`): Heads chosen.
+        min_pairs (`int`, defaults to 1): Pairs of the first stage.
+        eta (`int`, defaults to 3): Keep `1 / eta` of the candidates, multiply the pairs by `eta`.
+    """
+    if min_pairs < 1 or eta < 2:
+        raise ValueError(f"successive halving needs min_pairs >= 1 and eta >= 2, got {min_pairs} and {eta}.")
+    scored: dict[Head, list[float]] = {head: [] for head in candidates}
+    alive, done, target = list(candidates), 0, min(min_pairs, num_pairs)
+    stages: list[Stage] = []
+    while True:
+        new = list(range(done, target))
+        for head, values in _scores_of(score, alive, new).items():
+            scored[head] += values
+        stage = Stage(new, alive)
+        stages.append(stage)
+        done = target
+        means = {head: _mean(scored[head]) for head in alive}
+        if done >= num_pairs:
+            stage.kept = rank(means, top_k)
+            break
+        alive = sorted(rank(means, max(top_k, math.ceil(len(alive) / eta))))
+        stage.kept = alive
+        target = min(done * eta, num_pairs)
+    return RoundOutcome({head: _mean(v) for head, v in scored.items() if v}, stages[-1].kept, stages)
+
+
+def make_strategy(name: str = "exhaustive", halving_min_pairs: int = 1, halving_eta: int = 3) -> Strategy:
+    r"""
+    The strategy function of a [`SearchConfig`]'s `strategy`.
+
+    Args:
+        name (`str`): `"exhaustive"` or `"halving"`.
+        halving_min_pairs, halving_eta (`int`): See [`successive_halving`].
+    """
+    if name == "exhaustive":
+        return exhaustive
+    if name == "halving":
+        return functools.partial(successive_halving, min_pairs=halving_min_pairs, eta=halving_eta)
+    raise ValueError(f"Unknown strategy {name!r}; allowed: 'exhaustive', 'halving'.")
+
+
+def head_hunter(
+    score_for: Callable[[int, list[Head]], Score],
+    pool: Sequence[Head],
+    rounds: int,
+    top_k: int,
+    num_pairs: int,
+    strategy: Strategy = exhaustive,
+    replay: Callable[[int, list[Head], list[Head]], RoundOutcome | None] | None = None,
+    on_round: Callable[[int, list[Head], RoundOutcome], None] | None = None,
+) -> list[RoundOutcome]:
+    r"""
+    Algorithm 1 (arXiv 2506.10978): in round t, every head still in the pool is scored with the heads selected so far
+    on the M prompt-seed pairs (at the fidelity the strategy decides); the top-k join the selected set and leave the
+    pool.
+
+    Args:
+        score_for (`Callable`): `score_for(round, selected) -> score`, where `score(candidates, pairs)` scores each
+            candidate head added to `selected` on each pair (rendering, caching and journaling live behind it).
+        pool (`list[tuple[int, int]]`): The candidate heads. rounds (`int`): R. top_k (`int`): k.
+        num_pairs (`int`): M.
+        strategy (`Callable`, defaults to [`exhaustive`]): `strategy(score, candidates, num_pairs, top_k)`.
+        replay (`Callable`, *optional*): `replay(round, pool, selected)`: a finished round's outcome, or `None` to
+            run it.
+        on_round (`Callable`, *optional*): `on_round(round, selected_before, outcome)` after each round.
+
+    Returns:
+        `list[RoundOutcome]`: one per round run (fewer than `rounds` when the pool ran out).
+    """
+    pool = list(pool)
+    selected: list[Head] = []
+    outcomes: list[RoundOutcome] = []
+    for t in range(rounds):
+        if not pool:
+            break
+        outcome = replay(t, list(pool), list(selected)) if replay is not None else None
+        if outcome is None:
+            outcome = strategy(score_for(t, list(selected)), list(pool), num_pairs, top_k)
+        if on_round is not None:
+            on_round(t, list(selected), outcome)
+        outcomes.append(outcome)
+        selected += outcome.chosen
+        chosen = set(outcome.chosen)
+        pool = [h for h in pool if h not in chosen]
+    return outcomes
