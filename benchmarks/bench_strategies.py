@@ -79,8 +79,8 @@ def main() -> None:
     base, base_seconds, _ = results["exhaustive"]
     lines = [
         f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. "
-        "Model: tiny SD3, 8 layers x 8 heads (64 candidates), 9 prompt-seed pairs, 32x32, 2 steps, top-3, planted head "
-        f"L{PLANTED[0]}H{PLANTED[1]}.",
+        "Model: tiny SD3, 8 layers x 8 heads (64 candidates), 9 prompt-seed pairs, 32x32, 2 steps, top-3, "
+        f"planted head L{PLANTED[0]}H{PLANTED[1]}.",
         "",
         "| strategy | row-evaluations | vs exhaustive | images | wall time (s) | vs exhaustive | top-3 overlap | "
         "Kendall's tau (heads both scored on all pairs) | finds the planted head |",
@@ -92,8 +92,8 @@ def main() -> None:
         rows = result.cost["row_evals"]
         lines.append(
             f"| {label} | {rows:.0f} | {rows / base.cost['row_evals']:.2f}x | "
-            f"{result.cost['images']:.0f} | {seconds:.1f} | {seconds / base_seconds:.2f}x | {agreement['overlap']:.2f} "
-            f"| {tau_text} | {'yes' if PLANTED in result.order else 'no'} |"
+            f"{result.cost['images']:.0f} | {seconds:.1f} | {seconds / base_seconds:.2f}x | "
+            f"{agreement['overlap']:.2f} | {tau_text} | {'yes' if PLANTED in result.order else 'no'} |"
         )
     table = "\n".join(lines)
     print(table)
