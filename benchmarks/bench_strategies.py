@@ -25,9 +25,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 PLANTED = (5, 3)
 SETTINGS = dict(
-    prompts=["a red cat", "a lighthouse at dusk", "a bowl of fruit"],
-    seeds=[0, 1, 2],
-    pairing="product",
+    # Nine distinct prompts, one seed each: the planted objective looks its reference image up by prompt.
+    prompts=[
+        f"{thing} {place}"
+        for thing in ("a red cat", "a lighthouse", "a bowl of fruit")
+        for place in ("", "at dusk", "in snow")
+    ],
+    seeds=list(range(9)),
+    pairing="zip",
     rounds=1,
     top_k=3,
     guidance_scale=1.0,
