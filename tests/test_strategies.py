@@ -37,6 +37,7 @@ SMALL = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16)
 SETTINGS = dict(
     prompts=[f"a photo of object {c}" for c in "abcdefghi"], seeds=list(range(9)), rounds=1, top_k=1, **SMALL
 )
+PROXY = dict(proxy_size=16, proxy_steps=1)  # 16 x 16: a quarter of the image tokens of 32 x 32; 1 step of 2
 # The kill test: tiny-sd3 (16 heads), stages of 16 x 1, 6 x 2 and 2 x 6 images (40 images, 16 + 6 + 2 records).
 KILL = dict(
     prompts=["a cat", "a dog", "a car"], seeds=[0, 1, 2], pairing="product", rounds=1, top_k=1, batch_size=2,
@@ -51,10 +52,12 @@ class Rows:
     (head-PAG appends the perturbed copies inside the transformer; prefix sharing never reaches the last block).
     """
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, reference_tokens: int = 64):
         self.transformer = transformer
         self.clean = 0
         self.all = 0
+        self.reference_tokens = reference_tokens
+        self.weighted = 0.0  # rows weighted by their image tokens relative to `reference_tokens`
 
     @staticmethod
     def _rows(args, kwargs) -> int:
@@ -65,6 +68,8 @@ class Rows:
 
     def _on_last_block(self, module, args, kwargs):
         self.all += self._rows(args, kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (rows, image tokens, dim)
+        self.weighted += hidden.shape[0] * hidden.shape[1] / self.reference_tokens
 
     def __enter__(self) -> Rows:
         self.handles = [
@@ -97,14 +102,20 @@ def big():
 
 @pytest.fixture(scope="module")
 def planted(big, tmp_path_factory):
-    """Rewards closeness to the images rendered with the hidden head `PLANTED` alone (rendered once, here)."""
-    config = SearchConfig(**SETTINGS)
+    """
+    Rewards closeness to the images rendered with the hidden head `PLANTED` alone (rendered once, here): at the
+    configured size, and at the proxy fidelity of `PROXY` (told apart by their size), so that the planted head is the
+    best at both fidelities (how well a proxy ranks heads on a real model is another matter: this tests the search).
+    """
+    config = SearchConfig(**SETTINGS, strategy="halving", **PROXY)
     maker = HeadHunter(big, lambda i, p: [0.0] * len(i), config, tmp_path_factory.mktemp("refs") / "unused")
-    images = maker.generate([(HeadSet([PLANTED]), p, s) for p, s in config.pairs()])
-    refs = {p: np.asarray(im, np.float32) for (p, _), im in zip(config.pairs(), images)}
+    refs = {}
+    for proxy in (False, True):
+        images = maker.generate([(HeadSet([PLANTED]), p, s) for p, s in config.pairs()], proxy=proxy)
+        refs.update({(p, im.size): np.asarray(im, np.float32) for (p, _), im in zip(config.pairs(), images)})
 
     def objective(images, prompts):
-        return [-float(np.abs(np.asarray(im, np.float32) - refs[p]).mean()) for im, p in zip(images, prompts)]
+        return [-float(np.abs(np.asarray(im, np.float32) - refs[p, im.size]).mean()) for im, p in zip(images, prompts)]
 
     return objective
 
@@ -172,6 +183,83 @@ def test_halving_costs_at_most_a_third_and_the_cost_is_counted_exactly(runs):
         records = read_journal(run["dir"] / "journal.jsonl")
         assert sum(r["cost"]["row_evals"] for r in records) == pytest.approx(run["rows"].all)
         assert run["result"].rounds[0]["cost"] == run["result"].cost
+
+
+@pytest.fixture(scope="module")
+def proxy_run(big, planted, tmp_path_factory):
+    """Halving with its early stages at the proxy fidelity, on the 64-head model, with the test's own counts."""
+    out = tmp_path_factory.mktemp("proxy") / "run"
+    calls: list[int] = []
+    config = SearchConfig(**SETTINGS, batch_size=32, strategy="halving", **PROXY)
+    hunter = HeadHunter(big, counting(planted, calls), config, out)
+    with Rows(big.transformer) as rows:
+        result = hunter.run()
+    return dict(result=result, rows=rows, images=sum(calls), dir=out, config=config)
+
+
+def test_halving_with_a_proxy_recovers_the_planted_head_for_less(runs, proxy_run, big, planted):
+    result, rows = proxy_run["result"], proxy_run["rows"]
+    assert result.order == [PLANTED]
+    stages = result.rounds[0]["stages"]
+    # The same schedule as halving; the proxy stages at 16 x 16 and 1 step, the last stage at full fidelity on all 9
+    # pairs: its survivors' proxy scores are not reused, so it renders every pair for them anew.
+    assert [(len(s["candidates"]), s["pairs"]) for s in stages] == [(64, [0]), (22, [1, 2]), (8, list(range(9)))]
+    assert sorted(result.rounds[0]["pairs_scored"].values()) == [1] * 42 + [3] * 14 + [9] * 8
+    assert proxy_run["images"] == 64 * 1 + 22 * 2 + 8 * 9
+    # The test's own count: proxy rows weigh 1/4 (16 of 64 image tokens) and run 1 step; full rows 2 steps.
+    assert rows.all == 2 * rows.clean == (64 + 44) * 1 * 2 + 72 * 2 * 2
+    assert rows.weighted == pytest.approx((64 + 44) * 1 * 2 / 4 + 72 * 2 * 2)
+    assert result.cost["row_evals"] == pytest.approx(rows.weighted)
+    halving = runs["halving"]["rows"]
+    assert halving.weighted == pytest.approx(halving.all)  # every halving row is at the configured size
+    ratio = rows.weighted / halving.weighted
+    print(f"\nweighted row-evaluations halving+proxy/halving = {rows.weighted:g}/{halving.weighted:g} = {ratio:.3f}")
+    assert ratio < 0.6
+    # Journal records say their fidelity; the final stage's scores are full-fidelity scores (the exhaustive ones).
+    records = read_journal(proxy_run["dir"] / "journal.jsonl")
+    fidelity = {r["stage"]: r["fidelity"] for r in records}
+    assert fidelity == {
+        0: {"proxy": True, "height": 16, "width": 16, "steps": 1},
+        1: {"proxy": True, "height": 16, "width": 16, "steps": 1},
+        2: {"proxy": False, "height": 32, "width": 32, "steps": 2},
+    }
+    full = runs["exhaustive"]["result"].rounds[0]["scores"]
+    for head in stages[-1]["candidates"]:
+        assert result.rounds[0]["scores"][head] == pytest.approx(full[head], abs=0.05)
+    # Resuming re-renders nothing: from the round file, and from the journal (each fidelity's scores apart).
+    calls: list[int] = []
+    again = HeadHunter(big, counting(planted, calls), proxy_run["config"], proxy_run["dir"]).run()
+    assert again.order == [PLANTED] and calls == []
+    (proxy_run["dir"] / "rounds" / "round_0.json").unlink()
+    again = HeadHunter(big, counting(planted, calls), proxy_run["config"], proxy_run["dir"]).run()
+    assert again.order == [PLANTED] and calls == [] and again.rounds[0]["scores"] == result.rounds[0]["scores"]
+    readme = (write_report(proxy_run["dir"]) / "README.md").read_text()
+    assert "stage 0 (1 pair, proxy 16x16, 1 steps): 64 candidates; 42 dropped" in readme
+    assert "stage 2 (9 pairs): 8 candidates; chosen: 5.3" in readme
+
+
+def test_proxy_settings_are_checked_and_hashed_only_when_set():
+    base = dict(prompts=["a cat", "a dog"], seeds=[0, 1], strategy="halving")
+    plain = SearchConfig(**base)
+    assert "proxy_size" not in plain.to_dict() and "proxy_steps" not in plain.to_dict()
+    hashes = {SearchConfig(**base, **extra).config_hash() for extra in ({}, {"proxy_size": 16}, {"proxy_steps": 1})}
+    assert len(hashes) == 3
+    config = SearchConfig(**base, proxy_steps=3)
+    assert config.to_dict()["proxy_steps"] == 3 and SearchConfig.from_dict(config.to_dict()) == config
+    assert config.fidelity(proxy=True) == {"height": 1024, "width": 1024, "steps": 3}
+    for bad, message in (
+        ({"proxy_size": 0}, "proxy_size must be an integer >= 1"),
+        ({"proxy_steps": 1.5}, "proxy_steps must be an integer >= 1"),
+        ({"proxy_size": 16, "strategy": "exhaustive"}, "apply to strategy='halving'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SearchConfig(**{**base, **bad})
+    from headpag.cli import build_parser
+    from headpag.cli.hunt import build_config
+
+    args = ["hunt", "--prompts", "x", "--strategy", "halving", "--proxy-size", "512", "--proxy-steps", "8"]
+    config = build_config(build_parser().parse_args(args), "sd3")
+    assert (config.proxy_size, config.proxy_steps) == (512, 8)
 
 
 def test_report_shows_dropped_candidates_per_stage_and_the_cost(runs):

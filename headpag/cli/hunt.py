@@ -84,6 +84,18 @@ def add_parser(sub) -> None:
         default=None,
         help="halving: keep 1/eta of the candidates and multiply the pairs by eta at each stage (default 3, >= 2).",
     )
+    p.add_argument(
+        "--proxy-size",
+        type=options.positive(int),
+        default=None,
+        help="halving: render the early stages at N x N (the last stage at --height x --width).",
+    )
+    p.add_argument(
+        "--proxy-steps",
+        type=options.positive(int),
+        default=None,
+        help="halving: sampling steps of the early stages (the last stage uses --steps).",
+    )
     p.add_argument("--output-dir", default="runs/headhunter")
     p.add_argument(
         "--validation-images", type=options.positive(int), default=4, help="Pairs in the report's validation grid."
@@ -118,6 +130,8 @@ def build_config(args: argparse.Namespace, family: str, limits: options.Limits |
         "strategy": getattr(args, "strategy", None),
         "halving_min_pairs": getattr(args, "halving_min_pairs", None),
         "halving_eta": getattr(args, "halving_eta", None),
+        "proxy_size": getattr(args, "proxy_size", None),
+        "proxy_steps": getattr(args, "proxy_steps", None),
     }
     values.update({k: v for k, v in explicit.items() if v is not None})
     if "prompts" not in values:

@@ -132,3 +132,62 @@ class ClipScore(PairMetric):
         txt = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
         cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
         return (100 * cos).clamp(min=0).tolist()
+
+    # ------------------------------------------------------------------ differentiable path
+    differentiable = True
+
+    def __call__(self, images, prompts):
+        """PIL images: `list[float]` (see [`PairMetric.score`]); a float tensor: [`ClipScore.score_tensor`]."""
+        if isinstance(images, torch.Tensor):
+            return self.score_tensor(images, prompts)
+        return self.score(images, prompts)
+
+    def _transform_parts(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """`(image size, mean, std)` of the open_clip image transform."""
+        from torchvision import transforms
+
+        size, mean, std = None, None, None
+        for t in getattr(self.preprocess, "transforms", []):
+            if isinstance(t, transforms.Normalize):
+                mean, std = t.mean, t.std
+            elif isinstance(t, transforms.CenterCrop):
+                size = t.size[0] if isinstance(t.size, (tuple, list)) else t.size
+        if size is None:
+            size = self.model.visual.image_size
+            size = size[0] if isinstance(size, (tuple, list)) else size
+        if mean is None:
+            mean, std = self.model.visual.image_mean, self.model.visual.image_std
+        return int(size), torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+    def score_tensor(self, pixels: torch.Tensor, prompts) -> torch.Tensor:
+        r"""
+        Differentiable CLIP scores `max(100 * cos, 0)` of a float image batch (gradients flow to `pixels`).
+
+        The open_clip transform in torch: bicubic resize of the shortest side to the model's size (antialiased),
+        center crop, normalization; at the model's resolution it is the PIL path up to uint8 quantization.
+
+        Args:
+            pixels (`torch.Tensor`): `(B, 3, H, W)` RGB in `[0, 1]`.
+            prompts (`list[str]`): One prompt per image.
+
+        Returns:
+            `torch.Tensor`: `(B,)` scores (higher is better).
+        """
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] != len(prompts):
+            raise ValueError(f"Expected (B, 3, H, W) pixels with one prompt each, got {tuple(pixels.shape)}.")
+        size, mean, std = self._transform_parts()
+        x = pixels.to(self.device, torch.float32)
+        h, w = x.shape[-2:]
+        if min(h, w) != size:
+            scale = size / min(h, w)
+            new = (max(size, round(h * scale)), max(size, round(w * scale)))
+            x = torch.nn.functional.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True)
+        h, w = x.shape[-2:]
+        top, left = (h - size) // 2, (w - size) // 2
+        x = x[..., top : top + size, left : left + size]
+        x = (x - mean.to(x.device)[:, None, None]) / std.to(x.device)[:, None, None]
+        img = self.model.encode_image(x).float()
+        with torch.no_grad():
+            txt = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float()
+        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+        return (100 * cos).clamp(min=0)

@@ -45,6 +45,14 @@ class SearchConfig:
             pair never depends on the stage that computed it, so later stages only render the new pairs.
         halving_min_pairs (`int`, defaults to 1): Pairs of the first halving stage.
         halving_eta (`int`, defaults to 3): Halving factor (>= 2): candidates kept `1 / eta`, pairs times `eta`.
+        proxy_size (`int`, *optional*): `"halving"` only: the early stages (all but the last) render at
+            `proxy_size` x `proxy_size` (a cheaper, lower-fidelity proxy); the last stage renders at `height` x
+            `width`. Must suit the model like `height` and `width` do (e.g. a multiple of 16 for SD3).
+        proxy_steps (`int`, *optional*): `"halving"` only: the early stages run `proxy_steps` sampling steps; the last
+            stage runs `num_inference_steps`. With either proxy set, a score made at one fidelity is never reused at
+            the other: the last stage scores its survivors at full fidelity on all M pairs (not only the pairs new to
+            them), so the heads it ranks are compared on full-fidelity scores only, on the same pairs as an
+            exhaustive round. Proxy fields count in the settings hash only when set.
     """
 
     prompts: list[str] = field(default_factory=list)
@@ -68,12 +76,16 @@ class SearchConfig:
     strategy: str = "exhaustive"
     halving_min_pairs: int = 1
     halving_eta: int = 3
+    proxy_size: int | None = None
+    proxy_steps: int | None = None
 
     # Fields that do not change any result: excluded from the config hash, so a run may resume with other values.
     _NOT_HASHED = ("batch_size",)
     # Fields hashed only when the strategy is not the default: exhaustive runs keep the hash they had before the
     # strategies existed (and the halving settings, which an exhaustive run ignores, never change its hash).
     _STRATEGY_FIELDS = ("strategy", "halving_min_pairs", "halving_eta")
+    # Fields hashed (and written to `config.json`) only when set, so runs without proxies keep their hash.
+    _PROXY_FIELDS = ("proxy_size", "proxy_steps")
     STRATEGIES = ("exhaustive", "halving")
 
     def __post_init__(self):
@@ -97,6 +109,14 @@ class SearchConfig:
         if self.strategy not in self.STRATEGIES:
             allowed = ", ".join(map(repr, self.STRATEGIES))
             raise ValueError(f"strategy must be one of {allowed}, got {self.strategy!r}.")
+        for name in self._PROXY_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}.")
+        if self.has_proxy and self.strategy != "halving":
+            raise ValueError(
+                f"proxy_size and proxy_steps apply to strategy='halving' (its early stages), not {self.strategy!r}."
+            )
         if isinstance(self.halving_eta, bool) or not isinstance(self.halving_eta, int) or self.halving_eta < 2:
             raise ValueError(f"halving_eta must be an integer >= 2, got {self.halving_eta!r}.")
         for name in ("pag_scale", "guidance_scale", "true_cfg_scale"):
@@ -110,6 +130,27 @@ class SearchConfig:
         if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in self.seeds):
             raise ValueError(f"seeds must be integers in [0, 2**63), got {self.seeds!r}.")
         self.seeds = [int(s) for s in self.seeds]
+
+    @property
+    def has_proxy(self) -> bool:
+        """Whether the early halving stages render at a proxy fidelity (`proxy_size` or `proxy_steps` set)."""
+        return self.proxy_size is not None or self.proxy_steps is not None
+
+    def fidelity(self, proxy: bool = False) -> dict[str, int]:
+        """
+        `{"height", "width", "steps"}` of the full fidelity, or of the proxy (unset proxy fields are the full ones).
+
+        Args:
+            proxy (`bool`, defaults to `False`): The proxy fidelity.
+        """
+        if proxy:
+            size = self.proxy_size
+            return {
+                "height": size or self.height,
+                "width": size or self.width,
+                "steps": self.proxy_steps or self.num_inference_steps,
+            }
+        return {"height": self.height, "width": self.width, "steps": self.num_inference_steps}
 
     def pairs(self) -> list[tuple[str, int]]:
         """The M (prompt, seed) pairs, with the style prefix applied."""
@@ -129,6 +170,9 @@ class SearchConfig:
         if self.strategy == "exhaustive":
             for name in self._STRATEGY_FIELDS:
                 del out[name]
+        for name in self._PROXY_FIELDS:
+            if out.get(name, 0) is None:
+                del out[name]
         return out
 
     @classmethod
@@ -144,11 +188,13 @@ class SearchConfig:
     def config_hash(self, model: str = "") -> str:
         """
         Hash of everything that changes a result (and the model's identity). The strategy fields count only when
-        the strategy is not `"exhaustive"`, so exhaustive runs keep their hash from before the strategies existed.
+        the strategy is not `"exhaustive"`, so exhaustive runs keep their hash from before the strategies existed;
+        the proxy fields only when set.
         """
         skip = set(self._NOT_HASHED)
         if self.strategy == "exhaustive":
             skip.update(self._STRATEGY_FIELDS)
+        skip.update(name for name in self._PROXY_FIELDS if getattr(self, name) is None)
         doc = {k: v for k, v in asdict(self).items() if k not in skip}
         doc["model"] = model
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

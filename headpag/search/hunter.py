@@ -127,7 +127,9 @@ class HeadHunter:
         self.model_name = model_name
         pool = self.pool()  # a pool outside the model fails here, before anything is written
         self.num_pairs = len(self.config.pairs())
-        self.strategy = make_strategy(self.config.strategy, self.config.halving_min_pairs, self.config.halving_eta)
+        self.strategy = make_strategy(
+            self.config.strategy, self.config.halving_min_pairs, self.config.halving_eta, self.config.has_proxy
+        )
         # Nothing is written here: config.json is written by run() once every check has passed.
         self.journal = Journal(
             self.output_dir,
@@ -214,6 +216,7 @@ class HeadHunter:
         pag: bool = True,
         output_type: str = "pil",
         counter: RowCounter | None = None,
+        proxy: bool = False,
     ):
         """
         Images for `(head set, prompt, seed)` items in one pipeline call (one transformer call per step).
@@ -223,8 +226,10 @@ class HeadHunter:
             pag (`bool`, defaults to `True`): `False` renders without PAG.
             output_type (`str`, defaults to `"pil"`): The pipeline's.
             counter ([`~search.cost.RowCounter`], *optional*): Counts the transformer rows of this call.
+            proxy (`bool`, defaults to `False`): Render at the config's proxy fidelity (size and steps).
         """
         c = self.config
+        fidelity = c.fidelity(proxy)
         with self.lock:
             embeddings = [self._embed(prompt) for _, prompt, _ in items]
         kwargs: dict[str, Any] = {k: torch.cat([e[k] for e in embeddings]) for k in embeddings[0]}
@@ -235,9 +240,9 @@ class HeadHunter:
             pag_identity_weight=c.pag_identity_weight,
             pag_identity_scope=c.pag_identity_scope,
             guidance_scale=c.guidance_scale,
-            num_inference_steps=c.num_inference_steps,
-            height=c.height,
-            width=c.width,
+            num_inference_steps=fidelity["steps"],
+            height=fidelity["height"],
+            width=fidelity["width"],
             output_type=output_type,
         )
         if c.max_sequence_length:
@@ -249,11 +254,18 @@ class HeadHunter:
 
     # ------------------------------------------------------------------ scoring
     def _render(
-        self, round_index: int, stage: int, units: list[tuple[Head, list[int]]], selected: list[Head]
+        self,
+        round_index: int,
+        stage: int,
+        units: list[tuple[Head, list[int]]],
+        selected: list[Head],
+        proxy: bool = False,
     ) -> dict[Head, dict[int, float]]:
         """
-        Render and score `(candidate, pair indices)` units in batches; journal each unit (one record) as soon as its
-        pairs are scored, with its share of the work (row-evaluations and seconds split evenly over a batch's images).
+        Render and score `(candidate, pair indices)` units in batches (at the proxy fidelity when `proxy`); journal
+        each unit (one record) as soon as its pairs are scored, with its share of the work (row-evaluations, weighted
+        by image tokens relative to the configured size, and seconds split evenly over a batch's images) and, in runs
+        with a proxy, the fidelity of its scores.
         """
         pairs = self.config.pairs()
         all_pairs = list(range(len(pairs)))
@@ -269,7 +281,7 @@ class HeadHunter:
             chunk = work[start : start + bs]
             items = [(HeadSet([*selected, cand]), pairs[j][0], pairs[j][1]) for cand, j in chunk]
             began, rows = time.perf_counter(), self.counter.rows
-            images = self.generate(items, counter=self.counter)
+            images = self.generate(items, counter=self.counter, proxy=proxy)
             scores = list(self.objective(images, [prompt for _, prompt, _ in items]))
             if len(scores) != len(items):
                 raise ValueError(f"The objective returned {len(scores)} scores for {len(items)} images.")
@@ -296,26 +308,32 @@ class HeadHunter:
                 }
                 if stage or wanted[cand] != all_pairs:  # exhaustive records keep the original format
                     record.update(stage=stage, pairs=wanted[cand])
+                if self.config.has_proxy:
+                    record["fidelity"] = {"proxy": proxy, **self.config.fidelity(proxy)}
                 self.journal.append(record)
                 finished += 1
                 if self.progress:
                     self.progress(finished, len(units))
         return got
 
-    def _known(self, round_index: int, selected: list[Head]) -> dict[Head, dict[int, float]]:
-        """The journaled `{head: {pair: score}}` of a round (records of heads selected earlier are skipped)."""
-        done = {}
+    def _known(self, round_index: int, selected: list[Head]) -> dict[bool, dict[Head, dict[int, float]]]:
+        """
+        The journaled `{proxy: {head: {pair: score}}}` of a round, per fidelity (records of heads selected earlier
+        are skipped).
+        """
+        done: dict[bool, dict[Head, dict[int, float]]] = {False: {}, True: {}}
         chosen = set(selected)
-        for head, known in self.journal.pair_scores(round_index).items():
-            if head not in chosen:
-                done[head] = known
-            elif self.state.is_main_process:
-                logger.warning(
-                    "%s: round %d holds head %d.%d, already selected in an earlier round; ignored.",
-                    self.journal.path,
-                    round_index,
-                    *head,
-                )
+        for proxy in (False, True):
+            for head, known in self.journal.pair_scores(round_index, proxy).items():
+                if head not in chosen:
+                    done[proxy][head] = known
+                elif proxy is False and self.state.is_main_process:
+                    logger.warning(
+                        "%s: round %d holds head %d.%d, already selected in an earlier round; ignored.",
+                        self.journal.path,
+                        round_index,
+                        *head,
+                    )
         return done
 
     def _score_for(self, round_index: int, selected: list[Head]) -> _RoundScore:
@@ -419,17 +437,29 @@ class HeadHunter:
                 or not all(isinstance(h, list) and len(h) == 2 and check_head(*h) is None for h in heads)
             ):
                 return None, "its stages are malformed"
-            stages.append(Stage(pairs, [(h[0], h[1]) for h in heads]))
+            proxy = item.get("proxy", False)
+            if not isinstance(proxy, bool):
+                return None, "its stages are malformed"
+            stages.append(Stage(pairs, [(h[0], h[1]) for h in heads], proxy=proxy))
         # The schedule the strategy follows: which pairs each stage renders and how many candidates it keeps.
         done, alive = 0, len(pool)
         for i, stage in enumerate(stages):
+            if done >= self.num_pairs:
+                return None, f"its stage {i} follows the last stage"
             if c.strategy == "exhaustive":
                 target = self.num_pairs
             else:
                 target = min(c.halving_min_pairs if i == 0 else done * c.halving_eta, self.num_pairs)
             expected = alive if i == 0 else min(alive, max(c.top_k, math.ceil(alive / c.halving_eta)))
             previous = set(pool) if i == 0 else set(stages[i - 1].candidates)
-            if stage.pairs != list(range(done, target)) or len(stage.candidates) != expected:
+            final = target >= self.num_pairs
+            at_proxy = c.has_proxy and not final
+            first = 0 if c.has_proxy and final else done  # with a proxy, the last stage scores all pairs anew
+            if (
+                stage.pairs != list(range(first, target))
+                or len(stage.candidates) != expected
+                or stage.proxy != at_proxy
+            ):
                 return None, f"its stage {i} does not follow the {c.strategy} schedule"
             if len(set(stage.candidates)) != expected or not set(stage.candidates) <= previous:
                 return None, f"its stage {i} holds candidates that were not in play"
@@ -518,13 +548,17 @@ def _stage_summary(outcome: RoundOutcome) -> list[dict[str, Any]]:
 
 class _RoundScore:
     r"""
-    The `score(candidates, pairs)` callable of one round: scores known from the journal (or from an earlier stage)
-    are reused, the rest is rendered (split across processes by candidate, then gathered), and each call is one
-    stage of the round's journal records.
+    The `score(candidates, pairs, proxy=False)` callable of one round: scores known from the journal (or from an
+    earlier stage) at the same fidelity are reused, the rest is rendered (split across processes by candidate, then
+    gathered), and each call is one stage of the round's journal records.
     """
 
     def __init__(
-        self, hunter: HeadHunter, round_index: int, selected: list[Head], known: dict[Head, dict[int, float]]
+        self,
+        hunter: HeadHunter,
+        round_index: int,
+        selected: list[Head],
+        known: dict[bool, dict[Head, dict[int, float]]],
     ):
         self.hunter = hunter
         self.round = round_index
@@ -532,17 +566,20 @@ class _RoundScore:
         self.known = known
         self.stage = 0
 
-    def __call__(self, candidates: Sequence[Head], pairs: Sequence[int]) -> dict[Head, list[float]]:
+    def __call__(
+        self, candidates: Sequence[Head], pairs: Sequence[int], proxy: bool = False
+    ) -> dict[Head, list[float]]:
         state = self.hunter.state
         stage, self.stage = self.stage, self.stage + 1
+        known = self.known[proxy]  # a score of one fidelity is never reused at the other
         units = []
         for cand in candidates:
-            have = self.known.get(cand, {})
+            have = known.get(cand, {})
             missing = [j for j in pairs if j not in have]
             if missing:
                 units.append((cand, missing))
         mine = units[state.process_index :: state.num_processes]
-        new = self.hunter._render(self.round, stage, mine, self.selected)
+        new = self.hunter._render(self.round, stage, mine, self.selected, proxy)
         if state.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -551,8 +588,8 @@ class _RoundScore:
             gathered = [new]
         for part in gathered:
             for cand, scores in part.items():
-                self.known.setdefault(cand, {}).update(scores)
-        return {cand: [self.known[cand][j] for j in pairs] for cand in candidates}
+                known.setdefault(cand, {}).update(scores)
+        return {cand: [known[cand][j] for j in pairs] for cand in candidates}
 
 
 def process_state():

@@ -8,7 +8,10 @@ A run folder holds:
 - `journal.jsonl`: one record per candidate and stage, `{"round", "layer", "head", "score", "scores", "cost",
   "config_hash"}`, plus `"stage"` and `"pairs"` (the pair indices of `"scores"`) when the stage did not render every
   pair (successive halving); without `"pairs"` a record's `"scores"` are the pairs `0 .. M-1`. `"score"` is the mean
-  of the record's `"scores"`, `"cost"` the work the record took (see [`~search.cost.Cost`]);
+  of the record's `"scores"`, `"cost"` the work the record took (see [`~search.cost.Cost`]). Runs with a proxy
+  fidelity (`proxy_size` / `proxy_steps`) add `"fidelity": {"proxy", "height", "width", "steps"}` to every record, the
+  fidelity its scores were made at; a record without it is at the configured (full) fidelity. Scores of one fidelity
+  are never merged with the other's (see [`pair_scores`]);
 - `rounds/round_{r}.json`: the scores, the stages and the heads chosen in round `r` once it is complete;
 - `.lock`: present while a run writes the folder (owner's pid, hostname, process start time, a random token).
 """
@@ -171,7 +174,27 @@ def check_record(
         problem = check_cost(record["cost"])
         if problem:
             return problem
+    if "fidelity" in record:
+        problem = check_fidelity(record["fidelity"])
+        if problem:
+            return problem
     return None
+
+
+def check_fidelity(doc: Any) -> str | None:
+    """Why a record's `"fidelity"` is invalid, or `None`: `{"proxy": bool, "height", "width", "steps": int >= 1}`."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("proxy"), bool):
+        return f"fidelity must be a JSON object with a boolean 'proxy', got {_short(doc)}"
+    for key in ("height", "width", "steps"):
+        if not _is_int(doc.get(key)) or not 1 <= doc[key] <= 1 << 20:
+            return f"fidelity {key!r} must be an int >= 1, got {_short(doc.get(key))}"
+    return None
+
+
+def is_proxy(record: dict[str, Any]) -> bool:
+    """Whether a (valid) record's scores were made at the proxy fidelity."""
+    fidelity = record.get("fidelity")
+    return isinstance(fidelity, dict) and fidelity.get("proxy") is True
 
 
 def record_key(record: dict[str, Any]) -> tuple[int, int, int, int]:
@@ -196,25 +219,30 @@ def record_pairs(record: dict[str, Any], num_pairs: int | None = None) -> dict[i
 
 
 def pair_scores(
-    records: Iterable[dict[str, Any]], round_index: int, num_pairs: int | None = None
+    records: Iterable[dict[str, Any]], round_index: int, num_pairs: int | None = None, proxy: bool | None = None
 ) -> dict[Head, dict[int, float]]:
     r"""
     `{(layer, head): {pair index: score}}` of one round, merged over the round's records (stages) in file order; a
-    pair named by two records keeps the first record's score.
+    pair named by two records keeps the first record's score. Scores of the two fidelities are never merged.
 
     Args:
         records (`list[dict]`): Valid records (from [`read_journal`] or [`scan_journal`]).
         round_index (`int`): The round.
         num_pairs (`int`, *optional*): M (see [`record_pairs`]).
+        proxy (`bool`, *optional*): `False`: full-fidelity scores only; `True`: proxy scores only; `None` (default):
+            each head's full-fidelity scores when it has any, else its proxy scores (what the round reports).
     """
-    out: dict[Head, dict[int, float]] = {}
+    by_fidelity: dict[bool, dict[Head, dict[int, float]]] = {False: {}, True: {}}
     for record in records:
         if record["round"] != round_index:
             continue
-        known = out.setdefault((record["layer"], record["head"]), {})
+        known = by_fidelity[is_proxy(record)].setdefault((record["layer"], record["head"]), {})
         for j, score in record_pairs(record, num_pairs).items():
             known.setdefault(j, score)
-    return out
+    if proxy is not None:
+        return by_fidelity[proxy]
+    full = by_fidelity[False]
+    return {**{h: v for h, v in by_fidelity[True].items() if h not in full}, **full}
 
 
 def mean_scores(pairs: dict[Head, dict[int, float]]) -> dict[Head, float]:
@@ -573,9 +601,9 @@ class Journal:
         """`{(layer, head): mean score over the pairs journaled}` of the candidates scored in a round."""
         return mean_scores(self.pair_scores(round_index))
 
-    def pair_scores(self, round_index: int) -> dict[Head, dict[int, float]]:
+    def pair_scores(self, round_index: int, proxy: bool | None = None) -> dict[Head, dict[int, float]]:
         """`{(layer, head): {pair index: score}}` journaled in a round (see [`pair_scores`])."""
-        return pair_scores(self.records(), round_index, self.num_pairs)
+        return pair_scores(self.records(), round_index, self.num_pairs, proxy)
 
     def cost(self, round_index: int | None = None) -> Cost:
         """The work journaled (in one round, or in all)."""

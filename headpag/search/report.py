@@ -18,6 +18,7 @@ from .journal import (
     JOURNAL_NAME,
     MAX_INDEX,
     check_head,
+    is_proxy,
     journal_cost,
     mean_scores,
     pair_scores,
@@ -94,16 +95,25 @@ def stage_lines(records: list[dict[str, Any]], r: int, chosen: list[tuple[int, i
     """One line per stage of round `r` (from its journal records): pairs, candidates, and who was dropped."""
     pairs: dict[int, set[int]] = {}  # stage -> pair indices it rendered
     heads: dict[int, set[tuple[int, int]]] = {}
+    fidelity: dict[int, dict[str, Any]] = {}  # stage -> the proxy fidelity it rendered at (proxy stages only)
     for x in records:
         if x["round"] == r:
             stage = x.get("stage", 0)
             pairs.setdefault(stage, set()).update(record_pairs(x))
             heads.setdefault(stage, set()).add((x["layer"], x["head"]))
-    lines, total = [], 0
+            if is_proxy(x):
+                fidelity[stage] = x["fidelity"]
+    lines, total, was_proxy = [], 0, False
     stages = sorted(heads)
     for i, stage in enumerate(stages):
-        total += len(pairs[stage])
-        line = f"  - stage {stage} ({total} pair{'s' if total != 1 else ''}): {len(heads[stage])} candidates"
+        proxy = stage in fidelity
+        total = len(pairs[stage]) if proxy != was_proxy else total + len(pairs[stage])  # fidelities never mix
+        was_proxy = proxy
+        line = f"  - stage {stage} ({total} pair{'s' if total != 1 else ''}"
+        if proxy:
+            f = fidelity[stage]
+            line += f", proxy {f['height']}x{f['width']}, {f['steps']} steps"
+        line += f"): {len(heads[stage])} candidates"
         if i + 1 < len(stages):
             dropped = heads[stage] - heads[stages[i + 1]]
             line += f"; {len(dropped)} dropped: {_heads(dropped)}"

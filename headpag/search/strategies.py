@@ -17,8 +17,9 @@ from typing import Any
 
 Head = tuple[int, int]
 # `score(candidates, pairs) -> {candidate: [score on pairs[0], score on pairs[1], ...]}` (pair indices into the M
-# prompt-seed pairs; a candidate's score on a pair never depends on the call that asks for it).
-Score = Callable[[Sequence[Head], Sequence[int]], Mapping[Head, Sequence[float]]]
+# prompt-seed pairs; a candidate's score on a pair never depends on the call that asks for it). A strategy that uses a
+# proxy fidelity calls `score(candidates, pairs, proxy=True)` for the proxy scores (never mixed with the full ones).
+Score = Callable[..., Mapping[Head, Sequence[float]]]
 # `strategy(score, candidates, num_pairs, top_k) -> RoundOutcome`
 Strategy = Callable[[Score, Sequence[Head], int, int], "RoundOutcome"]
 
@@ -32,11 +33,13 @@ class Stage:
         pairs (`list[int]`): The pairs rendered at this stage (new to every candidate of the stage).
         candidates (`list[tuple[int, int]]`): The candidates scored at this stage.
         kept (`list[tuple[int, int]]`): The candidates that went on to the next stage (the chosen ones, at the last).
+        proxy (`bool`, defaults to `False`): Whether the stage rendered at the proxy fidelity.
     """
 
     pairs: list[int]
     candidates: list[Head]
     kept: list[Head] = field(default_factory=list)
+    proxy: bool = False
 
     @property
     def dropped(self) -> list[Head]:
@@ -44,7 +47,10 @@ class Stage:
         return [h for h in self.candidates if h not in kept]
 
     def to_json(self) -> dict[str, Any]:
-        return {"pairs": list(self.pairs), "candidates": [list(h) for h in self.candidates]}
+        out: dict[str, Any] = {"pairs": list(self.pairs), "candidates": [list(h) for h in self.candidates]}
+        if self.proxy:  # full-fidelity stages keep the format they had before the proxies existed
+            out["proxy"] = True
+        return out
 
 
 @dataclass
@@ -63,11 +69,19 @@ class RoundOutcome:
     stages: list[Stage]
 
     def pairs_scored(self) -> dict[Head, int]:
-        """How many pairs each candidate was scored on."""
+        """
+        How many pairs each candidate's score (in `scores`) was made on: the pairs of the stages at the fidelity of the
+        last stage it was scored in (a proxy score is never mixed with a full-fidelity one).
+        """
+        last: dict[Head, bool] = {}
+        for stage in self.stages:
+            for head in stage.candidates:
+                last[head] = stage.proxy
         counts: dict[Head, int] = {}
         for stage in self.stages:
             for head in stage.candidates:
-                counts[head] = counts.get(head, 0) + len(stage.pairs)
+                if stage.proxy == last[head]:
+                    counts[head] = counts.get(head, 0) + len(stage.pairs)
         return counts
 
     def dropped_at(self) -> dict[Head, int]:
@@ -85,8 +99,10 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _scores_of(score: Score, candidates: Sequence[Head], pairs: Sequence[int]) -> dict[Head, list[float]]:
-    got = score(list(candidates), list(pairs))
+def _scores_of(
+    score: Score, candidates: Sequence[Head], pairs: Sequence[int], proxy: bool = False
+) -> dict[Head, list[float]]:
+    got = score(list(candidates), list(pairs), proxy=True) if proxy else score(list(candidates), list(pairs))
     out = {}
     for head in candidates:
         values = list(got[head])
@@ -123,7 +139,13 @@ def halving_schedule(num_candidates: int, num_pairs: int, top_k: int, min_pairs:
 
 
 def successive_halving(
-    score: Score, candidates: Sequence[Head], num_pairs: int, top_k: int, min_pairs: int = 1, eta: int = 3
+    score: Score,
+    candidates: Sequence[Head],
+    num_pairs: int,
+    top_k: int,
+    min_pairs: int = 1,
+    eta: int = 3,
+    proxy: bool = False,
 ) -> RoundOutcome:
     r"""
     Successive halving within one round: every candidate on the first `min_pairs` pairs; the top
@@ -137,6 +159,11 @@ def successive_halving(
         num_pairs (`int`): M. top_k (`int`): Heads chosen.
         min_pairs (`int`, defaults to 1): Pairs of the first stage.
         eta (`int`, defaults to 3): Keep `1 / eta` of the candidates, multiply the pairs by `eta`.
+        proxy (`bool`, defaults to `False`): Score every stage but the last at the proxy fidelity
+            (`score(candidates, pairs, proxy=True)`). Proxy scores are never mixed with full-fidelity ones, so the last
+            stage scores its survivors at full fidelity on **all** `num_pairs` pairs (not only the pairs new to them):
+            the top-k are then chosen on full-fidelity means over the same pairs as [`exhaustive`] would use, and
+            a candidate's reported score is its mean at the fidelity of the last stage it reached.
     """
     if min_pairs < 1 or eta < 2:
         raise ValueError(f"successive halving needs min_pairs >= 1 and eta >= 2, got {min_pairs} and {eta}.")
@@ -144,10 +171,17 @@ def successive_halving(
     alive, done, target = list(candidates), 0, min(min_pairs, num_pairs)
     stages: list[Stage] = []
     while True:
-        new = list(range(done, target))
-        for head, values in _scores_of(score, alive, new).items():
+        final = target >= num_pairs
+        at_proxy = proxy and not final
+        if proxy and final and done > 0:  # the survivors start over at full fidelity, on all pairs
+            new = list(range(num_pairs))
+            for head in alive:
+                scored[head] = []
+        else:
+            new = list(range(done, target))
+        for head, values in _scores_of(score, alive, new, proxy=at_proxy).items():
             scored[head] += values
-        stage = Stage(new, alive)
+        stage = Stage(new, alive, proxy=at_proxy)
         stages.append(stage)
         done = target
         means = {head: _mean(scored[head]) for head in alive}
@@ -160,18 +194,23 @@ def successive_halving(
     return RoundOutcome({head: _mean(v) for head, v in scored.items() if v}, stages[-1].kept, stages)
 
 
-def make_strategy(name: str = "exhaustive", halving_min_pairs: int = 1, halving_eta: int = 3) -> Strategy:
+def make_strategy(
+    name: str = "exhaustive", halving_min_pairs: int = 1, halving_eta: int = 3, proxy: bool = False
+) -> Strategy:
     r"""
     The strategy function of a [`SearchConfig`]'s `strategy`.
 
     Args:
         name (`str`): `"exhaustive"` or `"halving"`.
         halving_min_pairs, halving_eta (`int`): See [`successive_halving`].
+        proxy (`bool`, defaults to `False`): `"halving"` only: early stages at the proxy fidelity.
     """
+    if proxy and name != "halving":
+        raise ValueError(f"A proxy fidelity applies to the 'halving' strategy, not {name!r}.")
     if name == "exhaustive":
         return exhaustive
     if name == "halving":
-        return functools.partial(successive_halving, min_pairs=halving_min_pairs, eta=halving_eta)
+        return functools.partial(successive_halving, min_pairs=halving_min_pairs, eta=halving_eta, proxy=proxy)
     raise ValueError(f"Unknown strategy {name!r}; allowed: 'exhaustive', 'halving'.")
 
 
