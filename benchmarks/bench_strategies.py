@@ -45,6 +45,7 @@ STRATEGIES = {
     "exhaustive": {"strategy": "exhaustive"},
     "halving (eta 3, 1 pair first)": {"strategy": "halving"},
     "halving (eta 2, 1 pair first)": {"strategy": "halving", "halving_eta": 2},
+    "halving (eta 3) + proxy 16x16, 1 step": {"strategy": "halving", "proxy_size": 16, "proxy_steps": 1},
 }
 
 
