@@ -63,13 +63,19 @@ def main() -> None:
     pipe = StableDiffusion3HeadPAGPipeline(**tiny_sd3_components(num_layers=8, num_heads=8))
     pipe.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as tmp:
-        config = SearchConfig(**SETTINGS)
+        config = SearchConfig(**SETTINGS, strategy="halving", proxy_size=16, proxy_steps=1)
         maker = HeadHunter(pipe, lambda i, p: [0.0] * len(i), config, Path(tmp) / "refs")
-        images = maker.generate([(HeadSet([PLANTED]), p, s) for p, s in config.pairs()])
-        refs = {p: np.asarray(im, np.float32) for (p, _), im in zip(config.pairs(), images)}
+        items = [(HeadSet([PLANTED]), p, s) for p, s in config.pairs()]
+        refs = {}  # (prompt, image size) -> the planted head's image, at full and at proxy fidelity
+        for proxy in (False, True):
+            for (p, _), im in zip(config.pairs(), maker.generate(items, proxy=proxy)):
+                refs[(p, im.size)] = np.asarray(im, np.float32)
 
         def objective(images, prompts):
-            return [-float(np.abs(np.asarray(im, np.float32) - refs[p]).mean()) for im, p in zip(images, prompts)]
+            return [
+                -float(np.abs(np.asarray(im, np.float32) - refs[(p, im.size)]).mean())
+                for im, p in zip(images, prompts)
+            ]
 
         results = {}
         for index, (label, extra) in enumerate(STRATEGIES.items()):
