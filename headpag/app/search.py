@@ -50,6 +50,10 @@ CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "strategy": (str,),
     "halving_min_pairs": (int,),
     "halving_eta": (int,),
+    "proxy_size": (int, type(None)),
+    "proxy_steps": (int, type(None)),
+    "grad_steps": (int,),
+    "prefilter_keep": (int, type(None)),
 }
 
 

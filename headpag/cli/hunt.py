@@ -68,9 +68,23 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--strategy",
-        choices=["exhaustive", "halving"],
+        choices=["exhaustive", "halving", "gradient"],
         default=None,
-        help="exhaustive (default: every candidate on every pair) or halving (successive halving in each round).",
+        help="exhaustive (default: every candidate on every pair), halving (successive halving in each round) or "
+        "gradient (rank the pool by d objective / d head weight, then halving over the best --prefilter-keep; "
+        "needs a differentiable objective such as clip).",
+    )
+    p.add_argument(
+        "--grad-steps",
+        type=options.positive(int),
+        default=None,
+        help="gradient: sampling steps of the differentiable run that ranks the pool (default 4).",
+    )
+    p.add_argument(
+        "--prefilter-keep",
+        type=options.positive(int),
+        default=None,
+        help="gradient: heads of the gradient ranking scored exactly (default 4 x --top-k).",
     )
     p.add_argument(
         "--halving-min-pairs",
@@ -132,6 +146,8 @@ def build_config(args: argparse.Namespace, family: str, limits: options.Limits |
         "halving_eta": getattr(args, "halving_eta", None),
         "proxy_size": getattr(args, "proxy_size", None),
         "proxy_steps": getattr(args, "proxy_steps", None),
+        "grad_steps": getattr(args, "grad_steps", None),
+        "prefilter_keep": getattr(args, "prefilter_keep", None),
     }
     values.update({k: v for k, v in explicit.items() if v is not None})
     if "prompts" not in values:

@@ -3,11 +3,20 @@
 from .compare import compare_runs
 from .config import SearchConfig, preset, read_prompts
 from .cost import Cost
+from .gradient import head_gradients
 from .hunter import HeadHunter, SearchResult
 from .journal import Journal, read_journal
 from .objectives import load_objective
 from .report import write_report
-from .strategies import RoundOutcome, Stage, exhaustive, head_hunter, make_strategy, successive_halving
+from .strategies import (
+    RoundOutcome,
+    Stage,
+    exhaustive,
+    gradient_prefiltered,
+    head_hunter,
+    make_strategy,
+    successive_halving,
+)
 
 
 __all__ = [
@@ -20,6 +29,8 @@ __all__ = [
     "Stage",
     "compare_runs",
     "exhaustive",
+    "gradient_prefiltered",
+    "head_gradients",
     "head_hunter",
     "load_objective",
     "make_strategy",

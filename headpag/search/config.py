@@ -53,6 +53,15 @@ class SearchConfig:
             the other: the last stage scores its survivors at full fidelity on all M pairs (not only the pairs new to
             them), so the heads it ranks are compared on full-fidelity scores only, on the same pairs as an
             exhaustive round. Proxy fields count in the settings hash only when set.
+        grad_steps (`int`, defaults to 4): `"gradient"` only: sampling steps of the differentiable run that ranks the
+            pool (see [`~search.gradient.head_gradients`]).
+        prefilter_keep (`int`, *optional*): `"gradient"` only: heads of the gradient ranking that go on to the exact
+            halving stages (defaults to `4 * top_k`; at least `top_k`).
+
+    `strategy="gradient"`: each round first ranks the whole pool by the mean gradient of a differentiable objective
+    with respect to every head's identity weight (one `grad_steps`-step sampling run with backward per pair), keeps
+    the top `prefilter_keep` and scores them exactly like `"halving"` (with `halving_min_pairs`, `halving_eta`).
+    The gradient fields count in the settings hash (and appear in `config.json`) only with `strategy="gradient"`.
     """
 
     prompts: list[str] = field(default_factory=list)
@@ -78,6 +87,8 @@ class SearchConfig:
     halving_eta: int = 3
     proxy_size: int | None = None
     proxy_steps: int | None = None
+    grad_steps: int = 4
+    prefilter_keep: int | None = None
 
     # Fields that do not change any result: excluded from the config hash, so a run may resume with other values.
     _NOT_HASHED = ("batch_size",)
@@ -86,7 +97,9 @@ class SearchConfig:
     _STRATEGY_FIELDS = ("strategy", "halving_min_pairs", "halving_eta")
     # Fields hashed (and written to `config.json`) only when set, so runs without proxies keep their hash.
     _PROXY_FIELDS = ("proxy_size", "proxy_steps")
-    STRATEGIES = ("exhaustive", "halving")
+    # Fields hashed (and written to `config.json`) only with `strategy="gradient"`, so other runs keep their hash.
+    _GRADIENT_FIELDS = ("grad_steps", "prefilter_keep")
+    STRATEGIES = ("exhaustive", "halving", "gradient")
 
     def __post_init__(self):
         if isinstance(self.pool, HeadSet):
@@ -117,6 +130,11 @@ class SearchConfig:
             raise ValueError(
                 f"proxy_size and proxy_steps apply to strategy='halving' (its early stages), not {self.strategy!r}."
             )
+        if isinstance(self.grad_steps, bool) or not isinstance(self.grad_steps, int) or self.grad_steps < 1:
+            raise ValueError(f"grad_steps must be an integer >= 1, got {self.grad_steps!r}.")
+        keep = self.prefilter_keep
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"prefilter_keep must be an integer >= 1 or None, got {keep!r}.")
         if isinstance(self.halving_eta, bool) or not isinstance(self.halving_eta, int) or self.halving_eta < 2:
             raise ValueError(f"halving_eta must be an integer >= 2, got {self.halving_eta!r}.")
         for name in ("pag_scale", "guidance_scale", "true_cfg_scale"):
@@ -173,7 +191,15 @@ class SearchConfig:
         for name in self._PROXY_FIELDS:
             if out.get(name, 0) is None:
                 del out[name]
+        if self.strategy != "gradient":
+            for name in self._GRADIENT_FIELDS:
+                del out[name]
         return out
+
+    @property
+    def kept_by_prefilter(self) -> int:
+        """`"gradient"`: how many heads of the gradient ranking go on to the exact stages (before the pool's size)."""
+        return max(self.top_k, 4 * self.top_k if self.prefilter_keep is None else self.prefilter_keep)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
@@ -195,6 +221,8 @@ class SearchConfig:
         if self.strategy == "exhaustive":
             skip.update(self._STRATEGY_FIELDS)
         skip.update(name for name in self._PROXY_FIELDS if getattr(self, name) is None)
+        if self.strategy != "gradient":
+            skip.update(self._GRADIENT_FIELDS)
         doc = {k: v for k, v in asdict(self).items() if k not in skip}
         doc["model"] = model
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

@@ -19,7 +19,8 @@ from .._io import atomic_write_json
 from ..guidance import HeadSet
 from ..runtime import describe_transformer
 from .config import SearchConfig
-from .cost import Cost, RowCounter
+from .cost import Cost, RowCounter, check_cost
+from .gradient import head_gradients, require_differentiable
 from .journal import CONFIG_NAME, Journal, RunLock, check_head, journal_cost, remove_if_empty
 from .journal import read_round as read_round_file
 from .objectives import Objective, load_objective
@@ -37,7 +38,8 @@ class SearchResult:
         order (`list[tuple[int, int]]`): Heads in the order they were added.
         rounds (`list[dict]`): Per round: `{"scores": {(layer, head): mean score over the pairs it was scored on},
             "chosen": [...], "pairs_scored": {(layer, head): pairs}, "stages": [{"pairs": [...], "candidates":
-            [...], "dropped": [...]}], "cost": {...}}` (one stage for the exhaustive strategy).
+            [...], "dropped": [...]}], "cost": {...}}` (one stage for the exhaustive strategy); the gradient
+            strategy adds `"prefilter": {(layer, head): mean gradient}` over the whole pool.
         family, num_layers, num_heads: The model's.
         config ([`SearchConfig`]): The settings.
         provenance (`dict`): Output folder and model name.
@@ -76,8 +78,12 @@ class HeadHunter:
     The paper's Algorithm 1 ([`~search.strategies.head_hunter`]): in round t, every head still in the pool is tried
     with the heads selected so far, images are generated for the M prompt-seed pairs, scored by the objective and
     averaged; the top-k heads join the selected set. Ties break by (layer, head) ascending. The config's `strategy`
-    decides which candidates are scored on which pairs: `"exhaustive"` (all on all) or `"halving"` (successive
-    halving within each round, see [`~search.strategies.successive_halving`]).
+    decides which candidates are scored on which pairs: `"exhaustive"` (all on all), `"halving"` (successive
+    halving within each round, see [`~search.strategies.successive_halving`]) or `"gradient"` (each round ranks the
+    pool by d objective / d head weight with a differentiable objective, see [`~search.gradient.head_gradients`],
+    and halves over the best `prefilter_keep`; the ranking is written to `rounds/round_R_gradients.json` before the
+    exact stages, validated when read back, so a resumed round keeps its prefilter and does not pay for it again;
+    its cost, backward counted as two forward passes, joins the round's).
 
     Rendering lives behind the `score(candidates, pairs)` callable that Algorithm 1 is given: journaled scores are
     reused (a score on a pair never depends on the stage that asked for it), the rest is rendered. Candidates are
@@ -128,7 +134,11 @@ class HeadHunter:
         pool = self.pool()  # a pool outside the model fails here, before anything is written
         self.num_pairs = len(self.config.pairs())
         self.strategy = make_strategy(
-            self.config.strategy, self.config.halving_min_pairs, self.config.halving_eta, self.config.has_proxy
+            self.config.strategy,
+            self.config.halving_min_pairs,
+            self.config.halving_eta,
+            self.config.has_proxy,
+            prefilter_keep=self.config.prefilter_keep,
         )
         # Nothing is written here: config.json is written by run() once every check has passed.
         self.journal = Journal(
@@ -144,6 +154,8 @@ class HeadHunter:
         )
         self._all_agree(self._check_unlocked)  # another live run on the folder: refused before loading anything
         self.objective = load_objective(objective, objective_model, objective_arch, device=self.state.device)
+        if self.config.strategy == "gradient":
+            require_differentiable(self.objective)
         self.progress = progress
         self.lock = lock or contextlib.nullcontext()
         self._embeddings: dict[str, dict[str, torch.Tensor]] = {}
@@ -343,6 +355,102 @@ class HeadHunter:
             self.state.wait_for_everyone()  # every process has read the journal before any appends to it
         return _RoundScore(self, round_index, selected, known)
 
+    # ------------------------------------------------------------------ the gradient prefilter
+    def _gradient_file(self, round_index: int) -> Path:
+        return self.output_dir / "rounds" / f"round_{round_index}_gradients.json"
+
+    def _read_gradients(
+        self, round_index: int, candidates: Sequence[Head], selected: Sequence[Head]
+    ) -> tuple[dict[Head, float], Cost] | None:
+        """
+        A round's journaled gradient ranking (`rounds/round_R_gradients.json`) and its cost, when it is exactly this
+        run's (same round, selected heads, candidates and `grad_steps`, finite values); else `None` (warned when the
+        file exists).
+        """
+        path = self._gradient_file(round_index)
+        if not path.exists():
+            return None
+        problem, values, cost = None, {}, Cost()
+        try:
+            doc = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            doc, problem = None, "it is unreadable"
+        if problem is None and not isinstance(doc, dict):
+            problem = "it is not a JSON object"
+        elif problem is None:
+            rows = doc.get("gradients")
+            if doc.get("round") != round_index:
+                problem = "it belongs to another round"
+            elif doc.get("selected") != [list(h) for h in selected]:
+                problem = "its selected heads are not this round's"
+            elif doc.get("grad_steps") != self.config.grad_steps:
+                problem = "it was made with other grad_steps"
+            elif check_cost(doc.get("cost")) is not None:
+                problem = "its cost is invalid"
+            elif not isinstance(rows, list):
+                problem = "it holds no gradients"
+            else:
+                for row in rows:
+                    ok = (
+                        isinstance(row, list)
+                        and len(row) == 3
+                        and check_head(row[0], row[1]) is None
+                        and not isinstance(row[2], bool)
+                        and isinstance(row[2], (int, float))
+                        and math.isfinite(row[2])
+                    )
+                    if not ok or (row[0], row[1]) in values:
+                        problem = "its gradients are malformed"
+                        break
+                    values[(row[0], row[1])] = float(row[2])
+                if problem is None and set(values) != set(candidates):
+                    problem = "its heads are not this round's candidates"
+                cost = Cost.from_dict(doc.get("cost"))
+        if problem is not None:
+            if self.state.is_main_process:
+                logger.warning("%s: %s; the gradients are recomputed.", path, problem)
+            return None
+        return values, cost
+
+    def _gradient_ranking(self, round_index: int, selected: list[Head], candidates: list[Head]) -> dict[Head, float]:
+        """
+        The prefilter of the gradient strategy: every candidate's mean d objective / d identity weight, read back
+        from the round's gradient file, or computed by the main process and written there first (so a resumed run
+        keeps the very same prefilter and does not pay for it again).
+        """
+        if self._read_gradients(round_index, candidates, selected) is None and self.state.is_main_process:
+            values, cost = head_gradients(self, selected, candidates, progress=self.progress)
+            atomic_write_json(
+                self._gradient_file(round_index),
+                {
+                    "round": round_index,
+                    "selected": [list(h) for h in selected],
+                    "grad_steps": self.config.grad_steps,
+                    "gradients": [[l, h, g] for (l, h), g in sorted(values.items())],
+                    "cost": cost.to_dict(),
+                },
+            )
+        self.state.wait_for_everyone()
+        got = self._read_gradients(round_index, candidates, selected)
+        if got is None:
+            raise RuntimeError(f"{self._gradient_file(round_index)} could not be read back.")
+        return got[0]
+
+    def _gradient_cost(self, round_index: int | None = None) -> Cost:
+        """The cost of the gradient files of one round (or of all rounds), as written."""
+        if self.config.strategy != "gradient":
+            return Cost()
+        total = Cost()
+        for r in range(self.config.rounds) if round_index is None else [round_index]:
+            path = self._gradient_file(r)
+            try:
+                doc = json.loads(path.read_bytes().decode("utf-8")) if path.exists() else None
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+                doc = None
+            if isinstance(doc, dict):
+                total = total + Cost.from_dict(doc.get("cost"))
+        return total
+
     # ------------------------------------------------------------------ the search
     def pool(self) -> list[Head]:
         pool = HeadSet.parse(self.config.pool) if self.config.pool else HeadSet(range(self.layout.num_layers))
@@ -399,6 +507,13 @@ class HeadHunter:
             return None
         scores, chosen, recorded_selected = parsed
         stages, problem = None, None
+        prefilter = None
+        if self.config.strategy == "gradient":
+            gradients = self._read_gradients(r, pool, selected)
+            if gradients is None:
+                return None
+            prefilter = gradients[0]
+            pool = sorted(rank(prefilter, min(self.config.kept_by_prefilter, len(pool))))
         if set(scores) != set(pool):
             problem = "its scored heads are not this round's candidates"
         else:
@@ -414,7 +529,7 @@ class HeadHunter:
             stage.kept = list(following.candidates)
         stages[-1].kept = list(chosen)
         self._replayed.add(r)
-        return RoundOutcome(scores, chosen, stages)
+        return RoundOutcome(scores, chosen, stages, prefilter)
 
     def _read_stages(self, round_file: Path, pool: list[Head]) -> tuple[list[Stage] | None, str | None]:
         """The stages of a round file and `None`, or `None` and why they are not this run's schedule."""
@@ -482,7 +597,7 @@ class HeadHunter:
                     "chosen": [list(h) for h in outcome.chosen],
                     "selected": [list(h) for h in selected + outcome.chosen],
                     "stages": [stage.to_json() for stage in outcome.stages],
-                    "cost": self.journal.cost(r).to_dict(),
+                    "cost": (self.journal.cost(r) + self._gradient_cost(r)).to_dict(),
                 },
             )
         self.state.wait_for_everyone()
@@ -507,12 +622,13 @@ class HeadHunter:
                 "chosen": outcome.chosen,
                 "pairs_scored": outcome.pairs_scored(),
                 "stages": _stage_summary(outcome),
-                "cost": journal_cost(records, r).to_dict(),
+                "cost": (journal_cost(records, r) + self._gradient_cost(r)).to_dict(),
+                **({"prefilter": outcome.prefilter} if outcome.prefilter is not None else {}),
             }
             for r, outcome in enumerate(outcomes)
         ]
         selected = [head for outcome in outcomes for head in outcome.chosen]
-        cost = journal_cost(records).to_dict()
+        cost = (journal_cost(records) + self._gradient_cost()).to_dict()
         result = SearchResult(
             selected,
             rounds,
@@ -590,6 +706,10 @@ class _RoundScore:
             for cand, scores in part.items():
                 known.setdefault(cand, {}).update(scores)
         return {cand: [known[cand][j] for j in pairs] for cand in candidates}
+
+    def prefilter(self, candidates: Sequence[Head]) -> dict[Head, float]:
+        """The gradient strategy's ranking values of `candidates` (see [`HeadHunter._gradient_ranking`])."""
+        return self.hunter._gradient_ranking(self.round, self.selected, list(candidates))
 
 
 def process_state():

@@ -195,6 +195,13 @@ def write_report(
             "fidelities); the stages below say who was dropped where.",
             "",
         ]
+    if strategy == "gradient":
+        lines += [
+            f"Gradient prefilter: each round ranked the whole pool by d objective / d head weight over "
+            f"{settings.get('grad_steps', 4)}-step differentiable runs (`rounds/round_R_gradients.json`); only the "
+            "kept heads were scored (the heatmaps show those only).",
+            "",
+        ]
     if not rounds:
         lines.append("No candidate scored yet.")
     order: list[tuple[int, int, float, int]] = []

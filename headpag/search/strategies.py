@@ -62,11 +62,14 @@ class RoundOutcome:
         scores (`dict[tuple[int, int], float]`): Every candidate's mean score over the pairs it was scored on.
         chosen (`list[tuple[int, int]]`): The top-k of the last stage, best first.
         stages (`list[Stage]`): The stages, first to last (one for the exhaustive strategy).
+        prefilter (`dict[tuple[int, int], float]`, *optional*): The gradient strategy: every pool head's prefilter
+            value (mean d objective / d weight), of which the top `prefilter_keep` went on to the stages.
     """
 
     scores: dict[Head, float]
     chosen: list[Head]
     stages: list[Stage]
+    prefilter: dict[Head, float] | None = None
 
     def pairs_scored(self) -> dict[Head, int]:
         """
@@ -194,16 +197,54 @@ def successive_halving(
     return RoundOutcome({head: _mean(v) for head, v in scored.items() if v}, stages[-1].kept, stages)
 
 
+def gradient_prefiltered(
+    score: Score,
+    candidates: Sequence[Head],
+    num_pairs: int,
+    top_k: int,
+    keep: int | None = None,
+    min_pairs: int = 1,
+    eta: int = 3,
+) -> RoundOutcome:
+    r"""
+    The gradient strategy's round: `score.prefilter(candidates) -> {head: value}` ranks the whole pool by one
+    differentiable pass (see [`~search.gradient.head_gradients`]; higher = adding the head raises the objective), the
+    top `keep` (ties by (layer, head)) are scored exactly by [`successive_halving`], which chooses the top-k.
+
+    Args:
+        score (`Callable`): `score(candidates, pairs)` with a `prefilter(candidates)` method.
+        candidates (`list[tuple[int, int]]`): The round's pool.
+        num_pairs (`int`): M. top_k (`int`): Heads chosen.
+        keep (`int`, *optional*): Heads kept by the prefilter (defaults to `4 * top_k`, at least `top_k`).
+        min_pairs, eta (`int`): See [`successive_halving`].
+    """
+    prefilter = getattr(score, "prefilter", None)
+    if prefilter is None:
+        raise ValueError("The gradient strategy needs a score callable with a `prefilter(candidates)` method.")
+    values = {head: float(v) for head, v in prefilter(list(candidates)).items()}
+    if set(values) != set(candidates):
+        raise ValueError("prefilter must give one value for every candidate of the round.")
+    kept = sorted(rank(values, max(top_k, 4 * top_k if keep is None else keep)))
+    outcome = successive_halving(score, kept, num_pairs, top_k, min_pairs=min_pairs, eta=eta)
+    outcome.prefilter = values
+    return outcome
+
+
 def make_strategy(
-    name: str = "exhaustive", halving_min_pairs: int = 1, halving_eta: int = 3, proxy: bool = False
+    name: str = "exhaustive",
+    halving_min_pairs: int = 1,
+    halving_eta: int = 3,
+    proxy: bool = False,
+    prefilter_keep: int | None = None,
 ) -> Strategy:
     r"""
     The strategy function of a [`SearchConfig`]'s `strategy`.
 
     Args:
-        name (`str`): `"exhaustive"` or `"halving"`.
-        halving_min_pairs, halving_eta (`int`): See [`successive_halving`].
+        name (`str`): `"exhaustive"`, `"halving"` or `"gradient"`.
+        halving_min_pairs, halving_eta (`int`): See [`successive_halving`] (also the gradient strategy's exact stage).
         proxy (`bool`, defaults to `False`): `"halving"` only: early stages at the proxy fidelity.
+        prefilter_keep (`int`, *optional*): `"gradient"` only: see [`gradient_prefiltered`].
     """
     if proxy and name != "halving":
         raise ValueError(f"A proxy fidelity applies to the 'halving' strategy, not {name!r}.")
@@ -211,7 +252,11 @@ def make_strategy(
         return exhaustive
     if name == "halving":
         return functools.partial(successive_halving, min_pairs=halving_min_pairs, eta=halving_eta, proxy=proxy)
-    raise ValueError(f"Unknown strategy {name!r}; allowed: 'exhaustive', 'halving'.")
+    if name == "gradient":
+        return functools.partial(
+            gradient_prefiltered, keep=prefilter_keep, min_pairs=halving_min_pairs, eta=halving_eta
+        )
+    raise ValueError(f"Unknown strategy {name!r}; allowed: 'exhaustive', 'halving', 'gradient'.")
 
 
 def head_hunter(
