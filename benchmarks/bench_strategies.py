@@ -46,6 +46,7 @@ STRATEGIES = {
     "halving (eta 3, 1 pair first)": {"strategy": "halving"},
     "halving (eta 2, 1 pair first)": {"strategy": "halving", "halving_eta": 2},
     "halving (eta 3) + proxy 16x16, 1 step": {"strategy": "halving", "proxy_size": 16, "proxy_steps": 1},
+    "gradient prefilter (2 steps, keep 12) + halving": {"strategy": "gradient", "grad_steps": 2},
 }
 
 
@@ -71,11 +72,21 @@ def main() -> None:
             for (p, _), im in zip(config.pairs(), maker.generate(items, proxy=proxy)):
                 refs[(p, im.size)] = np.asarray(im, np.float32)
 
+        def as_tensor(image) -> torch.Tensor:
+            return torch.from_numpy(image / 255).permute(2, 0, 1)
+
         def objective(images, prompts):
+            """Minus the mean absolute difference to the planted head's image (differentiable on tensors)."""
+            if isinstance(images, torch.Tensor):
+                size = (images.shape[-1], images.shape[-2])
+                target = torch.stack([as_tensor(refs[(p, size)]) for p in prompts]).to(images)
+                return -(images - target).abs().mean(dim=(1, 2, 3))
             return [
-                -float(np.abs(np.asarray(im, np.float32) - refs[(p, im.size)]).mean())
+                -float(np.abs(np.asarray(im, np.float32) - refs[(p, im.size)]).mean()) / 255
                 for im, p in zip(images, prompts)
             ]
+
+        objective.differentiable = True
 
         results = {}
         for index, (label, extra) in enumerate(STRATEGIES.items()):
