@@ -227,3 +227,26 @@ def test_cli_hunt_report_and_two_processes(tmp_path, tiny_clip):
         b = json.loads((tmp_path / "two" / "rounds" / f"round_{r}.json").read_text())["scores"]
         assert [x[:2] for x in a] == [x[:2] for x in b]
         np.testing.assert_allclose([x[2] for x in a], [x[2] for x in b], atol=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["halving", "gradient"])
+def test_two_processes_equal_one_for_every_strategy(tmp_path, tiny_clip, strategy):
+    """`torchrun --nproc_per_node 2` gives the one-process selection and scores for halving and the gradient
+    prefilter too (CLIP score is differentiable)."""
+    from headpag.cli import main
+
+    extra = ["--strategy", strategy] + (["--grad-steps", "1"] if strategy == "gradient" else [])
+    assert main([*hunt_args(tmp_path / "one", tiny_clip), *extra]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    port = "29541" if strategy == "halving" else "29542"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m"]
+    cmd += ["headpag", *hunt_args(tmp_path / "two", tiny_clip), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "selected_heads.json").read_text())
+    two = json.loads((tmp_path / "two" / "selected_heads.json").read_text())
+    assert one["provenance"]["order"] == two["provenance"]["order"]
+    a = json.loads((tmp_path / "one" / "rounds" / "round_0.json").read_text())["scores"]
+    b = json.loads((tmp_path / "two" / "rounds" / "round_0.json").read_text())["scores"]
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    np.testing.assert_allclose([x[2] for x in a], [x[2] for x in b], atol=1e-3)
