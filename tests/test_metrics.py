@@ -103,6 +103,15 @@ def test_pickscore_from_local_folder(tmp_path):
         txt = getattr(txt, "pooler_output", txt)
         direct = (model.logit_scale.exp() * torch.nn.functional.cosine_similarity(img, txt)).tolist()
     assert scores == pytest.approx(direct, abs=1e-4)
+    # The differentiable path: same scores at the processor's resolution, gradients reach the pixels.
+    at_size = [im.resize((32, 32)) for im in IMAGES]
+    pixels = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1) for im in at_size])
+    pixels.requires_grad_(True)
+    tensor_scores = metric(pixels, PROMPTS)
+    assert metric.differentiable and tensor_scores.shape == (3,)
+    assert tensor_scores.tolist() == pytest.approx(metric(at_size, PROMPTS), abs=1e-3)
+    tensor_scores.sum().backward()
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------------- FID / KID

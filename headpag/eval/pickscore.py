@@ -73,3 +73,63 @@ class PickScore(PairMetric):
         img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
         return (self.model.logit_scale.exp() * (img * txt).sum(-1)).float().tolist()
+
+    # ------------------------------------------------------------------ differentiable path
+    differentiable = True
+
+    def __call__(self, images, prompts):
+        """PIL images: `list[float]` (see [`PairMetric.score`]); a float tensor: [`PickScore.score_tensor`]."""
+        if isinstance(images, torch.Tensor):
+            return self.score_tensor(images, prompts)
+        return self.score(images, prompts)
+
+    def score_tensor(self, pixels: torch.Tensor, prompts) -> torch.Tensor:
+        r"""
+        Differentiable PickScores of a float image batch (gradients flow to `pixels`).
+
+        The CLIP processor's image transform in torch: bicubic resize of the shortest side (antialiased), center crop,
+        normalization; at the processor's resolution it is the PIL path up to uint8 quantization.
+
+        Args:
+            pixels (`torch.Tensor`): `(B, 3, H, W)` RGB in `[0, 1]`.
+            prompts (`list[str]`): One prompt per image.
+
+        Returns:
+            `torch.Tensor`: `(B,)` scores (higher is better).
+        """
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] != len(prompts):
+            raise ValueError(f"Expected (B, 3, H, W) pixels with one prompt each, got {tuple(pixels.shape)}.")
+        image_processor = getattr(self.processor, "image_processor", self.processor)
+        size = int(_size_field(image_processor.crop_size, "height"))
+        shortest = int(_size_field(image_processor.size, "shortest_edge") or size)
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32, device=self.device)[:, None, None]
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32, device=self.device)[:, None, None]
+        x = pixels.to(self.device, torch.float32)
+        h, w = x.shape[-2:]
+        if min(h, w) != shortest:
+            scale = shortest / min(h, w)
+            new = (max(shortest, round(h * scale)), max(shortest, round(w * scale)))
+            x = torch.nn.functional.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True)
+        h, w = x.shape[-2:]
+        top, left = (h - size) // 2, (w - size) // 2
+        x = (x[..., top : top + size, left : left + size] - mean) / std
+        img = self.model.get_image_features(pixel_values=x)
+        with torch.no_grad():
+            text_inputs = self.processor(
+                text=list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt"
+            ).to(self.device)
+            txt = self.model.get_text_features(**text_inputs)
+        img = getattr(img, "pooler_output", img)
+        txt = getattr(txt, "pooler_output", txt)
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return self.model.logit_scale.exp() * (img * txt).sum(-1).float()
+
+
+def _size_field(value, key: str):
+    """A size setting of an image processor: an int, a dict, or transformers' `SizeDict` (attribute access)."""
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, dict):
+        return value.get(key)
+    return getattr(value, key, None)
