@@ -53,3 +53,33 @@ class PairMetric:
 
     def reset(self) -> None:
         self._scores: list[float] = []
+
+
+def clip_pixels(
+    pixels: torch.Tensor, prompts: Sequence[str], shortest: int, crop: int, mean, std, device: torch.device
+) -> torch.Tensor:
+    r"""
+    The CLIP image transform in torch, differentiable: bicubic (antialiased) resize of the shortest side to
+    `shortest`, center crop to `crop`, normalization by `mean`/`std`. At the model's resolution it equals the PIL
+    transform up to uint8 quantization.
+
+    Args:
+        pixels (`torch.Tensor`): `(B, 3, H, W)` RGB in `[0, 1]`, one image per prompt.
+        prompts (`Sequence[str]`): Only checked for count.
+        shortest, crop (`int`): Target shortest side and crop size.
+        mean, std: Per-channel normalization.
+        device (`torch.device`): Where the model runs.
+    """
+    if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] != len(prompts):
+        raise ValueError(f"Expected (B, 3, H, W) pixels with one prompt each, got {tuple(pixels.shape)}.")
+    x = pixels.to(device, torch.float32)
+    h, w = x.shape[-2:]
+    if min(h, w) != shortest:
+        scale = shortest / min(h, w)
+        new = (max(shortest, round(h * scale)), max(shortest, round(w * scale)))
+        x = torch.nn.functional.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True)
+    h, w = x.shape[-2:]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device)[:, None, None]
+    std = torch.as_tensor(std, dtype=torch.float32, device=device)[:, None, None]
+    return (x[..., top : top + crop, left : left + crop] - mean) / std

@@ -10,7 +10,7 @@ import torch
 from diffusers.utils import logging
 from PIL import Image
 
-from .base import PairMetric, default_device
+from .base import PairMetric, clip_pixels, default_device
 from .provenance import file_sha256
 
 
@@ -173,19 +173,8 @@ class ClipScore(PairMetric):
         Returns:
             `torch.Tensor`: `(B,)` scores (higher is better).
         """
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] != len(prompts):
-            raise ValueError(f"Expected (B, 3, H, W) pixels with one prompt each, got {tuple(pixels.shape)}.")
         size, mean, std = self._transform_parts()
-        x = pixels.to(self.device, torch.float32)
-        h, w = x.shape[-2:]
-        if min(h, w) != size:
-            scale = size / min(h, w)
-            new = (max(size, round(h * scale)), max(size, round(w * scale)))
-            x = torch.nn.functional.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True)
-        h, w = x.shape[-2:]
-        top, left = (h - size) // 2, (w - size) // 2
-        x = x[..., top : top + size, left : left + size]
-        x = (x - mean.to(x.device)[:, None, None]) / std.to(x.device)[:, None, None]
+        x = clip_pixels(pixels, prompts, size, size, mean, std, self.device)
         img = self.model.encode_image(x).float()
         with torch.no_grad():
             txt = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float()

@@ -7,7 +7,7 @@ import os
 import torch
 from PIL import Image
 
-from .base import PairMetric, default_device
+from .base import PairMetric, clip_pixels, default_device
 from .provenance import folder_weights_sha256
 
 
@@ -97,22 +97,11 @@ class PickScore(PairMetric):
         Returns:
             `torch.Tensor`: `(B,)` scores (higher is better).
         """
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] != len(prompts):
-            raise ValueError(f"Expected (B, 3, H, W) pixels with one prompt each, got {tuple(pixels.shape)}.")
         image_processor = getattr(self.processor, "image_processor", self.processor)
         size = int(_size_field(image_processor.crop_size, "height"))
         shortest = int(_size_field(image_processor.size, "shortest_edge") or size)
-        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32, device=self.device)[:, None, None]
-        std = torch.tensor(image_processor.image_std, dtype=torch.float32, device=self.device)[:, None, None]
-        x = pixels.to(self.device, torch.float32)
-        h, w = x.shape[-2:]
-        if min(h, w) != shortest:
-            scale = shortest / min(h, w)
-            new = (max(shortest, round(h * scale)), max(shortest, round(w * scale)))
-            x = torch.nn.functional.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True)
-        h, w = x.shape[-2:]
-        top, left = (h - size) // 2, (w - size) // 2
-        x = (x[..., top : top + size, left : left + size] - mean) / std
+        mean, std = image_processor.image_mean, image_processor.image_std
+        x = clip_pixels(pixels, prompts, shortest, size, mean, std, self.device)
         img = self.model.get_image_features(pixel_values=x)
         with torch.no_grad():
             text_inputs = self.processor(
