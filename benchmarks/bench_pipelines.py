@@ -19,10 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from readme_table import write_table
 
 
-HERE = Path(__file__).resolve().parent
 LAYER = 7
 CONFIGS = {
     "cfg": "CFG only (diffusers StableDiffusion3Pipeline)",
@@ -187,13 +187,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        readme = HERE / "README.md"
-        marker = f"<!-- bench_pipelines {'gpu' if device.startswith('cuda') else 'cpu'} -->"
-        text = readme.read_text() if readme.exists() else ""
-        start, end = text.find(marker), text.find(marker, text.find(marker) + 1)
-        if start < 0 or end < 0:
-            raise SystemExit(f"{readme} lacks the two {marker} markers")
-        readme.write_text(text[: start + len(marker)] + "\n" + table + "\n" + text[end:])
+        write_table(f"bench_pipelines {'gpu' if device.startswith('cuda') else 'cpu'}", table)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from readme_table import write_table
 
 from headpag import HeadSet, load_pipeline
 from headpag.search import HeadHunter, SearchConfig
-
-
-HERE = Path(__file__).resolve().parent
 
 
 def objective(images, prompts):
@@ -134,13 +130,7 @@ def main() -> None:
     )
     print(table)
     if args.write:
-        readme = HERE / "README.md"
-        marker = "<!-- bench_search -->"
-        text = readme.read_text()
-        start, end = text.find(marker), text.find(marker, text.find(marker) + 1)
-        if start < 0 or end < 0:
-            sys.exit(f"{readme} lacks the two {marker} markers")
-        readme.write_text(text[: start + len(marker)] + "\n" + table + "\n" + text[end:])
+        write_table("bench_search", table)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from readme_table import write_table
 
 
-HERE = Path(__file__).resolve().parent
 PLANTED = (5, 3)
 SETTINGS = dict(
     # Nine distinct prompts, one seed each: the planted objective looks its reference image up by prompt.
@@ -121,13 +121,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        readme = HERE / "README.md"
-        marker = "<!-- bench_strategies -->"
-        text = readme.read_text()
-        start, end = text.find(marker), text.find(marker, text.find(marker) + 1)
-        if start < 0 or end < 0:
-            raise SystemExit(f"{readme} lacks the two {marker} markers")
-        readme.write_text(text[: start + len(marker)] + "\n" + table + "\n" + text[end:])
+        write_table("bench_strategies", table)
 
 
 if __name__ == "__main__":
