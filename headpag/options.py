@@ -137,7 +137,8 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True, defau
         "--model",
         required=required,
         default=default,
-        help="Hub id, local diffusers folder, or an offline random-weight model: tiny-sd3, tiny-sd35, tiny-flux.",
+        help="Hub id, local diffusers folder, or an offline model: headpag-shapes (trained shapes testbed, the "
+        "default of `headpag ui`), tiny-sd3, tiny-sd35, tiny-flux (random weights).",
     )
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU)."
@@ -180,6 +181,12 @@ def add_pag_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive(int), default=None, help="Denoising steps (default: the pipeline's).")
     parser.add_argument("--height", type=positive(int), default=None)
     parser.add_argument("--width", type=positive(int), default=None)
+    parser.add_argument(
+        "--max-sequence-length",
+        type=positive(int),
+        default=None,
+        help="T5 tokens per prompt (pipeline default 256; at most 512). Fewer is faster.",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- values
@@ -236,6 +243,7 @@ def settings_from_args(args: argparse.Namespace, **values: Any) -> GenerationSet
         num_inference_steps=args.steps,
         height=args.height,
         width=args.width,
+        max_sequence_length=getattr(args, "max_sequence_length", None),
     )
     return GenerationSettings(**{**flags, **values})
 
@@ -344,7 +352,8 @@ def parse_eval_config(text: str) -> EvalConfig:
             f"Invalid options for configuration {name!r} ({options!r}): {e}. Allowed: the generation flags of "
             "`headpag generate` (--pag-heads, --pag-heads-file, --pag-heads-preset, --pag-scale, "
             "--pag-identity-weight, --pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, "
-            "--guidance-scale, --true-cfg-scale, --steps, --height, --width, --negative-prompt)."
+            "--guidance-scale, --true-cfg-scale, --steps, --height, --width, --max-sequence-length, "
+            "--negative-prompt)."
         ) from None
     pag_on = bool(args.pag_heads or args.pag_heads_file or args.pag_heads_preset) or args.pag_scale is not None
     settings = settings_from_args(args)
@@ -363,6 +372,7 @@ SWEEPABLE = {
     "num_inference_steps": int,
     "height": int,
     "width": int,
+    "max_sequence_length": int,
     "pag_identity_scope": str,
     "pag_target": str,
     "pag_heads": str,

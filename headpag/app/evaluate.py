@@ -52,7 +52,8 @@ def evaluate_sets(
     Args:
         host ([`ModelHost`]): Holds the metric models.
         sets (`list[ImageSet]`): What to score.
-        metrics (`list[str]`): Any of `clip`, `pickscore`, `fid`, `kid`.
+        metrics (`list[str]`): Any of `compare.METRICS` (`aesthetic` and `hpsv2` take their weights from the
+            server's `$HEADPAG_AESTHETIC_HEAD` / `$HEADPAG_HPS_CHECKPOINT`).
         clip_model, clip_checkpoint, pickscore_model, reference_images, inception_weights (`str`, *optional*):
             Already resolved by the caller (names checked against the server's roots).
     """
@@ -72,6 +73,26 @@ def evaluate_sets(
         pair["pickscore"] = host.metric(
             ("pickscore", model), lambda: _load("PickScore model", lambda: PickScore(model, device=host.device))
         )
+    if "aesthetic" in metrics:  # the head file is the server's ($HEADPAG_AESTHETIC_HEAD), never a client's path
+        from ..eval.preference import AestheticScore
+
+        pair["aesthetic"] = host.metric(
+            ("aesthetic", clip_model, clip_checkpoint),
+            lambda: _load(
+                "aesthetic model", lambda: AestheticScore(None, clip_model, clip_checkpoint, device=host.device)
+            ),
+        )
+    if "hpsv2" in metrics:  # $HEADPAG_HPS_CHECKPOINT on the server
+        from ..eval.preference import HPSv2Score
+
+        pair["hpsv2"] = host.metric(("hpsv2",), lambda: _load("HPSv2 model", lambda: HPSv2Score(device=host.device)))
+    from ..eval.registry import NAMED_PAIR_METRICS, load_pair_metric
+
+    for name in NAMED_PAIR_METRICS:
+        if name in metrics:
+            pair[name] = host.metric(
+                (name,), lambda name=name: _load(name, lambda: load_pair_metric(name, host.device))
+            )
     set_metrics = [m for m in metrics if m in SET_METRICS]
     features = None
     if set_metrics:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from diffusers.utils import logging
 
-from ..pipelines.tiny import TINY_MODELS
+from ..pipelines.names import DEFAULT_MODEL, OFFLINE_MODELS
 from ..runtime import TransformerLayout, describe_transformer
 
 
@@ -114,7 +114,7 @@ class ModelHost:
         return (
             f"Could not load the start-up model {_shown(model)!r} ({type(error).__name__}; the server log has the "
             "details). Fix: log in with `hf auth login` (gated models) or give the server a local diffusers "
-            f"folder; or load one of the offline random-weight models ({', '.join(TINY_MODELS)}) to try the interface."
+            f"folder; or load an offline model ({', '.join(OFFLINE_MODELS)}) to try the interface."
         )
 
     def load(self, model: str, name: str | None = None) -> None:
@@ -129,7 +129,7 @@ class ModelHost:
 
         model = (model or "").strip()
         if not model:
-            raise ValueError(f"Give a model: a hub id, a local diffusers folder, or {', '.join(TINY_MODELS)}.")
+            raise ValueError(f"Give a model: a hub id, a local diffusers folder, or {', '.join(OFFLINE_MODELS)}.")
         with self.lock.held_by("load"):
             pipe = load_pipeline(model, torch_dtype=self.dtype, device=self.device)
             pipe.set_progress_bar_config(disable=True)  # the UI shows its own progress
@@ -142,7 +142,7 @@ class ModelHost:
             raise ValueError(
                 (self.error + " ")
                 if self.error
-                else f"No model is loaded. Load one in the Model box (e.g. {TINY_MODELS[0]})."
+                else f"No model is loaded. Load one in the Model box (e.g. {DEFAULT_MODEL})."
             )
         return self.pipe
 

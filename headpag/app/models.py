@@ -1,6 +1,7 @@
 """
-What a client may ask the server to load, by name: pipelines (hub ids, the built-in tiny models, folders of the models
-root) and metric weights (open_clip names, hub ids, files and folders of the models root). Nothing else is loadable.
+What a client may ask the server to load, by name: pipelines (hub ids, the offline models `headpag-shapes` and the
+tiny ones, folders of the models root) and metric weights (open_clip names, hub ids, files and folders of the models
+root). Nothing else is loadable.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..pipelines.tiny import TINY_MODELS
+from ..pipelines.names import OFFLINE_MODELS
 from .roots import Roots, check_name, is_hub_id
 
 
@@ -47,9 +48,9 @@ def resolve_pipeline(name: object, roots: Roots) -> ModelChoice:
         diffusers pipeline), without quoting any file.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"Give a model: a hub id (owner/name), a models-folder name, or {', '.join(TINY_MODELS)}.")
+        raise ValueError(f"Give a model: a hub id (owner/name), a models-folder name, or {', '.join(OFFLINE_MODELS)}.")
     name = name.strip()
-    if name in TINY_MODELS:
+    if name in OFFLINE_MODELS:
         return ModelChoice(name, name)
     if is_hub_id(name):
         _not_local_path(name, "Hub id")
@@ -57,7 +58,7 @@ def resolve_pipeline(name: object, roots: Roots) -> ModelChoice:
     if "/" in name or "\\" in name:
         raise ValueError(
             "Invalid model: give a hub id (owner/name), the name of a folder in the server's models folder, or one "
-            f"of {', '.join(TINY_MODELS)}; paths are not accepted."
+            f"of {', '.join(OFFLINE_MODELS)}; paths are not accepted."
         )
     check_name(name, "model folder name")
     folder = roots.path("models", name, "model folder", folder=True)

@@ -19,7 +19,11 @@ def add_parser(sub) -> None:
             "With --images DIR, score existing images instead."
         ),
     )
-    p.add_argument("--model", default=None, help="Hub id, local folder, or tiny-sd3 / tiny-sd35 / tiny-flux.")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hub id, local folder, headpag-shapes (trained, offline), or tiny-sd3 / tiny-sd35 / tiny-flux.",
+    )
     p.add_argument("--dtype", choices=options.DTYPES, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--prompts", default=None, help="Prompt file (one per line) or a single prompt.")
@@ -46,7 +50,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--metrics",
         default="clip",
-        help="Comma-separated: clip, pickscore (per image); fid, kid, prdc (precision/recall/density/coverage, on the "
+        help="Comma-separated: clip, pickscore, aesthetic, hpsv2, shapes-judge, shapes-correct (per image; the "
+        "last two judge headpag-shapes images); fid, kid, prdc (precision/recall/density/coverage, on the "
         "--fid-features), cmmd (on CLIP features of --clip-model) against --reference-images.",
     )
     p.add_argument("--reference-images", default=None, help="Folder of reference images for FID/KID.")
@@ -54,6 +59,13 @@ def add_parser(sub) -> None:
     p.add_argument("--clip-checkpoint", default=None, help="CLIP weights file (.safetensors or torch, weights only).")
     p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag (downloads when reachable).")
     p.add_argument("--pickscore-model", default="yuvalkirstain/PickScore_v1", help="PickScore folder or hub id.")
+    p.add_argument(
+        "--aesthetic-head",
+        default=None,
+        help="LAION aesthetic predictor weights (sac+logos+ava1-l14-linearMSE.pth); its CLIP ViT-L-14 comes from "
+        "--clip-checkpoint / --clip-pretrained openai.",
+    )
+    p.add_argument("--hps-checkpoint", default=None, help="HPSv2 weights (HPS_v2.1_compressed.pt from xswu/HPSv2).")
     p.add_argument("--pickscore-processor", default=None, help="Processor folder or hub id (default: see docs).")
     p.add_argument(
         "--inception-weights",
@@ -62,9 +74,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--fid-features",
-        choices=["inception", "clip"],
+        choices=["inception", "clip", "shapes-judge"],
         default="inception",
-        help="Features for FID/KID: the standard FID Inception, or the --clip-model image encoder.",
+        help="Features for FID/KID/PRDC: the standard FID Inception, the --clip-model image encoder, or the shapes "
+        "testbed's judge (for headpag-shapes images).",
     )
     p.add_argument(
         "--cache-dir",
@@ -101,6 +114,21 @@ def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | No
         from ..eval.pickscore import PickScore
 
         pair["pickscore"] = PickScore(args.pickscore_model, args.pickscore_processor, device=device)
+    if "aesthetic" in metrics:
+        from ..eval.preference import AestheticScore
+
+        pair["aesthetic"] = AestheticScore(
+            args.aesthetic_head, args.clip_model, args.clip_checkpoint, args.clip_pretrained, device=device
+        )
+    if "hpsv2" in metrics:
+        from ..eval.preference import HPSv2Score
+
+        pair["hpsv2"] = HPSv2Score(args.hps_checkpoint, device=device)
+    from ..eval.registry import NAMED_PAIR_METRICS, load_features, load_pair_metric
+
+    for name in NAMED_PAIR_METRICS:
+        if name in metrics:
+            pair[name] = load_pair_metric(name, device=device)
     features = None
     cmmd_features = None
     if "cmmd" in metrics:
@@ -112,6 +140,8 @@ def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | No
             from ..eval.features import ClipFeatures
 
             features = ClipFeatures(args.clip_model, args.clip_checkpoint, args.clip_pretrained, device=device)
+        elif args.fid_features != "inception":
+            features = load_features(args.fid_features, device=device)
         else:
             from ..eval.features import InceptionFeatures
 

@@ -20,7 +20,11 @@ def add_parser(sub) -> None:
         default=None,
         help="Only compare two search directories: top-k overlap and Kendall's tau of their round-1 scores.",
     )
-    p.add_argument("--model", default=None, help="Hub id, local folder, or tiny-sd3 / tiny-sd35 / tiny-flux.")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hub id, local folder, headpag-shapes (trained, offline), or tiny-sd3 / tiny-sd35 / tiny-flux.",
+    )
     p.add_argument("--dtype", choices=options.DTYPES, default=None)
     p.add_argument("--device", default=None, help="Device (default: this process's accelerate device).")
     p.add_argument(
@@ -37,11 +41,14 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=options.positive(int), default=None)
     p.add_argument("--top-k", type=options.positive(int), default=None)
     p.add_argument("--pool", default=None, help="Restrict candidates to a head spec, e.g. '0-11'.")
-    p.add_argument("--objective", choices=["clip", "pickscore"], default="pickscore")
+    p.add_argument(
+        "--objective", choices=["clip", "pickscore", "aesthetic", "hpsv2", "shapes-judge"], default="pickscore"
+    )
     p.add_argument(
         "--objective-model",
         default=None,
-        help="CLIP: checkpoint file (.safetensors or torch, weights only). PickScore: folder or hub id.",
+        help="CLIP: checkpoint file (.safetensors or torch, weights only). PickScore: folder or hub id. aesthetic: "
+        "the LAION head file (CLIP ViT-L-14 from $HEADPAG_CLIP_CHECKPOINT). hpsv2: the HPS checkpoint.",
     )
     p.add_argument("--objective-arch", default=None, help="CLIP: open_clip model name or config JSON.")
     p.add_argument("--pag-scale", type=options.finite_float, default=None)

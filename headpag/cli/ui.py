@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import options
+from ..pipelines.names import DEFAULT_MODEL
 
 
 def add_parser(sub) -> None:
@@ -16,9 +17,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--model",
-        default="stabilityai/stable-diffusion-3-medium-diffusers",
-        help="Loaded at start: hub id, local diffusers folder, or tiny-sd3 / tiny-sd35 / tiny-flux (offline, random "
-        "weights). When it cannot be loaded the app still starts and says why.",
+        default=DEFAULT_MODEL,
+        help=f"Loaded at start (default {DEFAULT_MODEL}, the trained shapes testbed shipped offline): hub id, local "
+        "diffusers folder, or tiny-sd3 / tiny-sd35 / tiny-flux (offline, random weights). When it cannot be loaded "
+        "the app still starts and says why.",
     )
     p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1: this machine only).")
     p.add_argument("--port", type=int, default=7860)

@@ -18,6 +18,10 @@ from .paired import paired_table
 LABELS = {
     "clip": "CLIP score (higher is better)",
     "pickscore": "PickScore (higher is better)",
+    "aesthetic": "LAION aesthetic (higher is better)",
+    "hpsv2": "HPSv2 (higher is better)",
+    "shapes-judge": "judge log-probability (higher is better)",
+    "shapes-correct": "all attributes right (share)",
     "fid": "FID (lower is better)",
     "kid": "KID ×10³ (lower is better)",
     "prdc": "precision / recall / density / coverage (higher is better)",

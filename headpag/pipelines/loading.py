@@ -10,6 +10,7 @@ import torch
 from diffusers.utils import logging
 
 from .flux import FluxHeadPAGImg2ImgPipeline, FluxHeadPAGPipeline
+from .names import BUILTIN_MODELS, OFFLINE_MODELS, builtin_folder
 from .sd3 import StableDiffusion3HeadPAGImg2ImgPipeline, StableDiffusion3HeadPAGPipeline
 from .tiny import TINY_MODELS, tiny_components
 
@@ -33,7 +34,7 @@ def family_of_class_name(class_name: str, source: str) -> str:
         return "flux"
     raise ValueError(
         f"Unknown model family: {source} is a {class_name!r}; head-level PAG supports Stable Diffusion 3 / 3.5 "
-        f"and FLUX.1 pipelines (or the offline models {', '.join(TINY_MODELS)})."
+        f"and FLUX.1 pipelines (or the offline models {', '.join(OFFLINE_MODELS)})."
     )
 
 
@@ -56,7 +57,7 @@ def detect_family(model: str) -> str:
             f"Cannot load {model!r}: it is not a local folder and the Hugging Face Hub could not be reached or "
             f"refused it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download the model and "
             "pass its local folder, log in with `hf auth login` for gated repos, or try an offline model: "
-            f"{', '.join(TINY_MODELS)}."
+            f"{', '.join(OFFLINE_MODELS)}."
         ) from e
     return family_of_class_name(config["_class_name"], model)
 
@@ -73,7 +74,8 @@ def load_pipeline(
 
     Args:
         model (`str`): A hub id (`"stabilityai/stable-diffusion-3-medium-diffusers"`), a local diffusers folder, or
-            one of the offline random-weight models `tiny-sd3`, `tiny-sd35`, `tiny-flux`.
+            an offline model: `headpag-shapes` (the trained shapes testbed, shipped in the package) or one of the
+            random-weight models `tiny-sd3`, `tiny-sd35`, `tiny-flux`.
         img2img (`bool`, defaults to `False`): Load the img2img variant.
         torch_dtype (`torch.dtype` or `str`, *optional*): `float16`, `bfloat16` or `float32`.
         device (`str`, *optional*): Where to move the pipeline.
@@ -92,6 +94,8 @@ def load_pipeline(
         if torch_dtype is not None and torch_dtype != torch.float32:
             pipe = pipe.to(dtype=torch_dtype)
     else:
+        if model in BUILTIN_MODELS:
+            model = str(builtin_folder(model))
         family = detect_family(model)
         cls = PIPELINES[(family, img2img)]
         pipe = cls.from_pretrained(model, torch_dtype=torch_dtype, **kwargs)

@@ -55,6 +55,7 @@ class GenerationSettings:
     num_inference_steps: int | None = None
     height: int | None = None
     width: int | None = None
+    max_sequence_length: int | None = None
     seed: int = 0
     num_images: int = 1
     strength: float | None = None
@@ -74,6 +75,9 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        msl = self.max_sequence_length
+        if msl is not None and (isinstance(msl, bool) or not isinstance(msl, int) or not 1 <= msl <= 512):
+            raise ValueError(f"max_sequence_length must be an integer in [1, 512] (the T5 limit), got {msl!r}.")
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f"num_images must be an integer >= 1, got {self.num_images!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -116,6 +120,7 @@ class GenerationSettings:
             "num_inference_steps": self.num_inference_steps,
             "height": self.height,
             "width": self.width,
+            "max_sequence_length": self.max_sequence_length,
         }
         if family == "flux":
             optional["true_cfg_scale"] = self.true_cfg_scale

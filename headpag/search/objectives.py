@@ -15,7 +15,9 @@ def load_objective(
 ) -> Objective:
     r"""
     Args:
-        objective (`str` or callable): `"clip"` (open_clip CLIP score), `"pickscore"`, or any callable.
+        objective (`str` or callable): `"clip"` (open_clip CLIP score), `"pickscore"`, `"shapes-judge"` (the shapes
+            testbed's judge, differentiable), `"aesthetic"` (LAION; `model` is the head file, the CLIP ViT-L-14
+            from `$HEADPAG_CLIP_CHECKPOINT`), `"hpsv2"` (`model` is the HPS checkpoint), or any callable.
         model (`str`, *optional*): CLIP: a checkpoint file (`.safetensors` or a torch file, read with
             `weights_only=True`); PickScore: a local folder or hub id (default `yuvalkirstain/PickScore_v1`).
         arch (`str`, *optional*): CLIP: open_clip model name or config JSON (default `ViT-L-14`).
@@ -30,4 +32,17 @@ def load_objective(
         from ..eval import PickScore
 
         return PickScore(model or "yuvalkirstain/PickScore_v1", device=device)
-    raise ValueError(f"Unknown objective {objective!r}; allowed: 'clip', 'pickscore', or a callable.")
+    if objective == "aesthetic":
+        from ..eval.preference import AestheticScore
+
+        return AestheticScore(model, arch or "ViT-L-14", device=device)
+    if objective == "hpsv2":
+        from ..eval.preference import HPSv2Score
+
+        return HPSv2Score(model, arch or "ViT-H-14", device=device)
+    from ..eval.registry import NAMED_PAIR_METRICS, load_pair_metric
+
+    if objective in NAMED_PAIR_METRICS:
+        return load_pair_metric(objective, device=device)
+    allowed = ", ".join(repr(n) for n in ("clip", "pickscore", "aesthetic", "hpsv2", *NAMED_PAIR_METRICS))
+    raise ValueError(f"Unknown objective {objective!r}; allowed: {allowed}, or a callable.")

@@ -15,6 +15,7 @@ from diffusers.utils import logging
 from PIL import Image
 
 from ...options import Limits
+from ...pipelines.names import MODEL_DEFAULTS, OFFLINE_MODELS
 from ...pipelines.tiny import TINY_MODELS
 from ..admission import Admission
 from ..generate import Cancelled
@@ -33,7 +34,7 @@ KNOWN_MODELS = [
     "stabilityai/stable-diffusion-3.5-large",
     "black-forest-labs/FLUX.1-dev",
     "black-forest-labs/FLUX.1-schnell",
-    *TINY_MODELS,
+    *OFFLINE_MODELS,
 ]
 CSS = """
 #head-grid img { image-rendering: pixelated; cursor: pointer; }
@@ -115,10 +116,18 @@ class AppContext:
         flux = host.family == "flux"
         steps = (4 if flux else 8) if tiny else 28
         size = 64 if tiny else 1024
+        guidance = 3.5 if flux else 7.0
+        builtin = MODEL_DEFAULTS.get(host.model_name or "", {})
+        steps, size, guidance = (
+            builtin.get("steps", steps),
+            builtin.get("size", size),
+            builtin.get("guidance", guidance),
+        )
         return dict(
+            prompt=builtin.get("prompt", ""),
             steps=min(steps, limits.max_steps),
             size=max(16, min(size, limits.max_size // 16 * 16)),
-            guidance=min(3.5 if flux else 7.0, limits.max_scale),
+            guidance=min(guidance, limits.max_scale),
             guidance_label="Guidance embedding (FLUX)" if flux else "CFG scale (off at <= 1)",
             flux=flux,
         )

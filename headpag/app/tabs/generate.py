@@ -33,7 +33,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
     with gr.Tab("Generate", id="generate"):
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(value="", label="Prompt", lines=2, elem_id="prompt")
+                prompt = gr.Textbox(value=d["prompt"], label="Prompt", lines=2, elem_id="prompt")
                 negative_prompt = gr.Textbox(value="", label="Negative prompt", elem_id="negative-prompt")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 from diffusers.utils import logging
 
-from ...pipelines.tiny import TINY_MODELS
+from ...pipelines.names import DEFAULT_MODEL
 from .. import inputs
 from ..heads_grid import selected_pairs
 from ..models import pipeline_folders, resolve_pipeline
@@ -30,7 +30,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
         )
         model_box = gr.Dropdown(
             choices,
-            value=host.model_name or (TINY_MODELS[0] if host.error else None),
+            value=host.model_name or (DEFAULT_MODEL if host.error else None),
             allow_custom_value=True,
             label=label,
             scale=4,

@@ -14,7 +14,7 @@ from .common import AppContext, client
 from .heads import search_runs
 
 
-OBJECTIVES = ("clip", "pickscore")
+OBJECTIVES = ("clip", "pickscore", "shapes-judge")
 
 
 def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: str = "") -> SimpleNamespace:
@@ -86,6 +86,8 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
         if objective == "clip":
             arch = models.clip_model(objective_arch, roots)
             return objective, models.weights_file(objective_model, roots, "CLIP weights file"), arch
+        if objective == "shapes-judge":  # its weights ship with headpag
+            return objective, None, None
         return objective, models.hub_or_folder(objective_model, roots, "PickScore model"), None
 
     def run_folder(run) -> tuple[str, object]:

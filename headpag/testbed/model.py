@@ -1,0 +1,203 @@
+"""
+The testbed's networks, built from configs: a word-level CLIP tokenizer for the grammar, two small frozen CLIP text
+encoders, a small `AutoencoderKL` (64×64 → 16×16×4), a small `SD3Transformer2DModel` and the judge CNN.
+
+The third text encoder is a "null T5": a one-layer T5 encoder whose final norm has zero weight, so it outputs exactly
+the zeros that SD3 pipelines use when T5 is dropped, while stock `from_pretrained(folder)` finds every component.
+SD3 then feeds `max_sequence_length` (default 256) identical zero tokens. Identical keys and values act as one key
+whose logit carries `+log(count)` ([`ZeroTokenMultiplicity`], exact to 1e-6): training uses one zero token with a
+random count in [1, 256] per step, so the model serves every `max_sequence_length` at a fifth of the cost of training
+on 256 real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers.pre_tokenizers import ByteLevel
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from .data import ATTRIBUTES, all_prompts
+
+
+TEXT_TOKENS = 16  # CLIP tokenizer length: the longest prompt is 14 tokens with BOS/EOS
+ZERO_TOKENS = 256  # stock StableDiffusion3Pipeline's default max_sequence_length
+CLIP_WIDTH = 64
+TRANSFORMER = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    num_layers=8,
+    attention_head_dim=16,
+    num_attention_heads=6,
+    joint_attention_dim=2 * CLIP_WIDTH,
+    caption_projection_dim=96,
+    pooled_projection_dim=2 * CLIP_WIDTH,
+    out_channels=4,
+    pos_embed_max_size=8,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+    mid_block_add_attention=False,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges make every grammar word one token (any other text still tokenizes)."""
+    words = sorted({w for p in all_prompts() for w in p.split()})
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(
+        words, trainers.BpeTrainer(vocab_size=2000, end_of_word_suffix="</w>", show_progress=False)
+    )
+    merges = [tuple(m) if isinstance(m, (tuple, list)) else tuple(m.split()) for m in _merges(bpe)]
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_TOKENS)
+
+
+def _merges(bpe: Tokenizer) -> list:
+    import json
+
+    return json.loads(bpe.to_str())["model"]["merges"]
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWithProjection:
+    """A 2-layer CLIP text encoder with seeded random weights (kept frozen: the transformer learns to read it)."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=4 * CLIP_WIDTH,
+        projection_dim=CLIP_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_TOKENS,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
+def build_null_t5() -> tuple[T5EncoderModel, T5Tokenizer]:
+    """A T5 encoder that outputs zeros of width `joint_attention_dim` for any text, and a small T5 tokenizer."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=64,
+        d_model=TRANSFORMER["joint_attention_dim"],
+        d_kv=8,
+        d_ff=8,
+        num_layers=1,
+        num_heads=1,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    model = T5EncoderModel(config)
+    with torch.no_grad():
+        model.encoder.final_layer_norm.weight.zero_()
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def build_vae(seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE, scaling_factor=1.0, shift_factor=0.0)
+
+
+def build_transformer(seed: int) -> SD3Transformer2DModel:
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**TRANSFORMER)
+
+
+def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+class Judge(nn.Module):
+    """A small CNN that reads size, colour, shape, background and position from a 64×64 image in [0, 1]."""
+
+    feature_dim = 128
+
+    def __init__(self):
+        super().__init__()
+        layers, width = [], 3
+        for out in (32, 64, 64, 128):
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
+            width = out
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, self.feature_dim), nn.SiLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(v)) for name, v in ATTRIBUTES.items()})
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 64, 64) in [0, 1] → (B, 128); other sizes are resized bilinearly."""
+        if pixels.shape[-2:] != (64, 64):
+            pixels = nn.functional.interpolate(pixels, size=(64, 64), mode="bilinear", align_corners=False)
+        return self.body(pixels * 2 - 1)
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Log-probabilities per attribute."""
+        features = self.features(pixels)
+        return {name: head(features).log_softmax(-1) for name, head in self.heads.items()}
+
+
+class ZeroTokenMultiplicity(TorchFunctionMode):
+    r"""
+    Inside this mode, SDPA gives the key at `index` the weight of `count` identical keys (logit `+ log(count)`).
+
+    Args:
+        index (`int`): Position of the one zero text token in the joint `[image, text]` sequence, counted from the end.
+        count (`int`): How many identical tokens it stands for.
+    """
+
+    def __init__(self, index_from_end: int = 1, count: int = ZERO_TOKENS):
+        super().__init__()
+        self.index_from_end = index_from_end
+        self.log_count = math.log(count)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            bias = torch.zeros(key.shape[-2], dtype=key.dtype, device=key.device)
+            bias[key.shape[-2] - self.index_from_end] = self.log_count
+            kwargs["attn_mask"] = bias.view(1, 1, 1, -1)
+        return func(*args, **kwargs)
