@@ -1,12 +1,16 @@
-"""Metrics: CLIP score and PickScore (also HeadHunter's objectives), FID and KID, and the comparison report."""
+"""Metrics: CLIP score, PickScore, LAION aesthetic, HPSv2 (also HeadHunter's objectives), FID and KID, and the
+comparison report."""
 
 from .clip_score import ClipScore, load_open_clip, load_state_dict
 from .distribution import FID, KID, SetMetric, frechet_distance, image_files, kernel_distance, load_images
 from .features import ClipFeatures, FeatureExtractor, InceptionFeatures, MissingWeightsError, inception_weights_path
 from .pickscore import PickScore
+from .preference import AestheticScore, HPSv2Score
 
 
 __all__ = [
+    "AestheticScore",
+    "HPSv2Score",
     "FID",
     "KID",
     "ClipFeatures",

@@ -6,7 +6,7 @@ convolutional), the judge (fresh images, augmented), then the SD3 transformer wi
 encoded scenes (logit-normal timesteps, 10% empty prompts for classifier-free guidance; an EMA of the weights is what
 ships). Writes a stock diffusers
 `StableDiffusion3Pipeline` folder, `judge.safetensors`, `training.json` (steps, losses, seconds, judge accuracy) and
-`loss.png`. The full run takes about 40 minutes on 2 CPU cores.
+`loss.png`. The full run takes about 41 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Schedule:
     judge_steps: int = 1200
     judge_batch: int = 128
     latent_pool: int = 65536
-    transformer_steps: int = 3000
+    transformer_steps: int = 4000
     transformer_batch: int = 128
     lr: float = 1e-3
     ema: float = 0.999
