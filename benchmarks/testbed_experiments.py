@@ -209,8 +209,9 @@ def write_docs(out: Path, docs: Path, results: dict, seconds: float) -> None:
     line_plot(figures / "softpag.png", [0.25, 0.5, 1.0], us, cfg, "identity weight u", "SoftPAG on the searched heads")
     ss = [held_in["heads-s1"], held_in["heads-s2"], held_in["heads"], held_in["heads-s5"]]
     line_plot(figures / "scale.png", [1, 2, 3, 5], ss, cfg, "PAG scale s", "PAG scale on the searched heads")
-    k_rows = topk["configurations"]
-    ks = [r["sweep"]["top_k"] for r in k_rows]
+    swept = topk["settings"]["sweeps"]["values"]
+    k_rows = sorted((r for r in topk["configurations"] if r["name"] in swept), key=lambda r: swept[r["name"]]["top_k"])
+    ks = [swept[r["name"]]["top_k"] for r in k_rows]
     line_plot(figures / "top_k.png", ks, k_rows, cfg, "heads (best of the search's ranking)", "Metric vs top-k",
               log_x=True)  # fmt: skip
     side_by_side(figures / "cfg-vs-pag.png", {"CFG": cfg, "CFG + PAG (heads)": held_in["heads"]})
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     strategies = {}
     for name, run in runs.items():
-        records = read_journal(run)
+        records = read_journal(run / "journal.jsonl")
         entry = {"row_evals": journal_cost(records).row_evals,
                  "heads": json.loads((run / "selected_heads.json").read_text())["heads"]}  # fmt: skip
         if name != "exhaustive":
@@ -399,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         prompt_files["held_in"],
         seeds,
         ref_in,
-        [f"topk={pag}"],
-        ["--sweep", "top_k=" + ",".join(map(str, ks)), "--search-run", str(main_run)],
+        [f"cfg={common()}"],
+        ["--sweep", "top_k=" + ",".join(map(str, ks)), "--sweep", f"pag_scale={PAG_SCALE}"]
+        + ["--search-run", str(main_run)],
     )
     rows_in = rows_by_name(held_in)
     best = max(

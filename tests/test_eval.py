@@ -17,8 +17,8 @@ from test_metrics import _noise_images, _random_inception_file
 from headpag._io import save_png
 from headpag.cli import main
 from headpag.eval import ClipScore
-from headpag.eval.compare import bootstrap_ci
 from headpag.options import parse_eval_config
+from headpag.pipelines.settings import GenerationSettings
 
 
 SMALL = "--guidance-scale 1 --steps 2 --height 32 --width 32"
@@ -176,9 +176,10 @@ def test_config_parsing_and_bootstrap():
         0.5,
     )
     assert parse_eval_config("s=--pag-scale 2").settings.pag_scale == 2.0  # default heads
-    assert bootstrap_ci([1.0, 2.0, 3.0, 4.0]) == bootstrap_ci([1.0, 2.0, 3.0, 4.0])
-    lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
-    assert 1.0 <= lo < 2.5 < hi <= 4.0
+    c = parse_eval_config("short=--guidance-scale 5 --max-sequence-length 1")
+    assert c.settings.max_sequence_length == 1 and c.settings.call_kwargs("sd3")["max_sequence_length"] == 1
+    with pytest.raises(ValueError, match="max_sequence_length must be an integer in \\[1, 512\\].*got 513"):
+        GenerationSettings(max_sequence_length=513).check()
 
 
 def test_two_parameter_sweep_writes_plots_and_reuses_images(tmp_path, metric_files, capsys):

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from diffusers.utils import logging
 from PIL import Image
 
@@ -206,17 +205,6 @@ def image_sets_from_folder(folder: str | os.PathLike, prompts: Sequence[str] | N
             )
         sets.append(ImageSet(d.name, paths, texts, [None] * len(paths)))
     return sets
-
-
-def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
-        return float(x.mean()), float(x.mean())
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def score_sets(
