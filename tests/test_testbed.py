@@ -61,11 +61,11 @@ def test_held_out_pairs_never_in_training_scenes():
 
 def test_drawing_is_seeded():
     scene = data.Scene("large", "red", "triangle", "white", "top left")
-    a = np.asarray(data.draw(scene, np.random.default_rng(5)))
-    b = np.asarray(data.draw(scene, np.random.default_rng(5)))
+    a = np.asarray(data.draw(scene, np.random.default_rng(5))).astype(int)
+    b = np.asarray(data.draw(scene, np.random.default_rng(5))).astype(int)
     assert a.shape == (64, 64, 3) and np.array_equal(a, b)
-    assert tuple(a[2, 60]) == pytest.approx(data.RGB["white"], abs=12)  # background corner
-    assert tuple(a[22, 19]) == pytest.approx(data.RGB["red"], abs=12)  # inside the triangle
+    assert tuple(a[2, 60]) == pytest.approx(data.RGB["white"], abs=13)  # background corner (tint at most 12)
+    assert tuple(a[22, 19]) == pytest.approx(data.RGB["red"], abs=13)  # inside the triangle
 
 
 # ------------------------------------------------------------------------------------------------------- judge
@@ -229,3 +229,15 @@ def test_ui_serves_the_testbed_with_its_example_prompt(tmp_path, judge):
         assert any(all_correct(judge.correct(images, [prompt, prompt])))
     finally:
         demo.close()
+
+
+def test_data_command_writes_prompts_and_references(tmp_path):
+    assert data.main(["--prompts", str(tmp_path / "p.txt"), "--images", str(tmp_path / "ref"), "--count", "12"]) == 0
+    prompts = (tmp_path / "p.txt").read_text().splitlines()
+    assert len(prompts) == len(set(prompts)) == 12 and all(data.parse_prompt(p) for p in prompts)
+    assert len(list((tmp_path / "ref").glob("*.png"))) == 12
+    with pytest.raises(SystemExit):
+        data.main(["--prompts", str(tmp_path / "q.txt"), "--count", "0"])
+    with pytest.raises(SystemExit):  # 180 held-out prompts exist
+        data.main(["--prompts", str(tmp_path / "q.txt"), "--count", "181", "--held-out"])
+    assert data.main(["--prompts", str(tmp_path / "q.txt"), "--count", "180", "--held-out"]) == 0

@@ -141,3 +141,42 @@ def batch(rng: np.random.Generator, n: int, held_out: bool = False, positioned: 
     scenes = [sample_scene(rng, held_out, positioned) for _ in range(n)]
     pixels = np.stack([np.asarray(draw(scene, rng), dtype=np.float32) for scene in scenes]) / 255.0
     return scenes, pixels.transpose(0, 3, 1, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m headpag.testbed.data`: write procedural images (FID references) or a prompt file."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m headpag.testbed.data", description=main.__doc__)
+    parser.add_argument("--images", default=None, help="Folder to write COUNT reference PNGs into.")
+    parser.add_argument("--prompts", default=None, help="File to write COUNT distinct prompts into, one per line.")
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held-out", action="store_true", help="Only the held-out colour-shape pairs.")
+    args = parser.parse_args(argv)
+    if not 1 <= args.count <= 100_000:
+        parser.error(f"--count must be in [1, 100000], got {args.count}")
+    if args.prompts is None and args.images is None:
+        parser.error("give --images FOLDER and/or --prompts FILE")
+    rng = np.random.default_rng(args.seed)
+    if args.prompts:
+        distinct = [p for p in all_prompts() if parse_prompt(p).held_out == args.held_out]
+        if args.count > len(distinct):
+            parser.error(f"--count {args.count}: the grammar has {len(distinct)} such prompts")
+        prompts: list[str] = []
+        while len(prompts) < args.count:
+            prompt = sample_scene(rng, args.held_out).prompt
+            if prompt not in prompts:
+                prompts.append(prompt)
+        Path(args.prompts).write_text("\n".join(prompts) + "\n")
+    if args.images:
+        folder = Path(args.images)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(args.count):
+            draw(sample_scene(rng, args.held_out), rng).save(folder / f"{i:05d}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
