@@ -35,6 +35,7 @@ from diffusers.utils import logging  # noqa: E402
 
 from headpag.cli import main as headpag  # noqa: E402
 from headpag.eval.paired import paired_difference  # noqa: E402
+from headpag.eval.report import plot_intervals  # noqa: E402
 from headpag.pipelines.names import MODEL_DEFAULTS, builtin_folder  # noqa: E402
 from headpag.search.compare import compare_runs  # noqa: E402
 from headpag.search.journal import journal_cost, read_journal  # noqa: E402
@@ -159,7 +160,7 @@ def line_plot(path: Path, xs, rows: list[dict], baseline: dict, xlabel: str, tit
         means = [r["metrics"][metric]["mean"] for r in rows]
         lo = [r["metrics"][metric]["ci95"][0] for r in rows]
         hi = [r["metrics"][metric]["ci95"][1] for r in rows]
-        ax.errorbar(xs, means, yerr=[np.subtract(means, lo), np.subtract(hi, means)], fmt="o-", capsize=3)
+        plot_intervals(ax, list(xs), means, lo, hi, line=True)
         base = baseline["metrics"][metric]
         ax.axhline(base["mean"], color="gray", ls="--", lw=1, label="CFG only")
         ax.axhspan(*base["ci95"], color="gray", alpha=0.15)

@@ -245,3 +245,17 @@ def test_reference_features_are_cached_by_content_and_model(tmp_path):
     _noise_images(8, 1)[0].save(folder / "0.png")  # a changed image: not the cached features
     cached_reference_features(folder, Counting(), tmp_path / "cache")
     assert calls == [3, 3, 3]
+
+
+def test_plots_draw_intervals_that_do_not_contain_their_point():
+    """A bootstrap interval of FID lies above the point value (resampling repeats images): plots must draw it."""
+    from headpag.eval.report import bar_plot_png, sweep_plot_png
+
+    rows = [
+        {"name": "a", "metrics": {"fid": {"value": 1.0, "ci95": [1.5, 2.5]}, "s": {"mean": 1.0, "ci95": [1.0, 1.0]}}},
+        {"name": "b", "metrics": {"fid": {"value": 2.0, "ci95": [2.2, 3.1]}, "s": {"mean": 0.9, "ci95": [0.92, 1.0]}}},
+    ]
+    for metric in ("fid", "s"):
+        assert bar_plot_png(rows, metric).startswith(b"\x89PNG")
+        sweeps = {"parameters": ["k"], "values": {"a": {"k": 1}, "b": {"k": 2}}}
+        assert sweep_plot_png(rows, sweeps, metric).startswith(b"\x89PNG")

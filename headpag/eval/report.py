@@ -55,6 +55,15 @@ def format_paired(value: dict[str, Any]) -> str:
     )
 
 
+def plot_intervals(ax, xs, ys, lows=None, highs=None, color: str = "#4c72b0", line: bool = False) -> None:
+    """Points (joined when `line`) with their intervals drawn as given: an interval need not contain its point (a
+    bootstrap interval of FID lies above the point value, since resampling repeats images)."""
+    ax.plot(xs, ys, "o-" if line else "o", color=color)
+    if lows is not None:
+        ax.vlines(xs, lows, highs, color=color)
+        ax.plot(xs, lows, "_", xs, highs, "_", color=color, markersize=10)
+
+
 def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
     """A dot per configuration with its 95% interval (per-image metrics) or std (KID), on a fitted axis."""
     import matplotlib
@@ -66,18 +75,17 @@ def bar_plot_png(rows: Sequence[dict[str, Any]], metric: str) -> bytes:
     values = [r["metrics"][metric] for r in rows]
     scale = 1000.0 if metric == "kid" else 1.0  # KID is shown x 10^3
     heights = [scale * v.get("mean", v.get("value")) for v in values]
+    lows = highs = None
     if "ci95" in values[0]:
-        errors = [
-            [h - v["ci95"][0] for h, v in zip(heights, values)],
-            [v["ci95"][1] - h for h, v in zip(heights, values)],
-        ]
+        lows, highs = [v["ci95"][0] for v in values], [v["ci95"][1] for v in values]
     elif "std" in values[0]:
-        errors = [scale * v["std"] for v in values]
-    else:
-        errors = None
+        lows = [h - scale * v["std"] for h, v in zip(heights, values)]
+        highs = [h + scale * v["std"] for h, v in zip(heights, values)]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 1), 3.2))
     # Dots with intervals on an axis fitted to the values (bars from zero would hide the differences).
-    ax.errorbar(names, heights, yerr=errors, fmt="o", capsize=4, color="#4c72b0")
+    positions = list(range(len(names)))
+    plot_intervals(ax, positions, heights, lows, highs)
+    ax.set_xticks(positions, names)
     ax.margins(x=0.15, y=0.2)
     ax.grid(axis="y", alpha=0.3)
     ax.set_ylabel(LABELS.get(metric, metric))
@@ -109,13 +117,13 @@ def sweep_plot_png(rows: Sequence[dict[str, Any]], sweeps: dict[str, Any], metri
         swept.sort(key=lambda r: values[r["name"]][param])
         xs = [values[r["name"]][param] for r in swept]
         ys = [mean(r) for r in swept]
-        errors = None
+        lows = highs = None
         if all("ci95" in r["metrics"][metric] for r in swept):
-            errors = [[y - r["metrics"][metric]["ci95"][0] for y, r in zip(ys, swept)],
-                      [r["metrics"][metric]["ci95"][1] - y for y, r in zip(ys, swept)]]  # fmt: skip
+            lows = [scale * r["metrics"][metric]["ci95"][0] for r in swept]
+            highs = [scale * r["metrics"][metric]["ci95"][1] for r in swept]
         categorical = not all(isinstance(x, (int, float)) for x in xs)
         positions = list(range(len(xs))) if categorical else xs
-        ax.errorbar(positions, ys, yerr=errors, fmt="o-", capsize=4, color="#4c72b0")
+        plot_intervals(ax, positions, ys, lows, highs, line=True)
         if categorical:
             ax.set_xticks(positions, [str(x) for x in xs], rotation=20)
         ax.set_xlabel(param)
