@@ -129,6 +129,11 @@ def verdict(d: dict) -> str:
     return "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"
 
 
+def relative(options: str) -> str:
+    """Options as a reader can run them from the repository root (no machine paths)."""
+    return options.replace(str(ROOT) + "/", "")
+
+
 def table(rows: list[dict], baseline: dict) -> list[str]:
     lines = [
         "| configuration | options | all attributes right | judge log-prob | FID (judge features) | KID ×10³ | "
@@ -143,7 +148,8 @@ def table(rows: list[dict], baseline: dict) -> list[str]:
         else:
             diffs = [fmt_diff(paired_difference(baseline, r, metric)) for metric in METRICS]
         lines.append(
-            f"| {r['name']} | `{r['options']}` | {fmt_mean(m['shapes-correct'])} | {fmt_mean(m['shapes-judge'])} | "
+            f"| {r['name']} | `{relative(r['options'])}` | {fmt_mean(m['shapes-correct'])} | "
+            f"{fmt_mean(m['shapes-judge'])} | "
             f"{fmt_mean(m['fid'])} | {kid} | {diffs[0]} | {diffs[1]} |"
         )
     return lines
@@ -223,6 +229,9 @@ def write_docs(out: Path, docs: Path, results: dict, seconds: float) -> None:
     pairs_in, pairs_out = cfg["count"], held_out["cfg"]["count"]
     best_layer = max(layers, key=lambda r: r["metrics"]["shapes-correct"]["mean"])
     heads_vs_cfg = paired_difference(cfg, held_in["heads"], "shapes-correct")
+    soft_vs_cfg = paired_difference(cfg, held_in["heads-u0.25"], "shapes-correct")
+    k_diffs = [(k, paired_difference(cfg, r, "shapes-correct")) for k, r in zip(ks, k_rows)]
+    best_k = max(k_diffs, key=lambda kd: kd[1]["difference"])
     layer_vs_cfg = paired_difference(cfg, best_layer, "shapes-correct")
     out_vs_cfg = paired_difference(held_out["cfg"], held_out["heads"], "shapes-correct")
     none_vs_cfg = paired_difference(cfg, held_in["none"], "shapes-correct")
@@ -265,6 +274,9 @@ def write_docs(out: Path, docs: Path, results: dict, seconds: float) -> None:
         "- Metrics, per image: *all attributes right* (the judge reads every attribute the prompt names as asked) and "
         "the judge's mean log-probability of those attributes; per set: FID and KID on the judge's 128-d features "
         "against fresh procedural images of the same distribution (FID's interval resamples generated images).",
+        "- FID and KID use the judge's unnormalised features, so their absolute values (KID especially) are large: "
+        "compare rows, not other papers. FID's interval resamples the generated images and lies above the point "
+        "value (resampling repeats images, which raises FID); it shows spread, not a centred error.",
         "- Paired differences are against CFG on the same prompts and seeds: mean [95% interval from a bootstrap "
         "that resamples prompts, seeds kept with their prompt], Wilcoxon signed-rank p.",
         f"- Heads: HeadHunter (exhaustive, {results['search']['rounds']} rounds × top-{results['search']['top_k']}, "
@@ -277,6 +289,20 @@ def write_docs(out: Path, docs: Path, results: dict, seconds: float) -> None:
         f"- PAG on the searched heads vs CFG alone: {fmt_diff(heads_vs_cfg)} ({verdict(heads_vs_cfg)}); held-out "
         f"pairs: {fmt_diff(out_vs_cfg)} ({verdict(out_vs_cfg)}).",
         f"- Best single layer ({best_layer['name']}) vs CFG: {fmt_diff(layer_vs_cfg)} ({verdict(layer_vs_cfg)}).",
+        f"- Best number of searched heads (k = {best_k[0]}) vs CFG: {fmt_diff(best_k[1])} ({verdict(best_k[1])}); "
+        f"SoftPAG u = 0.25 on the searched heads: {fmt_diff(soft_vs_cfg)} ({verdict(soft_vs_cfg)}).",
+        f"- In short: on this model CFG alone is right in {cfg['metrics']['shapes-correct']['mean']:.1%} of held-in "
+        "pairs, and no PAG configuration tried here (every layer, the searched heads, u, s, k) is clearly better "
+        "on the Wilcoxon test; strong perturbations (mid and late layers, s = 5, many heads) are clearly worse. "
+        "Where an interval is above zero (see the verdicts), its Wilcoxon p is not small, and with this many rows "
+        "one such interval is expected by chance."
+        if not any(
+            verdict(paired_difference(cfg, r, "shapes-correct")) == "better"
+            and paired_difference(cfg, r, "shapes-correct")["p_wilcoxon"] < 0.01
+            for r in [*held_in.values(), *k_rows]
+            if r is not cfg
+        )
+        else "- Some PAG configuration is better than CFG with p < 0.01: see the tables.",
         "",
         "## Held-in prompts",
         "",
@@ -307,13 +333,13 @@ def write_docs(out: Path, docs: Path, results: dict, seconds: float) -> None:
         "(transformer rows × tokens, backward = 2 forwards); overlap of the selected heads and Kendall's tau of the "
         "round-1 scores against exhaustive.",
         "",
-        "| strategy | row-evaluations | vs exhaustive | selected heads | overlap | Kendall's tau |",
+        "| strategy | row-evaluations | vs exhaustive | selected heads | overlap | Kendall's tau (heads) |",
         "|---|---|---|---|---|---|",
     ]
     base_cost = results["strategies"]["exhaustive"]["row_evals"]
     for name, s in results["strategies"].items():
         heads = ", ".join(f"{l}.{h}" for l, h in s["heads"])
-        tau = "-" if s.get("tau") is None else f"{s['tau']:.2f}"
+        tau = "-" if s.get("tau") is None else f"{s['tau']:.2f} ({s['n_common']})"
         overlap = "-" if s.get("overlap") is None else f"{s['overlap']:.2f}"
         lines.append(
             f"| {name} | {s['row_evals']:.3g} | {s['row_evals'] / base_cost:.2f}x | {heads} | {overlap} | {tau} |"
@@ -364,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     main_run = runs["exhaustive"]
     selected = json.loads((main_run / "selected_heads.json").read_text())
     heads_file = main_run / "selected_heads.json"
-    config = json.loads((main_run / "config.json").read_text())
+    config = json.loads((main_run / "config.json").read_text())["config"]
     num_layers, num_heads = selected.get("num_layers"), selected.get("num_heads")
     if num_layers is None:
         from diffusers import SD3Transformer2DModel
@@ -379,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                  "heads": json.loads((run / "selected_heads.json").read_text())["heads"]}  # fmt: skip
         if name != "exhaustive":
             c = compare_runs(main_run, run)
-            entry.update(overlap=c["overlap"], tau=None if np.isnan(c["tau"]) else c["tau"])
+            entry.update(overlap=c["overlap"], tau=None if np.isnan(c["tau"]) else c["tau"], n_common=c["n_common"])
         strategies[name] = entry
 
     pag = f"{common()} --pag-scale {PAG_SCALE}"
