@@ -241,3 +241,22 @@ def test_data_command_writes_prompts_and_references(tmp_path):
     with pytest.raises(SystemExit):  # 180 held-out prompts exist
         data.main(["--prompts", str(tmp_path / "q.txt"), "--count", "181", "--held-out"])
     assert data.main(["--prompts", str(tmp_path / "q.txt"), "--count", "180", "--held-out"]) == 0
+
+
+def test_one_zero_token_with_its_multiplicity_equals_256_real_ones(pipe):
+    """Training's shortcut against the real thing: 256 identical zero T5 tokens == one with logit + log(256)."""
+    from headpag.testbed.model import ZeroTokenMultiplicity
+
+    prompt = "a small black square on a green background at the top left"
+    encode = dict(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)
+    one, _, pooled, _ = pipe.encode_prompt(prompt, max_sequence_length=1, **encode)
+    full, *_ = pipe.encode_prompt(prompt, max_sequence_length=256, **encode)
+    assert full.shape[1] == 16 + 256 and full[:, 16:].abs().max() == 0  # the null T5 outputs zeros
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        reference = pipe.transformer(x, full.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
+        with ZeroTokenMultiplicity(1, 256):
+            shortcut = pipe.transformer(x, one.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
+        plain = pipe.transformer(x, one.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
+    assert torch.allclose(shortcut, reference, atol=1e-5)
+    assert not torch.allclose(plain, reference, atol=1e-3)  # the multiplicity matters
