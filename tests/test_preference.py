@@ -92,6 +92,9 @@ def test_missing_weights_name_the_file_and_flag(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="--aesthetic-head"):
         load_objective("aesthetic")
+    monkeypatch.delenv("HEADPAG_IMAGEREWARD_CHECKPOINT", raising=False)
+    with pytest.raises(ValueError, match="ImageReward.pt"):
+        load_objective("imagereward")
 
 
 def test_eval_cli_without_weights_fails_clearly(tmp_path, monkeypatch, capsys):
@@ -114,3 +117,71 @@ def test_linear_stack_rejects_what_is_not_a_head():
         linear_stack({"weight": torch.zeros(1, 2)})
     with pytest.raises(ValueError, match="do not chain"):
         linear_stack({"layers.0.weight": torch.zeros(4, 2), "layers.1.weight": torch.zeros(1, 3)})
+
+
+def test_imagereward_equals_an_independent_blip(tmp_path):
+    """Our transformers-BLIP ImageReward against imscore's own BLIP modules (the reference), on a tiny checkpoint
+    in ImageReward's original key names."""
+    import imscore.imreward.bert as imscore_bert
+    import imscore.imreward.vit as imscore_vit
+    from transformers import BertConfig, BertTokenizer
+
+    from headpag.eval.preference import IMAGEREWARD_MEAN, IMAGEREWARD_STD, ImageRewardScore
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog", "on", "blue", "square"]
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(tmp_path / "tok" / "vocab.txt")).save_pretrained(tmp_path / "tok")
+    vocab = len(words) + 2  # + [DEC], [ENC]
+    torch.manual_seed(0)
+    vit = imscore_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
+    with torch.no_grad():  # zero-initialised in imscore: give them values
+        vit.cls_token.normal_()
+        vit.pos_embed.normal_(std=0.5)
+    config = BertConfig(vocab_size=vocab, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=40, pad_token_id=0)  # fmt: skip
+    config.encoder_width = 32
+    bert = imscore_bert.BertModel(config).eval()
+    head = torch.nn.Sequential(torch.nn.Linear(24, 8), torch.nn.Dropout(), torch.nn.Linear(8, 1)).eval()
+    state = {f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()}
+    state |= {f"blip.text_encoder.{k}": v for k, v in bert.state_dict().items()}
+    state |= {f"mlp.layers.{k}": v for k, v in head.state_dict().items()}
+    state["blip.vision_proj.weight"] = torch.zeros(4, 32)  # in real checkpoints, unused for the reward
+    torch.save(state, tmp_path / "ImageReward.pt")
+
+    metric = ImageRewardScore(
+        tmp_path / "ImageReward.pt", str(tmp_path / "tok"),
+        vision=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                    patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu"),
+        text=dict(vocab_size=vocab, hidden_size=24, encoder_hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=2, max_position_embeddings=40, layer_norm_eps=1e-12, hidden_act="gelu",
+                  is_decoder=True),
+    )  # fmt: skip
+    batch, prompts = images(3, seed=2), ["a red cat", "a dog on a blue square", "cat"]
+    scores = metric(batch, prompts)
+    # the reference: imscore's modules, ImageReward's preprocessing and scoring written out
+    from torchvision import transforms
+
+    pre = transforms.Compose([transforms.ToTensor(), transforms.Normalize(
+        (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])  # fmt: skip
+    tok = BertTokenizer.from_pretrained(tmp_path / "tok")
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    text = tok(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        embeds = vit(torch.stack([pre(i) for i in batch]))
+        out = bert(text.input_ids, text.attention_mask, embeds, torch.ones(embeds.shape[:2]))[:, 0]
+        expected = (head(out)[:, 0] - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+    assert np.allclose(scores, expected.numpy(), atol=1e-4), (scores, expected)
+    assert len(set(np.round(scores, 4))) == 3  # the prompts matter
+    pixels = torch.stack([transforms.functional.to_tensor(i) for i in batch]).requires_grad_(True)
+    metric(pixels, prompts).sum().backward()
+    assert pixels.grad.abs().sum() > 0
+
+
+def test_imagereward_without_weights_fails_clearly(monkeypatch):
+    from headpag.eval.preference import ImageRewardScore
+
+    monkeypatch.delenv("HEADPAG_IMAGEREWARD_CHECKPOINT", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="ImageReward.pt.*--imagereward-checkpoint.*HEADPAG_IMAGEREWARD_CHECKPOINT"):
+        ImageRewardScore(None)

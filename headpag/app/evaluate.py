@@ -86,6 +86,12 @@ def evaluate_sets(
         from ..eval.preference import HPSv2Score
 
         pair["hpsv2"] = host.metric(("hpsv2",), lambda: _load("HPSv2 model", lambda: HPSv2Score(device=host.device)))
+    if "imagereward" in metrics:  # $HEADPAG_IMAGEREWARD_CHECKPOINT on the server
+        from ..eval.preference import ImageRewardScore
+
+        pair["imagereward"] = host.metric(
+            ("imagereward",), lambda: _load("ImageReward model", lambda: ImageRewardScore(device=host.device))
+        )
     from ..eval.registry import NAMED_PAIR_METRICS, load_pair_metric
 
     for name in NAMED_PAIR_METRICS:

@@ -50,8 +50,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--metrics",
         default="clip",
-        help="Comma-separated: clip, pickscore, aesthetic, hpsv2, shapes-judge, shapes-correct (per image; the "
-        "last two judge headpag-shapes images); fid, kid, prdc (precision/recall/density/coverage, on the "
+        help="Comma-separated: clip, pickscore, aesthetic, hpsv2, imagereward, shapes-judge, shapes-correct (per "
+        "image; the last two judge headpag-shapes images); fid, kid, prdc (precision/recall/density/coverage, on the "
         "--fid-features), cmmd (on CLIP features of --clip-model) against --reference-images.",
     )
     p.add_argument("--reference-images", default=None, help="Folder of reference images for FID/KID.")
@@ -66,6 +66,10 @@ def add_parser(sub) -> None:
         "--clip-checkpoint / --clip-pretrained openai.",
     )
     p.add_argument("--hps-checkpoint", default=None, help="HPSv2 weights (HPS_v2.1_compressed.pt from xswu/HPSv2).")
+    p.add_argument("--imagereward-checkpoint", default=None, help="ImageReward.pt (hub THUDM/ImageReward).")
+    p.add_argument(
+        "--imagereward-tokenizer", default="bert-base-uncased", help="BERT tokenizer folder or hub id (ImageReward)."
+    )
     p.add_argument("--pickscore-processor", default=None, help="Processor folder or hub id (default: see docs).")
     p.add_argument(
         "--inception-weights",
@@ -124,6 +128,10 @@ def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | No
         from ..eval.preference import HPSv2Score
 
         pair["hpsv2"] = HPSv2Score(args.hps_checkpoint, device=device)
+    if "imagereward" in metrics:
+        from ..eval.preference import ImageRewardScore
+
+        pair["imagereward"] = ImageRewardScore(args.imagereward_checkpoint, args.imagereward_tokenizer, device=device)
     from ..eval.registry import NAMED_PAIR_METRICS, load_features, load_pair_metric
 
     for name in NAMED_PAIR_METRICS:

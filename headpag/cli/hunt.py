@@ -42,13 +42,16 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=options.positive(int), default=None)
     p.add_argument("--pool", default=None, help="Restrict candidates to a head spec, e.g. '0-11'.")
     p.add_argument(
-        "--objective", choices=["clip", "pickscore", "aesthetic", "hpsv2", "shapes-judge"], default="pickscore"
+        "--objective",
+        choices=["clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "shapes-judge"],
+        default="pickscore",
     )
     p.add_argument(
         "--objective-model",
         default=None,
         help="CLIP: checkpoint file (.safetensors or torch, weights only). PickScore: folder or hub id. aesthetic: "
-        "the LAION head file (CLIP ViT-L-14 from $HEADPAG_CLIP_CHECKPOINT). hpsv2: the HPS checkpoint.",
+        "the LAION head file (CLIP ViT-L-14 from $HEADPAG_CLIP_CHECKPOINT). hpsv2: the HPS checkpoint. "
+        "imagereward: ImageReward.pt (--objective-arch: the BERT tokenizer).",
     )
     p.add_argument("--objective-arch", default=None, help="CLIP: open_clip model name or config JSON.")
     p.add_argument("--pag-scale", type=options.finite_float, default=None)

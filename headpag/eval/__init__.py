@@ -5,12 +5,13 @@ from .clip_score import ClipScore, load_open_clip, load_state_dict
 from .distribution import FID, KID, SetMetric, frechet_distance, image_files, kernel_distance, load_images
 from .features import ClipFeatures, FeatureExtractor, InceptionFeatures, MissingWeightsError, inception_weights_path
 from .pickscore import PickScore
-from .preference import AestheticScore, HPSv2Score
+from .preference import AestheticScore, HPSv2Score, ImageRewardScore
 
 
 __all__ = [
     "AestheticScore",
     "HPSv2Score",
+    "ImageRewardScore",
     "FID",
     "KID",
     "ClipFeatures",

@@ -33,7 +33,7 @@ from .paired import clustered_mean_ci
 
 logger = logging.get_logger(__name__)
 
-PAIR_METRICS = ("clip", "pickscore", "aesthetic", "hpsv2", "shapes-judge", "shapes-correct")
+PAIR_METRICS = ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "shapes-judge", "shapes-correct")
 SET_METRICS = ("fid", "kid", "prdc", "cmmd")
 METRICS = PAIR_METRICS + SET_METRICS
 

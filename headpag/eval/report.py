@@ -20,6 +20,7 @@ LABELS = {
     "pickscore": "PickScore (higher is better)",
     "aesthetic": "LAION aesthetic (higher is better)",
     "hpsv2": "HPSv2 (higher is better)",
+    "imagereward": "ImageReward (higher is better)",
     "shapes-judge": "judge log-probability (higher is better)",
     "shapes-correct": "all attributes right (share)",
     "fid": "FID (lower is better)",

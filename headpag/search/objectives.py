@@ -17,7 +17,8 @@ def load_objective(
     Args:
         objective (`str` or callable): `"clip"` (open_clip CLIP score), `"pickscore"`, `"shapes-judge"` (the shapes
             testbed's judge, differentiable), `"aesthetic"` (LAION; `model` is the head file, the CLIP ViT-L-14
-            from `$HEADPAG_CLIP_CHECKPOINT`), `"hpsv2"` (`model` is the HPS checkpoint), or any callable.
+            from `$HEADPAG_CLIP_CHECKPOINT`), `"hpsv2"` (`model` is the HPS checkpoint), `"imagereward"`
+            (`model`: `ImageReward.pt`, `arch`: the BERT tokenizer), or any callable.
         model (`str`, *optional*): CLIP: a checkpoint file (`.safetensors` or a torch file, read with
             `weights_only=True`); PickScore: a local folder or hub id (default `yuvalkirstain/PickScore_v1`).
         arch (`str`, *optional*): CLIP: open_clip model name or config JSON (default `ViT-L-14`).
@@ -40,9 +41,15 @@ def load_objective(
         from ..eval.preference import HPSv2Score
 
         return HPSv2Score(model, arch or "ViT-H-14", device=device)
+    if objective == "imagereward":
+        from ..eval.preference import ImageRewardScore
+
+        return ImageRewardScore(model, arch or "bert-base-uncased", device=device)
     from ..eval.registry import NAMED_PAIR_METRICS, load_pair_metric
 
     if objective in NAMED_PAIR_METRICS:
         return load_pair_metric(objective, device=device)
-    allowed = ", ".join(repr(n) for n in ("clip", "pickscore", "aesthetic", "hpsv2", *NAMED_PAIR_METRICS))
+    allowed = ", ".join(
+        repr(n) for n in ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", *NAMED_PAIR_METRICS)
+    )
     raise ValueError(f"Unknown objective {objective!r}; allowed: {allowed}, or a callable.")
