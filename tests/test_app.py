@@ -310,3 +310,17 @@ def test_heads_tab_offers_the_ready_made_head_sets(tmp_path):
         use_preset("sd3-blue")  # SD3-medium's 24 x 24 heads; the tiny model has 4 x 4
     with pytest.raises(gr.Error, match="Unknown"):
         use_preset("no-such-preset")
+
+
+def test_search_with_a_preference_objective_and_no_weights_fails_clearly(client, server):
+    """The aesthetic head is a file of the models folder; its CLIP encoder has no weights on this server: the
+    search fails with the loader's message (what to supply), and no path of the server is shown."""
+    head = server[1] / "models" / "head.pth"
+    torch.save({"layers.0.weight": torch.zeros(1, 768), "layers.0.bias": torch.zeros(1)}, head)
+    with pytest.raises(AppError, match="No weights for the CLIP model") as error:
+        client.predict(
+            prompts="a cat", seeds="0", rounds=1, top_k=1, pool="1.0", objective="aesthetic",
+            objective_model="head.pth", num_inference_steps=1, size=32, batch_size=1, run="aesthetic-run",
+            api_name="/search",
+        )  # fmt: skip
+    assert str(server[1]) not in str(error.value)

@@ -14,7 +14,7 @@ from .common import AppContext, client
 from .heads import search_runs
 
 
-OBJECTIVES = ("clip", "pickscore", "shapes-judge")
+OBJECTIVES = ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "shapes-judge")
 
 
 def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: str = "") -> SimpleNamespace:
@@ -88,6 +88,12 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
             return objective, models.weights_file(objective_model, roots, "CLIP weights file"), arch
         if objective == "shapes-judge":  # its weights ship with headpag
             return objective, None, None
+        if objective in ("aesthetic", "hpsv2", "imagereward"):  # a file of the models folder, else the server's env
+            weights = models.weights_file(objective_model, roots, f"{objective} weights file")
+            tokenizer = (
+                models.hub_or_folder(objective_arch, roots, "BERT tokenizer") if objective == "imagereward" else None
+            )
+            return objective, weights, tokenizer
         return objective, models.hub_or_folder(objective_model, roots, "PickScore model"), None
 
     def run_folder(run) -> tuple[str, object]:
