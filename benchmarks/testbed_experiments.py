@@ -112,6 +112,17 @@ def rows_by_name(report: dict) -> dict[str, dict]:
     return {r["name"]: r for r in report["configurations"]}
 
 
+_PAIRED: dict[tuple[int, int, str], dict] = {}
+
+
+def paired(baseline: dict, row: dict, metric: str) -> dict:
+    """`paired_difference` once per (baseline, row, metric): tables, verdicts and plots share the bootstrap."""
+    key = (id(baseline), id(row), metric)
+    if key not in _PAIRED:
+        _PAIRED[key] = paired_difference(baseline, row, metric)
+    return _PAIRED[key]
+
+
 def fmt_mean(metric: dict) -> str:
     if "ci95" in metric and "mean" in metric:
         lo, hi = metric["ci95"]
@@ -146,7 +157,7 @@ def table(rows: list[dict], baseline: dict) -> list[str]:
         if r is baseline:
             diffs = ["(baseline)", "(baseline)"]
         else:
-            diffs = [fmt_diff(paired_difference(baseline, r, metric)) for metric in METRICS]
+            diffs = [fmt_diff(paired(baseline, r, metric)) for metric in METRICS]
         lines.append(
             f"| {r['name']} | `{relative(r['options'])}` | {fmt_mean(m['shapes-correct'])} | "
             f"{fmt_mean(m['shapes-judge'])} | "
@@ -228,13 +239,13 @@ def write_docs(out: Path, docs: Path, results: dict, seconds: float) -> None:
 
     pairs_in, pairs_out = cfg["count"], held_out["cfg"]["count"]
     best_layer = max(layers, key=lambda r: r["metrics"]["shapes-correct"]["mean"])
-    heads_vs_cfg = paired_difference(cfg, held_in["heads"], "shapes-correct")
-    soft_vs_cfg = paired_difference(cfg, held_in["heads-u0.25"], "shapes-correct")
-    k_diffs = [(k, paired_difference(cfg, r, "shapes-correct")) for k, r in zip(ks, k_rows)]
+    heads_vs_cfg = paired(cfg, held_in["heads"], "shapes-correct")
+    soft_vs_cfg = paired(cfg, held_in["heads-u0.25"], "shapes-correct")
+    k_diffs = [(k, paired(cfg, r, "shapes-correct")) for k, r in zip(ks, k_rows)]
     best_k = max(k_diffs, key=lambda kd: kd[1]["difference"])
-    layer_vs_cfg = paired_difference(cfg, best_layer, "shapes-correct")
-    out_vs_cfg = paired_difference(held_out["cfg"], held_out["heads"], "shapes-correct")
-    none_vs_cfg = paired_difference(cfg, held_in["none"], "shapes-correct")
+    layer_vs_cfg = paired(cfg, best_layer, "shapes-correct")
+    out_vs_cfg = paired(held_out["cfg"], held_out["heads"], "shapes-correct")
+    none_vs_cfg = paired(cfg, held_in["none"], "shapes-correct")
     lines = [
         "# The shapes testbed: PAG on a trained model, offline",
         "",
@@ -297,8 +308,8 @@ def write_docs(out: Path, docs: Path, results: dict, seconds: float) -> None:
         "Where an interval is above zero (see the verdicts), its Wilcoxon p is not small, and with this many rows "
         "one such interval is expected by chance."
         if not any(
-            verdict(paired_difference(cfg, r, "shapes-correct")) == "better"
-            and paired_difference(cfg, r, "shapes-correct")["p_wilcoxon"] < 0.01
+            verdict(paired(cfg, r, "shapes-correct")) == "better"
+            and paired(cfg, r, "shapes-correct")["p_wilcoxon"] < 0.01
             for r in [*held_in.values(), *k_rows]
             if r is not cfg
         )

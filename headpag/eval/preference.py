@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .base import clip_pixels
+from .base import check_pairs, clip_pixels
 from .clip_score import ClipScore, load_state_dict
 from .provenance import file_sha256
 
@@ -228,7 +228,7 @@ class ImageRewardScore(torch.nn.Module):
         self.batch_size = batch_size
         self.vision_model = BlipVisionModel(BlipVisionConfig(**(vision or IMAGEREWARD_VISION)))
         self.text_encoder = BlipTextModel(BlipTextConfig(**(text or IMAGEREWARD_TEXT)), add_pooling_layer=False)
-        renamed = {imagereward_key(k): v for k, v in state.items() if imagereward_key(k) is not None}
+        renamed = {name: v for k, v in state.items() if (name := imagereward_key(k)) is not None}
         own = self.state_dict()
         missing = [k for k in own if k not in renamed and not k.endswith("position_ids")]
         unexpected = [k for k in renamed if k not in own]
@@ -275,8 +275,7 @@ class ImageRewardScore(torch.nn.Module):
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        if len(images) != len(prompts):
-            raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts.")
+        check_pairs(images, prompts)
         from torchvision.transforms.functional import to_tensor
 
         out: list[float] = []

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .._io import file_sha256
+
 
 LIBRARIES = ("headpag", "torch", "diffusers", "transformers", "open_clip_torch", "pytorch-fid", "scipy", "numpy")
-
-
-def file_sha256(path: str | os.PathLike | None) -> str | None:
-    """SHA-256 of a local file (`None` for no file or a hub id)."""
-    if path is None or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def folder_weights_sha256(folder: str | os.PathLike) -> dict[str, str]:

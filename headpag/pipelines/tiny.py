@@ -105,7 +105,8 @@ def _clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _t5_tokenizer() -> T5Tokenizer:
+def tiny_t5_tokenizer() -> T5Tokenizer:
+    """A 56-piece Unigram T5 tokenizer built in memory (letters and word starts)."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
@@ -185,7 +186,7 @@ def tiny_sd3_components(seed: int = 0, latent_channels: int = 4, **transformer_k
         "text_encoder_2": text_encoder_2,
         "tokenizer_2": _clip_tokenizer(),
         "text_encoder_3": text_encoder_3,
-        "tokenizer_3": _t5_tokenizer(),
+        "tokenizer_3": tiny_t5_tokenizer(),
     }
 
 
@@ -203,7 +204,7 @@ def tiny_flux_components(seed: int = 0, **transformer_kwargs: Any) -> dict[str, 
         "text_encoder": text_encoder,
         "tokenizer": _clip_tokenizer(),
         "text_encoder_2": text_encoder_2,
-        "tokenizer_2": _t5_tokenizer(),
+        "tokenizer_2": tiny_t5_tokenizer(),
     }
 
 

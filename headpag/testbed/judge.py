@@ -16,18 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._io import file_sha256
 from .data import ATTRIBUTES, parse_prompt
 from .model import Judge
 
 
 WEIGHTS = Path(__file__).parent / "weights"
 JUDGE_FILE = WEIGHTS / "judge.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_judge(weights: str | os.PathLike | None = None, device: str | torch.device | None = None) -> Judge:
@@ -71,7 +66,25 @@ def _targets(prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Ten
     return targets, mask
 
 
-class ShapesJudgeScore:
+class _JudgeModel:
+    """The loaded judge with its device, batch size and provenance (the metric and the features share it)."""
+
+    implementation = ""
+
+    def __init__(self, weights: str | os.PathLike | None = None, device=None, batch_size: int = 256):
+        self.device = torch.device(device or "cpu")
+        self.judge = load_judge(weights, self.device)
+        self.batch_size = batch_size
+        path = Path(weights) if weights is not None else JUDGE_FILE
+        self.provenance = {
+            "implementation": self.implementation,
+            "model": "headpag.testbed Judge CNN (64x64 input, bilinear resize)",
+            "weights": path.name if weights is None else str(path),
+            "weights_sha256": file_sha256(path),
+        }
+
+
+class ShapesJudgeScore(_JudgeModel):
     r"""
     Mean log-probability, under the judge, of the attributes the prompt names (size, colour, shape, background and,
     when named, position). 0 is a perfect score; higher is better. Prompts must follow the shapes grammar.
@@ -84,18 +97,7 @@ class ShapesJudgeScore:
 
     name = "shapes-judge"
     differentiable = True
-
-    def __init__(self, weights: str | os.PathLike | None = None, device=None, batch_size: int = 256):
-        self.device = torch.device(device or "cpu")
-        self.judge = load_judge(weights, self.device)
-        self.batch_size = batch_size
-        path = Path(weights) if weights is not None else JUDGE_FILE
-        self.provenance = {
-            "implementation": "headpag shapes judge: mean log-probability of the prompt's attributes",
-            "model": "headpag.testbed Judge CNN (64x64 input, bilinear resize)",
-            "weights": path.name if weights is None else str(path),
-            "weights_sha256": _sha256(path),
-        }
+    implementation = "headpag shapes judge: mean log-probability of the prompt's attributes"
 
     def score_tensor(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         r"""
@@ -163,10 +165,7 @@ class ShapesJudgeAccuracy(ShapesJudgeScore):
 
     name = "shapes-correct"
     differentiable = False
-
-    def __init__(self, weights: str | os.PathLike | None = None, device=None, batch_size: int = 256):
-        super().__init__(weights, device, batch_size)
-        self.provenance = {**self.provenance, "implementation": "headpag shapes judge: every named attribute right"}
+    implementation = "headpag shapes judge: every named attribute right"
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         if len(images) != len(prompts):
@@ -177,7 +176,7 @@ class ShapesJudgeAccuracy(ShapesJudgeScore):
         return self.score(images, prompts)
 
 
-class ShapesJudgeFeatures:
+class ShapesJudgeFeatures(_JudgeModel):
     r"""
     128-d penultimate features of the shapes judge, for FID/KID/PRDC between sets of shapes images.
 
@@ -187,17 +186,7 @@ class ShapesJudgeFeatures:
     """
 
     name = "shapes-judge"
-
-    def __init__(self, weights: str | os.PathLike | None = None, device=None, batch_size: int = 256):
-        self.device = torch.device(device or "cpu")
-        self.judge = load_judge(weights, self.device)
-        self.batch_size = batch_size
-        path = Path(weights) if weights is not None else JUDGE_FILE
-        self.provenance = {
-            "implementation": "headpag shapes judge penultimate features (128-d), bilinear resize to 64x64",
-            "weights": path.name if weights is None else str(path),
-            "weights_sha256": _sha256(path),
-        }
+    implementation = "headpag shapes judge penultimate features (128-d), bilinear resize to 64x64"
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:

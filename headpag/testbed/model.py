@@ -29,6 +29,7 @@ from transformers import (
     T5Tokenizer,
 )
 
+from ..pipelines.tiny import tiny_t5_tokenizer
 from .data import ATTRIBUTES, all_prompts
 
 
@@ -112,10 +113,7 @@ def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWith
 
 def build_null_t5() -> tuple[T5EncoderModel, T5Tokenizer]:
     """A T5 encoder that outputs zeros of width `joint_attention_dim` for any text, and a small T5 tokenizer."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
-    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(0)
     config = T5Config(
         vocab_size=64,
@@ -184,7 +182,8 @@ class ZeroTokenMultiplicity(TorchFunctionMode):
     Inside this mode, SDPA gives the key at `index` the weight of `count` identical keys (logit `+ log(count)`).
 
     Args:
-        index (`int`): Position of the one zero text token in the joint `[image, text]` sequence, counted from the end.
+        index_from_end (`int`): Position of the one zero text token in the joint `[image, text]` sequence, counted
+            from the end (1: the last).
         count (`int`): How many identical tokens it stands for.
     """
 
