@@ -142,3 +142,67 @@ def test_head_pag_on_every_pipeline(name):
     assert not torch.allclose(u1, plain, atol=1e-4)
     sequential = run(pag_identity_weight=1.0, pag_sequential=True, pag_share_prefix=False)
     torch.testing.assert_close(sequential, u1, atol=2e-5, rtol=0)
+
+
+def build(name):
+    factory, extra = CASES[name]
+    cls = getattr(diffusers, name)
+    expected, optional = cls._get_signature_keys(cls)
+    pipe = cls(**{k: v for k, v in factory().items() if k in set(expected) | set(optional)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, extra
+
+
+def guidance_settings(name, cfg: bool) -> dict:
+    cls = getattr(diffusers, name)
+    if name.startswith("StableDiffusion3"):
+        return {"guidance_scale": 4.0 if cfg else 1.0}
+    if "true_cfg_scale" not in inspect.signature(cls.__call__).parameters:
+        return {}
+    return {"negative_prompt": "blur", "true_cfg_scale": 2.0} if cfg else {}
+
+
+TRUE_CFG = [n for n in CASES if n.startswith("Flux") and guidance_settings(n, True)]
+NO_TRUE_CFG = [n for n in CASES if n.startswith("Flux") and not guidance_settings(n, True)]
+
+
+def test_flux_pipelines_with_and_without_true_cfg_are_the_ones_the_issue_names():
+    assert sorted(TRUE_CFG) == sorted(
+        ["FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline",
+         "FluxKontextInpaintPipeline", "FluxControlNetPipeline"]
+    )  # fmt: skip
+    assert len(NO_TRUE_CFG) == 6
+
+
+@pytest.mark.parametrize(
+    "name, cfg",
+    [(n, True) for n in CASES] + [(n, False) for n in CASES if n.startswith("StableDiffusion3") or n in TRUE_CFG],
+)
+@torch.no_grad()
+def test_pag_equals_the_hand_combined_reference(name, cfg):
+    """`[stock guidance] + s (v_c - v_p)` with v_c the positive prompt's rows: FLUX true CFG gives
+    `v_n + g (v_c - v_n) + s (v_c - v_p)` on all six pipelines that have it (the perturbed pass is the positive
+    prompt's, whatever cache contexts the pipeline sets), the others `v_c + s (v_c - v_p)`; SD3 with and without CFG."""
+    from pag_reference import positive_embeds, reference_pag
+
+    pipe, extra = build(name)
+    kwargs = dict(
+        prompt="a cat",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="latent",
+        max_sequence_length=32,
+        num_images_per_prompt=2,
+        **guidance_settings(name, cfg),
+        **extra,
+    )
+    s, u, heads = 2.0, 0.7, "1, 2.0"
+    positive = positive_embeds(pipe, "a cat", max_sequence_length=32)
+    with reference_pag(pipe, heads, s, u, positive):
+        expected = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    plain = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    with head_pag(pipe, pag_heads=heads, pag_scale=s, pag_identity_weight=u):
+        got = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert not torch.allclose(expected, plain, atol=1e-4)  # the term matters
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=0)

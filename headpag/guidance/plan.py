@@ -46,6 +46,10 @@ class PerturbationPlan:
             self._layers[layer] = (torch.tensor(layer_rows, dtype=torch.long), weights)
         self._device_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def layers(self) -> list[int]:
+        """The perturbed layers, in order."""
+        return sorted(self._layers)
+
     def layer_weights(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`(rows, weights)` for `layer` on `device`, or `None` when the layer is not perturbed."""
         if layer not in self._layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -11,7 +12,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_n
 from diffusers.utils import logging
 
 from ..guidance import HeadSet, Perturbation
-from ..runtime import CallPlan, PerturbedCall, activate, deactivate, describe_transformer, ensure_hooks
+from ..runtime import CallPlan, describe_transformer, ensure_hooks, mark_input
 from .attach import check_caches, resolve_head_sets
 
 
@@ -21,11 +22,18 @@ logger = logging.get_logger(__name__)
 class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
     r"""
     Head-level perturbed-attention guidance ([PAG](https://huggingface.co/papers/2403.17377), SoftPAG and the heads of
-    [HeadHunter](https://huggingface.co/papers/2506.10978)) for diffusers' modular pipelines (SD3, FLUX):
+    [HeadHunter](https://huggingface.co/papers/2506.10978)) for diffusers' modular SD3 / SD3.5 pipelines:
 
     `v = v_u + g (v_c - v_u) + s (v_c - v_p)`, where `v_p` is the conditional prediction with the heads of
     `pag_heads` perturbed by `A <- (1 - u) A + u I` inside the installed attention processors (joint attention
     included, where diffusers' `PerturbedAttentionGuidance` raises "JointAttnProcessor2_0 not registered").
+
+    CFG and PAG each run on the steps of their own window (`start`/`stop`, `pag_start`/`pag_stop`); with
+    `guidance_scale=1` the guider is PAG alone (`v_c + s (v_c - v_p)`). The perturbed batch is recognised by its own
+    `hidden_states` tensor, so nothing stays active after a step: a run that fails leaves the transformer exactly as
+    it was, and runs in other threads are independent. A step whose perturbed batch did not reach headpag's hook
+    raises. **Modular FLUX.1 is not supported**: diffusers' modular FLUX.1 blocks (`FluxAutoBlocks`) have no guider
+    component, so a guider set on them is never called; use `FluxHeadPAGPipeline` or `head_pag` instead.
 
     ```py
     >>> from headpag import HeadPerturbedAttentionGuidance
@@ -81,27 +89,72 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         self.skip_layer_guidance_stop = pag_stop
         self.guidance_rescale = guidance_rescale
         self.use_original_formulation = use_original_formulation
-        self._token = None
+        self._plans: dict[int, tuple[weakref.ref, CallPlan]] = {}
+        self._perturbed_input: torch.Tensor | None = None
+        self._mark = None
+
+    # ------------------------------------------------------------------ batches
+    @property
+    def num_conditions(self) -> int:
+        return 1 + int(self._is_cfg_enabled()) + int(self._is_slg_enabled())
+
+    @property
+    def is_conditional(self) -> bool:
+        return self._count_prepared != 2 or not self._is_cfg_enabled()
+
+    def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        self._perturbed_input = None
+        self._mark = None
+
+    def _batches(self, make) -> list:
+        """`[cond, uncond (with CFG), perturbed (with PAG)]`, each enabled on its own steps."""
+        batches = [make(0, "pred_cond")]
+        if self._is_cfg_enabled():
+            batches.append(make(1, "pred_uncond"))
+        if self._is_slg_enabled():
+            batch = make(0, "pred_cond_skip")
+            hidden = getattr(batch, "hidden_states", None)
+            if isinstance(hidden, torch.Tensor):
+                # A view of its own: the transformer hook recognises the perturbed batch by this tensor object.
+                batch.hidden_states = hidden.view_as(hidden)
+                self._perturbed_input = batch.hidden_states
+            batches.append(batch)
+        return batches
+
+    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list:
+        return self._batches(lambda index, name: self._prepare_batch(data, index, name))
+
+    def prepare_inputs_from_block_state(self, data, input_fields: dict[str, str | tuple[str, str]]) -> list:
+        return self._batches(lambda index, name: self._prepare_batch_from_block_state(input_fields, data, index, name))
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         self._count_prepared += 1
-        if self._is_slg_enabled() and self.is_conditional and self._count_prepared > 1:  # the perturbed batch
-            layout = describe_transformer(denoiser)
-            plan = CallPlan(
-                layout,
-                resolve_head_sets(self.heads, layout),
-                self.perturbation,
-                lambda kwargs, context: PerturbedCall(list(range(kwargs["hidden_states"].shape[0])), in_place=True),
-                share_prefix=False,
-                has_caches=check_caches(layout),
-            )
-            ensure_hooks(plan)
-            self._token = activate(plan)
+        last = self._count_prepared == self.num_conditions
+        if last and self._is_slg_enabled() and self._perturbed_input is not None:
+            self._mark = mark_input(self._perturbed_input, self._plan(denoiser))
+
+    def _plan(self, denoiser: torch.nn.Module) -> CallPlan:
+        """The plan for `denoiser`, built once per transformer (the guider's settings are fixed)."""
+        layout = describe_transformer(denoiser)
+        cached = self._plans.get(id(layout.model))
+        if cached is not None and cached[0]() is layout.model:
+            ensure_hooks(cached[1])
+            return cached[1]
+        plan = CallPlan(
+            layout,
+            resolve_head_sets(self.heads, layout),
+            self.perturbation,
+            _never,
+            share_prefix=False,
+            has_caches=check_caches(layout),
+        )
+        ensure_hooks(plan)
+        self._plans[id(layout.model)] = (weakref.ref(layout.model), plan)
+        return plan
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
-        if self._token is not None:
-            deactivate(self._token)
-            self._token = None
+        pass
 
     def forward(
         self,
@@ -111,6 +164,13 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
     ) -> GuiderOutput:
         """`v_u + g (v_c - v_u) + s (v_c - v_p)` (the CFG or PAG term only when it is enabled at this step)."""
         cfg, pag = self._is_cfg_enabled(), self._is_slg_enabled()
+        if pag and (self._mark is None or not self._mark.used):
+            raise RuntimeError(
+                f"Step {self._step}: the guider's perturbed batch did not reach headpag's transformer hook, so "
+                "`pred_cond_skip` is not a perturbed prediction. The modular blocks must pass the batch's "
+                "`hidden_states` to the transformer as given (diffusers' modular SD3 blocks do; diffusers' modular "
+                "FLUX.1 blocks have no guider at all and are not supported)."
+            )
         pred = pred_cond if (self.use_original_formulation or not cfg) else pred_uncond
         if cfg:
             pred = pred + self.guidance_scale * (pred_cond - pred_uncond)
@@ -128,3 +188,8 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         start = int(self.skip_layer_guidance_start * self._num_inference_steps)
         stop = int(self.skip_layer_guidance_stop * self._num_inference_steps)
         return start <= self._step < stop
+
+
+def _never(kwargs, state) -> None:
+    """The guider's plan is only used for its marked perturbed batches, never by a pipeline loop's policy."""
+    return None

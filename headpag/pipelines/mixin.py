@@ -2,9 +2,11 @@
 `HeadPAGMixin`: the head-PAG pipeline classes are thin sugar over [`head_pag`].
 
 A subclass's `__call__` is its diffusers parent's call inside `with head_pag(self, ...)`; its signature is the
-parent's plus the `pag_*` arguments and its docstring the parent's, extended. `save_pretrained` writes a folder that
-stock `DiffusionPipeline.from_pretrained` loads (as the parent pipeline), with the head-PAG defaults in
-`headpag_config.json`, which our classes read back; `from_pipe` keeps them.
+parent's plus the `pag_*` arguments and its docstring the parent's, extended. Inside an enclosing
+`with head_pag(pipe, ...)` block, the call's explicit `pag_*` arguments beat the block's, which beat the class
+defaults (`set_pag_heads`, `set_pag_sequential`); `pag_scale=0` is always exactly the parent pipeline.
+`save_pretrained` writes a folder that stock `DiffusionPipeline.from_pretrained` loads (as the parent pipeline),
+with the head-PAG defaults in `headpag_config.json`, which our classes read back; `from_pipe` keeps them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from diffusers.utils import logging
 from .._io import atomic_write_json
 from ..guidance import HeadSet
 from ..guidance.heads import HeadSetLike
-from .attach import default_pag_heads, head_pag, transformer_layout
+from .attach import default_pag_heads, head_pag, open_block, transformer_layout
 
 
 logger = logging.get_logger(__name__)
@@ -114,6 +116,9 @@ class HeadPAGMixin:
         def __call__(self, *args, **kwargs):
             pag = {name: kwargs.pop(name) for name in PAG_NAMES if name in kwargs}
             check_finite(kwargs)
+            outer = open_block(self)  # explicit call arguments beat an enclosing block, which beats the defaults
+            if outer is not None:
+                pag = {**outer.arguments, **pag}
             with head_pag(self, **pag):
                 return parent_call(self, *args, **kwargs)
 

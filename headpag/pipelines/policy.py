@@ -1,20 +1,25 @@
 """
 Per-family policy: which transformer calls of a diffusers pipeline hold conditional predictions, at which PAG scale.
 
-- SD3 / SD3.5 (text-to-image, img2img, inpaint, ControlNet): CFG batches `[uncond, cond]` in one call when
-  `pipe.do_classifier_free_guidance`; the skip-layer-guidance call (`skip_layers=...`) is left alone.
-- FLUX.1 (all pipelines): the conditional call runs under `cache_context("cond")`, true CFG's negative prompt under
-  `"uncond"` (left alone); every row of a conditional call is conditional.
+The conditional call is recognised from the pipeline's data, not from a name only some pipelines set
+(`cache_context("cond")` exists in `FluxPipeline` only):
+
+- Every SD3 / FLUX pipeline calls the transformer on the conditional prompt *first* in each denoising step; the
+  negative prompt (FLUX true CFG) and the skip-layer branch (SD3 SLG) come after it, in the same step (same
+  `timestep`). So only the first transformer call of a step is perturbed.
+- SD3 / SD3.5 (text-to-image, img2img, inpaint, ControlNet, ControlNet inpaint): with CFG the call batches
+  `[uncond, cond]` (`pipe.do_classifier_free_guidance`); the conditional rows are the second half.
+- FLUX.1 (all twelve pipelines): every row of the first call is conditional.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..guidance import Perturbation
-from ..runtime import PerturbedCall
+from ..runtime import CallState, PerturbedCall
+from ..runtime.plan import Decide
 
 
 @dataclass(frozen=True)
@@ -61,40 +66,52 @@ class PAGOptions:
             return float(self.scale)
         return max(0.0, float(self.scale) - self.adaptive_scale * (1000.0 - float(timestep)))
 
+    def step_scales(self, num_steps: int, timesteps: list[float] | None = None) -> list[float]:
+        """The PAG scale of every step of a loop of `num_steps` (0 outside the interval); `timesteps` for the
+        adaptive schedule."""
+        return [
+            (self.scale_at(timesteps[i]) if timesteps is not None else float(self.scale))
+            if self.active(i, num_steps)
+            else 0.0
+            for i in range(num_steps)
+        ]
 
-def current_step(pipe) -> tuple[int, float, int]:
-    """`(step index within this call, scheduler timestep in [0, 1000], steps in this call)` of the pipeline."""
+
+def loop_scales(pipe, options: PAGOptions, total: int | None) -> list[float]:
+    """
+    The PAG scale of every step of the denoising loop that `pipe` is starting: its step count (`pipe._num_timesteps`,
+    else the progress bar's total) and, for the adaptive schedule, its scheduler's timesteps (read once per call).
+    """
     scheduler = pipe.scheduler
-    begin = scheduler.begin_index or 0
-    absolute = begin if scheduler.step_index is None else scheduler.step_index
-    num_steps = getattr(pipe, "_num_timesteps", None) or len(scheduler.timesteps) - begin
-    return absolute - begin, float(scheduler.timesteps[absolute]), num_steps
+    num_steps = getattr(pipe, "_num_timesteps", None) or total or len(scheduler.timesteps)
+    timesteps = None
+    if options.adaptive_scale > 0:
+        begin = getattr(scheduler, "begin_index", None) or 0
+        timesteps = [float(t) for t in scheduler.timesteps[begin : begin + num_steps].tolist()]
+    return options.step_scales(num_steps, timesteps)
 
 
-def _gate(pipe, options: PAGOptions, rows: list[int]) -> PerturbedCall | None:
-    step, timestep, num_steps = current_step(pipe)
-    scale = options.scale_at(timestep)
-    if scale <= 0 or not options.active(step, num_steps) or not rows:
+def _conditional(kwargs: dict[str, Any], state: CallState, rows: list[int]) -> PerturbedCall | None:
+    if not state.begin_conditional(kwargs.get("timestep")):
         return None
-    return PerturbedCall(rows, scale)
+    scale = state.scale()
+    return PerturbedCall(rows, scale) if scale > 0 and rows else None
 
 
-def sd3_policy(pipe, options: PAGOptions) -> Callable[[dict[str, Any], str | None], PerturbedCall | None]:
-    def decide(kwargs: dict[str, Any], context: str | None) -> PerturbedCall | None:
+def sd3_policy(pipe) -> Decide:
+    def decide(kwargs: dict[str, Any], state: CallState) -> PerturbedCall | None:
         if kwargs.get("skip_layers") is not None:
             return None
         n = kwargs["hidden_states"].shape[0]
         cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
-        return _gate(pipe, options, list(range(n // 2, n)) if cfg else list(range(n)))
+        return _conditional(kwargs, state, list(range(n // 2, n)) if cfg else list(range(n)))
 
     return decide
 
 
-def flux_policy(pipe, options: PAGOptions) -> Callable[[dict[str, Any], str | None], PerturbedCall | None]:
-    def decide(kwargs: dict[str, Any], context: str | None) -> PerturbedCall | None:
-        if context == "uncond":
-            return None
-        return _gate(pipe, options, list(range(kwargs["hidden_states"].shape[0])))
+def flux_policy(pipe) -> Decide:
+    def decide(kwargs: dict[str, Any], state: CallState) -> PerturbedCall | None:
+        return _conditional(kwargs, state, list(range(kwargs["hidden_states"].shape[0])))
 
     return decide
 

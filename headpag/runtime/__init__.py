@@ -1,29 +1,39 @@
 """The only code that touches diffusers internals: layouts, hooks, the attention mode, the scheduler combination."""
 
 from .direct import perturbed_forward
-from .hooks import ATTENTION_HOOK, PREFIX_HOOK, ROWS_HOOK, ensure_hooks, foreign_stateful_hooks, remove_hooks
+from .hooks import (
+    ATTENTION_HOOK,
+    PREFIX_HOOK,
+    ensure_hooks,
+    foreign_stateful_hooks,
+    mark_input,
+    remove_hooks,
+    transformer_attached,
+)
 from .layout import FAMILIES, TransformerLayout, describe_transformer, unwrap
-from .plan import CallPlan, PerturbedCall, activate, activated, active_plan, deactivate
+from .plan import CallPlan, PerturbedCall, activated, activation_for, active_state
 from .scheduler import combining_at_step
+from .state import CallState
 
 
 __all__ = [
     "ATTENTION_HOOK",
     "FAMILIES",
     "PREFIX_HOOK",
-    "ROWS_HOOK",
     "CallPlan",
+    "CallState",
     "PerturbedCall",
     "TransformerLayout",
-    "activate",
     "activated",
-    "active_plan",
+    "activation_for",
+    "active_state",
     "combining_at_step",
-    "deactivate",
     "describe_transformer",
     "ensure_hooks",
     "foreign_stateful_hooks",
+    "mark_input",
     "perturbed_forward",
     "remove_hooks",
+    "transformer_attached",
     "unwrap",
 ]

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..guidance.softpag import softpag
 from .plan import CallPlan
+from .state import CallState
 
 
 class SoftPAGAttentionMode(TorchFunctionMode):
@@ -22,14 +23,18 @@ class SoftPAGAttentionMode(TorchFunctionMode):
     Blends the SDPA outputs of one attention module for the rows and heads that the active plan perturbs.
 
     Args:
-        plan ([`CallPlan`]): The active plan; `plan.batch` marks the perturbed rows of the current call.
+        plan ([`CallPlan`]): The running plan.
+        state ([`CallState`]): Its state; `state.batch` marks the perturbed rows of the current call.
         layer (`int`): The layer of the attention module.
+        processor (`str`): The attention processor's class name (for error messages).
     """
 
-    def __init__(self, plan: CallPlan, layer: int):
+    def __init__(self, plan: CallPlan, state: CallState, layer: int, processor: str):
         super().__init__()
         self.plan = plan
+        self.state = state
         self.layer = layer
+        self.processor = processor
         self.perturbed = 0  # self-attention calls that were perturbed
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -42,12 +47,17 @@ class SoftPAGAttentionMode(TorchFunctionMode):
         value = kwargs["value"] if "value" in kwargs else args[2]
         if query.shape[-2] != key.shape[-2] or query.ndim != 4:
             return out  # cross-attention (IP-Adapter image tokens): not a self-attention map
-        entry = self.plan.batch.layer_weights(self.layer, out.device)
+        if out.shape[0] != self.state.batch_size:
+            raise RuntimeError(
+                f"Layer {self.layer}: the attention processor {self.processor} computed attention over "
+                f"{out.shape[0]} row(s) of a batch of {self.state.batch_size}; head-level PAG needs the whole batch "
+                "in one attention call (it cannot tell which rows a row-by-row processor is computing). Use a "
+                "processor that attends over the whole batch at once, such as diffusers' default one."
+            )
+        entry = self.state.batch.layer_weights(self.layer, out.device)
         if entry is None:
             return out
         rows, weights = entry
-        if int(rows.max()) >= out.shape[0]:  # plan built for this call's batch; a mismatch is a bug, not input
-            raise RuntimeError(f"Layer {self.layer}: the plan addresses row {int(rows.max())} of {out.shape[0]}.")
         p = self.plan.perturbation
         needs_tokens = p.target == "identity" and p.scope == "image"
         image, text = self.token_slices(query.shape[-2]) if needs_tokens else (slice(None), slice(0, 0))
@@ -66,14 +76,13 @@ class SoftPAGAttentionMode(TorchFunctionMode):
 
     def token_slices(self, length: int) -> tuple[slice, slice]:
         """Image and text positions of a joint sequence (SD3 `[image, text]`, FLUX `[text, image]`)."""
-        plan = self.plan
-        image_len, text_len = plan.image_len, plan.text_len
+        image_len, text_len = self.state.image_len, self.state.text_len
         if length == image_len:  # SD3.5's image-only attn2
             return slice(0, length), slice(length, length)
         if length != image_len + text_len:
             raise RuntimeError(
                 f"Layer {self.layer}: attention over {length} tokens, expected {image_len} image + {text_len} text."
             )
-        if plan.layout.text_first:
+        if self.plan.layout.text_first:
             return slice(text_len, length), slice(0, text_len)
         return slice(0, image_len), slice(image_len, length)

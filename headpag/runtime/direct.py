@@ -43,11 +43,11 @@ def perturbed_forward(
         layout,
         head_sets,
         perturbation or Perturbation(),
-        lambda call_kwargs, context: PerturbedCall(list(rows), 1.0),
+        lambda call_kwargs, state: PerturbedCall(list(rows), 1.0),
         share_prefix=share_prefix,
         sequential=sequential,
     )
     ensure_hooks(plan)
-    with activated(plan):
+    with activated(plan) as state:
         output = transformer(**kwargs)
-        return output, plan.perturbed
+        return output, state.perturbed

@@ -1,15 +1,21 @@
 """
-diffusers hooks that carry head-level PAG: registered once per transformer by name, inert outside an active call.
+The hooks that carry head-level PAG: registered once per module, inert outside an active call.
 
-- `"headpag.rows"` on the transformer: a conditional call gets perturbed copies of its conditional rows (extra batch
-  rows, or a second call when sequential), with every per-row input (ControlNet residuals, IP-Adapter embeddings,
-  Kontext image tokens); it returns the clean output unchanged and leaves `s (v_c - v_p)` for the scheduler step.
-- `"headpag.prefix"` on every block: the blocks before the first perturbed layer compute the clean rows once and copy
-  them to the perturbed rows.
-- `"headpag.attn"` on every attention module: SoftPAG inside the installed processor's attention call.
+- On the transformer, a PyTorch forward pre-hook and forward hook (`register_forward_pre_hook(with_kwargs=True)`):
+  a conditional call gets perturbed copies of its conditional rows (extra batch rows, or a second call when
+  sequential), with every per-row input (ControlNet residuals, IP-Adapter embeddings, Kontext image tokens); it
+  returns the clean output unchanged and leaves `s (v_c - v_p)` for the scheduler step. PyTorch keeps these hooks in
+  the module's own hook dictionaries, which `nn.Module.__call__` runs whatever `forward` is at the time: accelerate's
+  model CPU offload (which restores the `forward` it saved after every pipeline call), `remove_all_hooks()`,
+  `del transformer.forward`, wrappers that tools set and remove, and class-level forward patches leave them in place.
+- `"headpag.prefix"` on every block (diffusers `HookRegistry`): the blocks before the first perturbed layer compute
+  the clean rows once and copy them to the perturbed rows.
+- `"headpag.attn"` on every attention module (diffusers `HookRegistry`): SoftPAG inside the installed processor's
+  attention call.
 
-Hooks are registered through `diffusers.hooks.HookRegistry`, so they stack with offloading, layerwise casting and
-other hooks; registering them once keeps `forward` stable for other threads and compiled models.
+Nothing is assumed to stay attached: every perturbed transformer call counts the attention modules that perturbed
+rows and raises when one was bypassed, and the scheduler step raises when a step of the PAG interval got no PAG
+term (see [`~runtime.state.CallState`]).
 """
 
 from __future__ import annotations
@@ -24,110 +30,214 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager, _set_cache_context
 from diffusers.utils import logging
 
 from .attention import SoftPAGAttentionMode
 from .layout import BLOCKS, TRANSFORMER_ARGUMENTS, TRANSFORMER_BATCH_ARGUMENTS, TransformerLayout, unwrap
-from .plan import CallPlan, active_plan
+from .plan import _ACTIVE, Activation, CallPlan, PerturbedCall, activation_for
 from .rows import append_rows, bind, map_arguments, output_sample, replace_sample, take_rows
+from .state import CallState, PrefixRecord, PrefixReplay, PrefixShare, RunningCall
 
 
 logger = logging.get_logger(__name__)
 
 PREFIX = "headpag."
-ROWS_HOOK = "headpag.rows"
 PREFIX_HOOK = "headpag.prefix"
 ATTENTION_HOOK = "headpag.attn"
 _REGISTER_LOCK = threading.Lock()
 
 
-class _NoState(BaseState):
-    def reset(self, *args, **kwargs) -> None:
-        pass
+# ---------------------------------------------------------------------------------------------------------------
+# Marked inputs: a guider's perturbed batch is recognised by its own `hidden_states` tensor object.
 
 
-class _Owned(ModelHook):
-    """A hook that belongs to one transformer and acts only while that transformer's plan is active."""
+@dataclasses.dataclass
+class Mark:
+    """A tensor whose transformer call is perturbed in place with `plan`; `used` once a call perturbed it."""
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self._owner = weakref.ref(model)
-
-    def plan(self) -> CallPlan | None:
-        plan = active_plan()
-        return plan if plan is not None and plan.model is self._owner() else None
+    tensor: weakref.ref
+    plan: CallPlan
+    used: bool = False
 
 
-class RowsHook(_Owned):
+_MARKS: dict[int, Mark] = {}
+
+
+def mark_input(tensor: torch.Tensor, plan: CallPlan) -> Mark:
     r"""
-    The transformer-level hook: adds the perturbed rows of a conditional call and computes the PAG term.
+    Register `tensor` (a fresh view made for this purpose) as the `hidden_states` of a transformer call whose every
+    row is perturbed in place with `plan`. Nothing is activated: the mark lives as long as the tensor, so a run that
+    fails cannot leave a plan behind, and no other call (another thread's, a stock one) ever passes that tensor.
+    """
+    key = id(tensor)
+    mark = Mark(weakref.ref(tensor, lambda _, key=key: _MARKS.pop(key, None)), plan)
+    _MARKS[key] = mark
+    return mark
 
-    It is stateful only to receive the pipeline's `cache_context` name (FLUX's `"cond"` / `"uncond"` calls).
+
+def _find_mark(model: torch.nn.Module, hidden: Any) -> Mark | None:
+    mark = _MARKS.get(id(hidden)) if isinstance(hidden, torch.Tensor) else None
+    if mark is None or mark.tensor() is not hidden or mark.plan.model is not model:
+        return None
+    return mark
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformer: PyTorch module hooks.
+
+
+class TransformerHooks:
+    r"""
+    The transformer-level hooks: add the perturbed rows of a conditional call and compute the PAG term.
+
+    `pre` decides (through the active plan's policy) and adds the perturbed rows; `post` splits the output, runs the
+    sequential perturbed call if needed, checks that every perturbed attention module was reached and leaves the
+    term in the call state.
     """
 
-    _is_stateful = True
-
-    def __init__(self, model: torch.nn.Module, layout: TransformerLayout):
-        super().__init__(model)
+    def __init__(self, layout: TransformerLayout):
         self.family = layout.family
-        self.cache_context = StateManager(_NoState)
+        self.handles: tuple[Any, Any] | None = None
 
-    def reset_state(self, module):
-        self.cache_context.reset()
-        return module
+    def attached(self, model: torch.nn.Module) -> bool:
+        return self.handles is not None and all(
+            handle.id in hooks for handle, hooks in zip(self.handles, (model._forward_pre_hooks, model._forward_hooks))
+        )
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        forward = self.fn_ref.original_forward
-        plan = self.plan()
-        if plan is None:
-            return forward(*args, **kwargs)
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        entry = activation_for(module)
+        while entry is not None and entry.marked:  # a marked call that an interrupt left behind: over
+            entry.state.end_transformer_call()
+            entry = activation_for(module, entry.parent)
+        if entry is None:
+            return self._marked_call(module, args, kwargs) if _MARKS else None
+        plan, state = entry.plan, entry.state
+        if plan is None or (state is not None and state.reentrant):
+            return None  # stock calls inside a `pag_scale=0` block; our own sequential perturbed call
+        if state is None:
+            raise RuntimeError(entry.held)
+        state.end_transformer_call()
         kwargs = bind(TRANSFORMER_ARGUMENTS[self.family], args, kwargs)
-        context = self.cache_context._context
-        plan.cache_context = context
-        decision = plan.decide(kwargs, None if context is None else context.name)
+        state.calls_in_step += 1
+        decision = plan.decide(kwargs, state)
         if decision is None:
-            return forward(**kwargs)
+            return None
+        if decision.in_place:
+            state.call = RunningCall(decision)
+            self._start_in_place(plan, state, kwargs)
+            return (), kwargs
+        hidden = kwargs["hidden_states"]
+        n, p = hidden.shape[0], len(decision.rows)
+        index = torch.tensor(decision.rows, dtype=torch.long, device=hidden.device)
+        set_token_counts(plan, state, kwargs)
+        share = plan.prefix_end > 0
+        state.call = RunningCall(decision, index, kwargs)
+        if plan.sequential:
+            state.prefix = PrefixRecord(index) if share else None
+            return (), kwargs
+        state.batch = plan.batch_plan(n, p)
+        state.batch_size = n + p
+        state.prefix = PrefixShare(n, index) if share else None
+        return (), map_arguments(kwargs, TRANSFORMER_BATCH_ARGUMENTS[self.family], append_rows, n, index)
+
+    def _marked_call(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        """A guider's perturbed batch (see [`mark_input`]): every row perturbed in place, active for this call only."""
+        kwargs = bind(TRANSFORMER_ARGUMENTS[self.family], args, kwargs)
+        mark = _find_mark(module, kwargs.get("hidden_states"))
+        if mark is None:
+            return None
+        state = CallState()
+        token = _ACTIVE.set(Activation(module, mark.plan, state, marked=True, parent=_ACTIVE.get()))
+        rows = list(range(kwargs["hidden_states"].shape[0]))
+        state.call = RunningCall(PerturbedCall(rows, in_place=True), token=token, mark=mark)
+        self._start_in_place(mark.plan, state, kwargs)
+        return (), kwargs
+
+    @staticmethod
+    def _start_in_place(plan: CallPlan, state: CallState, kwargs: dict[str, Any]) -> None:
+        set_token_counts(plan, state, kwargs)
+        n = kwargs["hidden_states"].shape[0]
+        state.batch = plan.batch_plan(0, n)
+        state.batch_size = n
+
+    def post(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+        entry = activation_for(module)
+        if entry is None or entry.state is None or entry.state.reentrant or entry.state.call is None:
+            return None
+        plan, state, call = entry.plan, entry.state, entry.state.call
         try:
-            if decision.in_place:
-                plan.set_token_counts(kwargs)
-                plan.batch = plan.batch_plan(0, kwargs["hidden_states"].shape[0])
-                return forward(**kwargs)
-            return run_perturbed(plan, forward, kwargs, decision.rows, decision.scale)
+            if output is None:  # the forward raised (PyTorch calls `always_call` hooks with no output)
+                return None
+            if call.decision.in_place:
+                check_attention(plan, state)
+                if call.mark is not None:
+                    call.mark.used = True
+                return None
+            rows = output_sample(output).shape[0] - (0 if plan.sequential else len(call.index))
+            if plan.sequential:
+                clean = output_sample(output)
+                perturbed = self._perturbed_call(module, plan, state, call, rows)
+            else:
+                check_attention(plan, state)
+                sample = output_sample(output)
+                clean, perturbed = sample[:rows], sample[rows:]
+                output = replace_sample(output, clean)
+            state.perturbed = perturbed
+            state.set_term(call.decision.scale * (clean.index_select(0, call.index) - perturbed.to(clean.dtype)))
+            return output
         finally:
-            plan.reset_call()
+            state.end_transformer_call()
+            if call.token is not None:
+                _ACTIVE.reset(call.token)
 
-
-def run_perturbed(plan: CallPlan, forward, kwargs: dict[str, Any], rows: list[int], scale: float):
-    r"""
-    Run one transformer call with perturbed copies of `rows`; return its clean output and set `plan.pending` to the
-    PAG term `scale * (v_c - v_p)` of those rows.
-    """
-    hidden = kwargs["hidden_states"]
-    n, p = hidden.shape[0], len(rows)
-    index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
-    plan.set_token_counts(kwargs)
-    batch_names = TRANSFORMER_BATCH_ARGUMENTS[plan.layout.family]
-    share = plan.prefix_end > 0
-    if not plan.sequential:
-        plan.batch = plan.batch_plan(n, p)
-        plan.prefix_mode = ("share", n, index) if share else None
-        output = forward(**map_arguments(kwargs, batch_names, append_rows, n, index))
-        sample = output_sample(output)
-        clean, perturbed = sample[:n], sample[n:]
-        output = replace_sample(output, clean)
-    else:
-        plan.batch = None
-        plan.prefix_mode = ("record", index) if share else None
-        output = forward(**kwargs)
-        clean = output_sample(output)
-        plan.batch = plan.batch_plan(0, p)
-        plan.prefix_mode = ("replay",) if share else None
+    def _perturbed_call(
+        self, module: torch.nn.Module, plan: CallPlan, state: CallState, call: RunningCall, rows: int
+    ) -> torch.Tensor:
+        """The sequential branch: the perturbed rows as a call of their own, through `module(...)` (every hook)."""
+        recorded = state.prefix
+        state.end_transformer_call()
+        state.call = call
+        state.batch = plan.batch_plan(0, len(call.index))
+        state.batch_size = len(call.index)
+        if isinstance(recorded, PrefixRecord) and recorded.outputs is not None:
+            state.prefix = PrefixReplay(recorded.outputs)
+        state.reentrant = True
+        batch_names = TRANSFORMER_BATCH_ARGUMENTS[self.family]
         with perturbed_cache_context(plan):
-            perturbed = output_sample(forward(**map_arguments(kwargs, batch_names, take_rows, n, index)))
-    plan.perturbed = perturbed
-    plan.pending = scale * (clean.index_select(0, index) - perturbed.to(clean.dtype))
-    return output
+            output = module(**map_arguments(call.kwargs, batch_names, take_rows, rows, call.index))
+        check_attention(plan, state)
+        return output_sample(output)
+
+
+def set_token_counts(plan: CallPlan, state: CallState, kwargs: dict[str, Any]) -> None:
+    """Image and text token counts of a transformer call (for the image identity scope)."""
+    text = kwargs.get("encoder_hidden_states")
+    state.text_len = 0 if text is None else text.shape[1]
+    state.image_len = plan.layout.image_tokens(kwargs["hidden_states"])
+
+
+def check_attention(plan: CallPlan, state: CallState) -> None:
+    """Raise when an attention module of a perturbed layer did not reach its head-PAG hook in this call."""
+    expected = plan.attention_calls(state.batch)
+    if state.attention_reached >= expected or plan.has_caches:  # a cache may serve attention without calling it
+        return
+    missing = []
+    for layer in state.batch.layers():
+        for attn in plan.layout.attentions[layer]:
+            if not _reaches(attn, ATTENTION_HOOK):
+                forward = getattr(attn, "forward", None)
+                missing.append(f"layer {layer} ({type(attn).__name__}.forward is now {_qualname(forward)})")
+    where = "; ".join(missing) or "an attention module was not called"
+    raise RuntimeError(
+        f"head-level PAG reached {state.attention_reached} of the {expected} perturbed attention calls of this "
+        f"transformer call: {where}. Something replaced the attention modules' forward after headpag's hooks "
+        "were installed; call `headpag.runtime.ensure_hooks` again or remove that patch."
+    )
+
+
+def _qualname(function: Any) -> str:
+    inner = getattr(function, "func", function)
+    return getattr(inner, "__qualname__", None) or repr(inner)
 
 
 @contextlib.contextmanager
@@ -136,8 +246,10 @@ def perturbed_cache_context(plan: CallPlan) -> Iterator[None]:
     The sequential perturbed call under a cache context of its own (`"<name>/headpag-perturbed"`), so that caching
     hooks keep its state apart from the clean call's; the pipeline's context is restored afterwards.
     """
-    context = plan.cache_context
-    if context is None or not plan.has_caches:
+    from diffusers.hooks.hooks import _set_cache_context
+
+    context = current_cache_context(plan.model) if plan.has_caches else None
+    if context is None:
         yield
         return
     _set_cache_context(plan.model, dataclasses.replace(context, name=f"{context.name}/headpag-perturbed"))
@@ -147,10 +259,40 @@ def perturbed_cache_context(plan: CallPlan) -> Iterator[None]:
         _set_cache_context(plan.model, context)
 
 
+def current_cache_context(model: torch.nn.Module) -> Any:
+    """The cache context the pipeline set on `model`'s caching hooks (`cache_context("cond")`), or `None`."""
+    from diffusers.hooks.hooks import StateManager
+
+    for hook in foreign_stateful_hooks(model).values():
+        for attr in vars(hook).values():
+            if isinstance(attr, StateManager) and attr._context is not None:
+                return attr._context
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks and attention modules: diffusers hooks.
+
+
+class _Owned(ModelHook):
+    """A hook that belongs to one transformer and acts only while that transformer's plan is running."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self._owner = weakref.ref(model)
+
+    def state(self) -> tuple[CallPlan, CallState] | tuple[None, None]:
+        entry = activation_for(self._owner())
+        if entry is None or entry.plan is None or entry.state is None or entry.state.batch is None:
+            return None, None
+        return entry.plan, entry.state
+
+
 class PrefixHook(_Owned):
     r"""
-    Prefix sharing on block `index`: while the active plan shares its prefix, blocks before the first perturbed layer
-    compute the clean rows only and copy them to the perturbed rows (batched), or record / replay them (sequential).
+    Prefix sharing on block `index`: while the running call shares its prefix, blocks before the first perturbed
+    layer compute the clean rows only and copy them to the perturbed rows (batched), or record / replay them
+    (sequential).
     """
 
     def __init__(self, model: torch.nn.Module, block: torch.nn.Module, index: int):
@@ -160,32 +302,33 @@ class PrefixHook(_Owned):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         forward = self.fn_ref.original_forward
-        plan = self.plan()
-        if plan is None or plan.prefix_mode is None or self.index >= plan.prefix_end:
+        entry = activation_for(self._owner())
+        state = None if entry is None else entry.state
+        mode = None if state is None else state.prefix
+        if mode is None or self.index >= entry.plan.prefix_end:
             return forward(*args, **kwargs)
-        mode = plan.prefix_mode
-        last = self.index == plan.prefix_end - 1
-        if mode[0] == "share":  # rows [0, n) are computed; the perturbed rows are copies of rows `index`
-            _, n, index = mode
+        last = self.index == entry.plan.prefix_end - 1
+        if isinstance(mode, PrefixShare):  # rows [0, n) are computed; the perturbed rows are copies of rows `index`
             kwargs = bind(self.metadata.arguments, args, kwargs)
-            clean = torch.arange(n, device=index.device)
+            clean = torch.arange(mode.n, device=mode.index.device)
             names = (*self.metadata.batch_arguments, "joint_attention_kwargs")
-            out = forward(**map_arguments(kwargs, names, take_rows, n + len(index), clean))
-            return tuple(append_rows(o, n, index) for o in out)
-        if mode[0] == "record":  # sequential, clean call: keep what the perturbed call will need
+            out = forward(**map_arguments(kwargs, names, take_rows, mode.n + len(mode.index), clean))
+            return tuple(append_rows(o, mode.n, mode.index) for o in out)
+        if isinstance(mode, PrefixRecord):  # sequential, clean call: keep what the perturbed call will need
             out = forward(*args, **kwargs)
             if last:
-                plan.prefix_cache = tuple(take_rows(o, o.shape[0], mode[1]) if o is not None else o for o in out)
+                outputs = tuple(take_rows(o, o.shape[0], mode.index) if o is not None else o for o in out)
+                state.prefix = dataclasses.replace(mode, outputs=outputs)
             return out
-        # "replay": sequential, perturbed call: skip the prefix, hand over the recorded outputs at its end.
+        # PrefixReplay: sequential, perturbed call: skip the prefix, hand over the recorded outputs at its end.
         if last:
-            return plan.prefix_cache
+            return mode.outputs
         kwargs = bind(self.metadata.arguments, args, kwargs)
         return tuple(kwargs.get(name) for name in self.metadata.outputs)
 
 
 class AttentionHook(_Owned):
-    """SoftPAG inside attention module of layer `layer`, while the active plan perturbs rows in that layer."""
+    """SoftPAG inside the attention module of layer `layer`, while the running call perturbs rows in that layer."""
 
     def __init__(self, model: torch.nn.Module, layer: int):
         super().__init__(model)
@@ -193,29 +336,37 @@ class AttentionHook(_Owned):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         forward = self.fn_ref.original_forward
-        plan = self.plan()
-        if plan is None or plan.batch is None or self.layer not in plan.perturbed_layers:
+        plan, state = self.state()
+        if state is None or self.layer not in state.batch.layers():
             return forward(*args, **kwargs)
-        mode = SoftPAGAttentionMode(plan, self.layer)
+        state.attention_reached += 1
+        processor = getattr(module, "processor", None)
+        mode = SoftPAGAttentionMode(plan, state, self.layer, type(processor).__name__)
         with mode:
             out = forward(*args, **kwargs)
         # A cache may serve an earlier (perturbed) output without calling attention: pyramid attention broadcast.
-        expected = plan.batch.layer_weights(self.layer, out_device(out)) is not None and not plan.has_caches
-        if expected and mode.perturbed == 0:
-            backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
+        if mode.perturbed == 0 and not plan.has_caches:
+            backend = getattr(processor, "_attention_backend", None)
             raise RuntimeError(
-                f"Layer {self.layer}: the attention processor {type(module.processor).__name__} did not call "
+                f"Layer {self.layer}: the attention processor {type(processor).__name__} did not call "
                 f"torch.nn.functional.scaled_dot_product_attention (attention backend: {backend or 'unknown'}); "
                 "head-level PAG needs the native attention backend."
             )
         return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Registration.
+
+_TRANSFORMER_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, TransformerHooks] = weakref.WeakKeyDictionary()
+
+
 def ensure_hooks(plan: CallPlan) -> None:
     """
-    Register the hooks that `plan` needs (thread-safe): the rows hook on the transformer, attention hooks on its
-    perturbed layers, prefix hooks on the blocks before the first one. A module that already has its hook keeps it,
-    so `forward`s change only the first time a module is needed, and modules PAG never touches carry no hook.
+    Register the hooks that `plan` needs (thread-safe, idempotent): the transformer hooks, attention hooks on its
+    perturbed layers, prefix hooks on the blocks before the first one. A module that already has its hook keeps it
+    (a hook that diffusers' `remove_hook` cut out of the chain is put back), so `forward`s change only the first
+    time a module is needed, and modules PAG never touches carry no hook.
     """
     layout, model = plan.layout, plan.model
     wanted = [
@@ -226,8 +377,18 @@ def ensure_hooks(plan: CallPlan) -> None:
         wanted += [
             (attn, ATTENTION_HOOK, lambda l=layer: AttentionHook(model, l)) for attn in layout.attentions[layer]
         ]
-    wanted.append((model, ROWS_HOOK, lambda: RowsHook(model, layout)))
     with _REGISTER_LOCK:
+        hooks = _TRANSFORMER_HOOKS.get(model)
+        if hooks is None or not hooks.attached(model):
+            if hooks is not None and hooks.handles is not None:
+                for handle in hooks.handles:
+                    handle.remove()
+            hooks = TransformerHooks(layout)
+            hooks.handles = (
+                model.register_forward_pre_hook(hooks.pre, with_kwargs=True, prepend=True),
+                model.register_forward_hook(hooks.post, with_kwargs=True, prepend=True, always_call=True),
+            )
+            _TRANSFORMER_HOOKS[model] = hooks
         added = False
         for module, name, make in wanted:
             registry = HookRegistry.check_if_exists_or_initialize(module)
@@ -238,6 +399,21 @@ def ensure_hooks(plan: CallPlan) -> None:
                 _revive(registry, name)
         if added:
             HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+
+def transformer_attached(model: torch.nn.Module) -> bool:
+    """Whether headpag's transformer hooks are registered on `model` (a tool may have cleared its hook dicts)."""
+    hooks = _TRANSFORMER_HOOKS.get(model)
+    return hooks is not None and hooks.attached(model)
+
+
+def _reaches(module: torch.nn.Module, name: str) -> bool:
+    """Whether `module.forward` is still the head of its registry's chain, with hook `name` in it."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or name not in registry.hooks:
+        return False
+    current = module.__dict__.get("forward")
+    return getattr(current, "func", None) is not None and getattr(current.func, "__name__", "") == "new_forward"
 
 
 def _revive(registry: HookRegistry, name: str) -> None:
@@ -264,15 +440,14 @@ def remove_hooks(transformer: torch.nn.Module) -> None:
     """Remove every head-PAG hook from a transformer (they are inert anyway outside an active call)."""
     model = unwrap(transformer)
     with _REGISTER_LOCK:
+        hooks = _TRANSFORMER_HOOKS.pop(model, None)
+        if hooks is not None and hooks.handles is not None:
+            for handle in hooks.handles:
+                handle.remove()
         registry = HookRegistry.check_if_exists_or_initialize(model)
-        for name in (ROWS_HOOK, PREFIX_HOOK, ATTENTION_HOOK):
+        for name in (PREFIX_HOOK, ATTENTION_HOOK):
             registry.remove_hook(name, recurse=True)
         registry.invalidate_child_registries_cache()
-
-
-def out_device(output: Any) -> torch.device:
-    first = output[0] if isinstance(output, tuple) else output
-    return first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
 
 
 def foreign_stateful_hooks(model: torch.nn.Module) -> dict[str, ModelHook]:

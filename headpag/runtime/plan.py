@@ -1,9 +1,11 @@
 """
-The compiled plan of one head-PAG call and the context variable that activates it.
+The compiled plan of head-PAG calls and the context variable that activates it.
 
 The hooks that `hooks.py` registers on a transformer do nothing unless the current context (thread, task) holds an
-active [`CallPlan`] for that transformer. So other threads, and other pipelines sharing the same modules, run the
-stock model while a head-PAG call is under way.
+[`Activation`] for that transformer. So other threads, and other pipelines sharing the same modules, run the stock
+model while a head-PAG call is under way. An activation pairs the immutable [`CallPlan`] with the mutable
+[`~runtime.state.CallState`] of one call; activations nest, and each hook looks up the innermost one for its own
+transformer.
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ from ..guidance.heads import HeadSet
 from ..guidance.plan import PerturbationPlan
 from ..guidance.softpag import Perturbation
 from .layout import TransformerLayout
-
-
-_ACTIVE: contextvars.ContextVar[CallPlan | None] = contextvars.ContextVar("headpag_active_plan", default=None)
+from .state import CallState
 
 
 @dataclass(frozen=True)
@@ -42,25 +42,24 @@ class PerturbedCall:
     in_place: bool = False
 
 
-# `decide(call_kwargs, cache_context_name) -> PerturbedCall | None`: the pipeline family's policy, given by
-# `headpag.pipelines`; `None` leaves the call alone (unconditional, skip-layer or out-of-interval calls).
-Decide = Callable[[dict[str, Any], "str | None"], "PerturbedCall | None"]
+# `decide(call_kwargs, state) -> PerturbedCall | None`: the caller's policy (the pipeline family's, a guider's, a
+# search's); `None` leaves the call alone (unconditional, skip-layer or out-of-interval calls).
+Decide = Callable[[dict[str, Any], CallState], "PerturbedCall | None"]
 
 
 class CallPlan:
     r"""
-    Everything a head-PAG call needs, built once when the call starts, plus the small state of its current step.
+    Everything a head-PAG call needs, built once before the call and never changed by it.
 
     Args:
         layout ([`TransformerLayout`]): The transformer's layers.
         head_sets (`Sequence[HeadSet]`): Resolved head sets: one for every perturbed row, or one per image.
         perturbation ([`Perturbation`]): Identity weight, scope, target.
-        decide (`Callable`): The pipeline's policy (see [`PerturbedCall`]).
+        decide (`Callable`): The caller's policy (see [`PerturbedCall`]).
         share_prefix (`bool`): Compute the blocks before the first perturbed layer once.
         sequential (`bool`): Run the perturbed rows as a second transformer call.
-        scheduler (*optional*): The scheduler whose `step` receives the PAG term `s (v_c - v_p)`.
         has_caches (`bool`, defaults to `False`): The transformer carries diffusers caching hooks (the sequential
-            perturbed call then gets a cache context of its own).
+            perturbed call then gets a cache context of its own, and a cache may skip attention calls).
     """
 
     def __init__(
@@ -71,7 +70,6 @@ class CallPlan:
         decide: Decide,
         share_prefix: bool = True,
         sequential: bool = False,
-        scheduler: Any = None,
         has_caches: bool = False,
     ):
         self.layout = layout
@@ -80,22 +78,11 @@ class CallPlan:
         self.perturbation = perturbation
         self.decide = decide
         self.sequential = sequential
-        self.scheduler = scheduler
         self.has_caches = has_caches
-        self.cache_context: Any = None  # the pipeline's cache context of the transformer call under way
         first = min((layer for hs in self.head_sets for layer in hs.layers()), default=0)
         self.prefix_end = first if share_prefix else 0
         self.perturbed_layers = frozenset(layer for hs in self.head_sets for layer in hs.layers())
         self._batch_plans: dict[tuple[int, int], PerturbationPlan] = {}
-        # State of the transformer call under way (reset after each call).
-        self.batch: PerturbationPlan | None = None
-        self.text_len: int = 0
-        self.image_len: int = 0
-        self.prefix_mode: tuple | None = None
-        self.prefix_cache: tuple | None = None
-        # The PAG term of the last conditional call, waiting for the scheduler step, and that call's `v_p`.
-        self.pending: torch.Tensor | None = None
-        self.perturbed: torch.Tensor | None = None
 
     def head_sets_for(self, count: int) -> list[HeadSet]:
         """One head set per perturbed row; raises when the call's images and the head sets do not match."""
@@ -118,57 +105,87 @@ class CallPlan:
             )
         return self._batch_plans[key]
 
-    def set_token_counts(self, kwargs: dict[str, Any]) -> None:
-        """Image and text token counts of a transformer call (for the image identity scope)."""
-        text = kwargs.get("encoder_hidden_states")
-        self.text_len = 0 if text is None else text.shape[1]
-        self.image_len = self.layout.image_tokens(kwargs["hidden_states"])
-
-    def reset_call(self) -> None:
-        self.batch = None
-        self.prefix_mode = None
-        self.prefix_cache = None
-
-    def add_pending(self, model_output: torch.Tensor) -> torch.Tensor:
-        """`model_output + s (v_c - v_p)` with the PAG term of this step (then cleared); unchanged when none."""
-        term, self.pending = self.pending, None
-        if term is None:
-            return model_output
-        if term.shape != model_output.shape:
-            # FLUX Kontext: the transformer also predicts the reference-image tokens, which the pipeline drops.
-            if term.ndim == 3 and term.shape[0] == model_output.shape[0] and term.shape[1] > model_output.shape[1]:
-                term = term[:, : model_output.shape[1]]
-            else:
-                raise RuntimeError(
-                    f"The PAG term has shape {tuple(term.shape)} but the scheduler got a prediction of shape "
-                    f"{tuple(model_output.shape)}; this pipeline's layout is not supported by head_pag."
-                )
-        return model_output + term.to(model_output.dtype)
+    def attention_calls(self, batch: PerturbationPlan) -> int:
+        """How many attention modules must perturb rows in one transformer call with `batch`."""
+        return sum(len(self.layout.attentions[layer]) for layer in batch.layers())
 
 
-def active_plan() -> CallPlan | None:
-    """The plan active in the current context, or `None`."""
-    return _ACTIVE.get()
+@dataclass(frozen=True)
+class Activation:
+    r"""
+    One entry of the current context's activations (innermost first, through `parent`).
+
+    Args:
+        model (`torch.nn.Module`): The transformer it applies to.
+        plan ([`CallPlan`], *optional*): `None`: calls of `model` run stock (a block with `pag_scale=0`).
+        state ([`CallState`], *optional*): `None` with a plan: the plan is *held*, not running; a transformer call
+            then raises `held` (a `head_pag` block outside its pipeline's denoising loop).
+        held (`str`): The error message of a held plan.
+        marked (`bool`): Set by the transformer hook for the one call of a marked input (see `hooks.mark_input`);
+            such an entry counts only while its call runs.
+        parent ([`Activation`], *optional*): The enclosing activation.
+    """
+
+    model: torch.nn.Module
+    plan: CallPlan | None
+    state: CallState | None = None
+    held: str = ""
+    marked: bool = False
+    parent: Activation | None = None
 
 
-def activate(plan: CallPlan) -> contextvars.Token:
-    """Make `plan` active in the current context until [`deactivate`] with the returned token (for guiders, whose
-    `prepare_models` / `cleanup_models` pair cannot hold a `with` block)."""
-    return _ACTIVE.set(plan)
+_ACTIVE: contextvars.ContextVar[Activation | None] = contextvars.ContextVar("headpag_activation", default=None)
 
 
-def deactivate(token: contextvars.Token) -> None:
-    _ACTIVE.reset(token)
+def activation_for(model: torch.nn.Module, start: Activation | None | bool = True) -> Activation | None:
+    """
+    The innermost activation of the current context for `model` (searching from `start`, by default the innermost
+    of all), or `None`. A marked entry whose call is over is skipped.
+    """
+    entry = _ACTIVE.get() if start is True else start
+    while entry is not None and (entry.model is not model or (entry.marked and entry.state.call is None)):
+        entry = entry.parent
+    return entry
+
+
+def activation_with_scheduler(scheduler: Any) -> Activation | None:
+    """The innermost running activation of the current context whose state adds its term at `scheduler.step`."""
+    entry = _ACTIVE.get()
+    while entry is not None and (entry.state is None or entry.state.scheduler is not scheduler):
+        entry = entry.parent
+    return entry
+
+
+def active_state() -> CallState | None:
+    """The state of the innermost running activation of the current context, or `None`."""
+    entry = _ACTIVE.get()
+    while entry is not None and entry.state is None:
+        entry = entry.parent
+    return None if entry is None else entry.state
 
 
 @contextlib.contextmanager
-def activated(plan: CallPlan) -> Iterator[CallPlan]:
-    """Make `plan` the active plan of the current context for a `with` block (nests; restored on exit)."""
-    token = _ACTIVE.set(plan)
+def activated(
+    plan: CallPlan | None,
+    state: CallState | None = None,
+    model: torch.nn.Module | None = None,
+    held: str = "",
+) -> Iterator[CallState | None]:
+    r"""
+    Activate `plan` for `plan.model` (or `model`) in the current context for a `with` block (nests; restored on
+    exit, also after an exception). Yields the state (a fresh [`CallState`] unless given or held).
+
+    Args:
+        plan ([`CallPlan`], *optional*): The plan; `None` makes calls of `model` run stock inside the block.
+        state ([`CallState`], *optional*): The call's state.
+        model (`torch.nn.Module`, *optional*): The transformer, when `plan` is `None`.
+        held (`str`, defaults to `""`): Hold the plan instead of running it: any transformer call raises this message.
+    """
+    if state is None and plan is not None and not held:
+        state = CallState()
+    entry = Activation(plan.model if plan is not None else model, plan, state, held, parent=_ACTIVE.get())
+    token = _ACTIVE.set(entry)
     try:
-        yield plan
+        yield state
     finally:
         _ACTIVE.reset(token)
-        plan.reset_call()
-        plan.pending = None
-        plan.perturbed = None

@@ -5,8 +5,10 @@ The pipeline computes its own guidance from the clean predictions (`v_u + g (v_c
 true CFG or any other term it adds); the scheduler step then receives that prediction plus `s (v_c - v_p)`. No term of
 the pipeline sees the perturbed branch, so every term keeps its own meaning, in any dtype.
 
-Schedulers are not modules and have no hook registry: for the length of a `with` block the scheduler's `step` is an
-instance attribute that adds the active plan's pending term and is inert for every other context (thread).
+Schedulers are not modules and have no hook registry: for the length of a `with` block (one denoising loop) the
+scheduler's `step` is an instance attribute that completes the running call's step (adds its PAG term, or raises when
+a step of the PAG interval has none, see [`~runtime.state.CallState.complete_step`]) and is inert for every other
+context (thread).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .plan import active_plan
+from .plan import activation_with_scheduler
 
 
 _LOCK = threading.Lock()
@@ -26,9 +28,9 @@ _PREVIOUS = "_headpag_previous_step"
 
 
 def _step(scheduler: Any, model_output, *args, **kwargs):
-    plan = active_plan()
-    if plan is not None and plan.scheduler is scheduler:
-        model_output = plan.add_pending(model_output)
+    entry = activation_with_scheduler(scheduler)
+    if entry is not None:
+        model_output = entry.state.complete_step(model_output)
     previous = scheduler.__dict__[_PREVIOUS]
     if previous is not None:
         return previous(model_output, *args, **kwargs)

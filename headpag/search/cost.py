@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..runtime import active_plan, describe_transformer
+from ..runtime import describe_transformer
 
 
 COST_KEYS = ("row_evals", "images", "seconds")
@@ -77,8 +77,8 @@ def reference_tokens(pipe, height: int, width: int) -> int:
 class RowCounter:
     r"""
     Counts the transformer rows of the renders in its `with` block: a forward pre-hook on the transformer sees the
-    clean rows of each call (`hidden_states.shape[0]`, the pipeline's batch: with CFG both halves), a forward hook
-    adds the perturbed rows that head-PAG appended to that call (the active plan's `v_p`). Only calls from the
+    rows of each call as the model computes them (head-PAG's transformer hooks run first, so a batched call counts
+    its clean and perturbed rows, and the sequential perturbed call is a call of its own). Only calls from the
     thread that entered the block count (another user of the same model is not this search's work).
 
     Args:
@@ -93,44 +93,22 @@ class RowCounter:
         self.rows = 0.0
         self._thread: int | None = None
         self._handles: list[Any] = []
-        self._call: list[tuple[float, Any]] = []
-
-    def _weight(self, hidden: torch.Tensor) -> float:
-        return self.layout.image_tokens(hidden) / self.reference
 
     def _pre(self, module, args, kwargs):
         if threading.get_ident() != self._thread:
             return None
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if not isinstance(hidden, torch.Tensor):
-            return None
-        weight = self._weight(hidden)
-        self.rows += hidden.shape[0] * weight
-        plan = active_plan()
-        self._call.append((weight, plan.perturbed if plan is not None else None))
-        return None
-
-    def _post(self, module, args, kwargs, output):
-        if threading.get_ident() != self._thread or not self._call:
-            return None
-        weight, before = self._call.pop()
-        plan = active_plan()
-        perturbed = plan.perturbed if plan is not None else None
-        if perturbed is not None and perturbed is not before:
-            self.rows += perturbed.shape[0] * weight
+        if isinstance(hidden, torch.Tensor):
+            self.rows += hidden.shape[0] * self.layout.image_tokens(hidden) / self.reference
         return None
 
     def __enter__(self) -> RowCounter:
         self._thread = threading.get_ident()
-        self._handles = [
-            self.transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
-            self.transformer.register_forward_hook(self._post, with_kwargs=True),
-        ]
+        self._handles = [self.transformer.register_forward_pre_hook(self._pre, with_kwargs=True)]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._call = []
         self._thread = None

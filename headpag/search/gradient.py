@@ -29,7 +29,7 @@ import torch
 from ..guidance import HeadSet
 from ..guidance.plan import PerturbationPlan
 from ..guidance.softpag import Perturbation
-from ..runtime import CallPlan, PerturbedCall, activated, ensure_hooks
+from ..runtime import CallPlan, CallState, PerturbedCall, activated, ensure_hooks
 from .cost import Cost
 
 
@@ -160,7 +160,7 @@ def render_sd3(
     scheduler.set_timesteps(steps, device=device, **kwargs)
     perturbation = Perturbation(c.pag_identity_weight, c.pag_identity_scope)
 
-    def decide(call_kwargs: dict[str, Any], context: str | None) -> PerturbedCall:
+    def decide(call_kwargs: dict[str, Any], state: CallState) -> PerturbedCall:
         n = call_kwargs["hidden_states"].shape[0]
         return PerturbedCall(list(range(n // 2, n)) if cfg else list(range(n)), c.pag_scale)
 
@@ -168,7 +168,7 @@ def render_sd3(
         plan = WeightedCallPlan(hunter.layout, heads, matrix, perturbation, decide)
         ensure_hooks(plan)
         x = torch.cat([latents] * 2) if cfg else latents
-        with activated(plan):
+        with activated(plan) as state:
             v = transformer(
                 hidden_states=x,
                 timestep=t.expand(x.shape[0]),
@@ -179,7 +179,7 @@ def render_sd3(
             if cfg:
                 v_u, v_c = v.chunk(2)
                 v = v_u + c.guidance_scale * (v_c - v_u)
-            return plan.add_pending(v)
+            return state.add_pending(v)
 
     for i, t in enumerate(scheduler.timesteps):
         v = _step(velocity, checkpoint, latents, matrix, t)
@@ -264,7 +264,7 @@ def render_flux(
         guidance = torch.full([1], c.guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
     perturbation = Perturbation(c.pag_identity_weight, c.pag_identity_scope)
 
-    def decide(call_kwargs: dict[str, Any], context: str | None) -> PerturbedCall:
+    def decide(call_kwargs: dict[str, Any], state: CallState) -> PerturbedCall:
         return PerturbedCall(list(range(call_kwargs["hidden_states"].shape[0])), c.pag_scale)
 
     def call(latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -285,11 +285,11 @@ def render_flux(
         v_u = None
         if cfg:  # the unconditional call is not perturbed (the pipeline's policy)
             v_u = call(latents, emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], t)
-        with activated(plan):
+        with activated(plan) as state:
             v = call(latents, pe, pp, t)
             if cfg:
                 v = v_u + c.true_cfg_scale * (v - v_u)
-            return plan.add_pending(v)
+            return state.add_pending(v)
 
     for i, t in enumerate(scheduler.timesteps):
         v = _step(velocity, checkpoint, latents, matrix, t)
