@@ -47,8 +47,8 @@ KILL = dict(
 
 class Rows:
     r"""
-    The test's own count of transformer rows, independent of the hunter's: a forward pre-hook on the transformer sees
-    each call's clean rows; one on its last block sees the clean and the perturbed rows of the same call in one batch
+    The test's own count of transformer rows, independent of the hunter's: a forward pre-hook on the transformer, put
+    first, sees each call's clean rows; one on its last block sees the clean and the perturbed rows of the same call in one batch
     (head-PAG appends the perturbed copies inside the transformer; prefix sharing never reaches the last block).
     """
 
@@ -73,7 +73,8 @@ class Rows:
 
     def __enter__(self) -> Rows:
         self.handles = [
-            self.transformer.register_forward_pre_hook(self._on_transformer, with_kwargs=True),
+            # prepend: before head-PAG's own pre-hook appends the perturbed copies
+            self.transformer.register_forward_pre_hook(self._on_transformer, with_kwargs=True, prepend=True),
             self.transformer.transformer_blocks[-1].register_forward_pre_hook(self._on_last_block, with_kwargs=True),
         ]
         return self
