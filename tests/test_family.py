@@ -180,9 +180,11 @@ def test_flux_pipelines_with_and_without_true_cfg_are_the_ones_the_issue_names()
 )
 @torch.no_grad()
 def test_pag_equals_the_hand_combined_reference(name, cfg):
-    """`[stock guidance] + s (v_c - v_p)` with v_c the positive prompt's rows: FLUX true CFG gives
+    """
+    `[stock guidance] + s (v_c - v_p)` with v_c the positive prompt's rows: FLUX true CFG gives
     `v_n + g (v_c - v_n) + s (v_c - v_p)` on all six pipelines that have it (the perturbed pass is the positive
-    prompt's, whatever cache contexts the pipeline sets), the others `v_c + s (v_c - v_p)`; SD3 with and without CFG."""
+    prompt's, whatever cache contexts the pipeline sets), the others `v_c + s (v_c - v_p)`; SD3 with and without CFG.
+    """
     from pag_reference import positive_embeds, reference_pag
 
     pipe, extra = build(name)

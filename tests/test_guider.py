@@ -40,8 +40,8 @@ def hand_loop(components, cfg_steps, pag_steps, g=G, s=S) -> torch.Tensor:
     heads = HeadSet.parse(HEADS).resolve(layout.num_layers, layout.num_heads)
     for i, t in enumerate(scheduler.timesteps):
 
-        def call(e, p):
-            return dict(hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=e, pooled_projections=p)
+        def call(e, p, x=latents, t=t):
+            return dict(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=e, pooled_projections=p)
 
         v_c = pipe.transformer(**call(pe, pp), return_dict=False)[0]
         v = v_c

@@ -48,8 +48,9 @@ KILL = dict(
 class Rows:
     r"""
     The test's own count of transformer rows, independent of the hunter's: a forward pre-hook on the transformer, put
-    first, sees each call's clean rows; one on its last block sees the clean and the perturbed rows of the same call in one batch
-    (head-PAG appends the perturbed copies inside the transformer; prefix sharing never reaches the last block).
+    first, sees each call's clean rows; one on its last block sees the clean and the perturbed rows of the same call
+    in one batch (head-PAG appends the perturbed copies inside the transformer; prefix sharing never reaches the last
+    block).
     """
 
     def __init__(self, transformer, reference_tokens: int = 64):
