@@ -328,3 +328,17 @@ def test_row_by_row_processors_are_refused_with_their_name():
         with head_pag(pipe, pag_heads="1"):
             pipe("a cat", **CFG, generator=gen())
     assert torch.equal(pipe("a cat", **CFG, generator=gen()).images, stock)
+
+
+@torch.no_grad()
+def test_a_class_called_from_an_executor_warns_that_the_block_does_not_apply(caplog):
+    pipe = StableDiffusion3HeadPAGPipeline(**tiny_sd3_components(), pag_heads="3.1")
+    pipe.set_progress_bar_config(disable=True)
+    caplog.set_level(logging.WARNING, logger="headpag")
+    defaults = pipe("a cat", **CFG, generator=gen()).images
+    with head_pag(pipe, pag_heads=HEADS):
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            got = executor.submit(pipe, "a cat", **CFG, generator=gen()).result().images
+    warnings = [r.getMessage() for r in caplog.records if "without its open `with head_pag" in r.getMessage()]
+    assert len(warnings) == 1 and "uses the class defaults" in warnings[0]
+    torch.testing.assert_close(got, defaults, atol=1e-6, rtol=0)

@@ -253,14 +253,15 @@ def _progress_bar(pipe, *args, **kwargs):
     bar = saved(*args, **kwargs) if saved is not None else type(pipe).progress_bar(pipe, *args, **kwargs)
     block = open_block(pipe)
     if block is None:
-        _warn_outside_context(pipe)
+        warn_outside_context(pipe)
         return bar
     if block.plan is None:
         return bar
     return PAGLoop(bar, block, kwargs.get("total"))
 
 
-def _warn_outside_context(pipe) -> None:
+def warn_outside_context(pipe, consequence: str = "runs WITHOUT head-level PAG") -> None:
+    """Warn once per open block of `pipe` that a call of `pipe` runs in a context without it."""
     with _OPEN_LOCK:
         blocks = [b for b in _OPEN.get(id(pipe), []) if not b.warned]
         for block in blocks:
@@ -268,8 +269,8 @@ def _warn_outside_context(pipe) -> None:
     for _ in blocks:
         logger.warning(
             f"{type(pipe).__name__} was called from a context without its open `with head_pag(...)` block (another "
-            "thread or an executor: they do not inherit the block), so this call runs WITHOUT head-level PAG. Run "
-            "the call in the block's context: `ctx = contextvars.copy_context()` inside the block, then "
+            f"thread or an executor: they do not inherit the block), so this call {consequence}. Run the call in "
+            "the block's context: `ctx = contextvars.copy_context()` inside the block, then "
             "`executor.submit(ctx.run, pipe, ...)`, or `await asyncio.to_thread(pipe, ...)` (which copies it)."
         )
 

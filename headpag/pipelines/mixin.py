@@ -24,7 +24,7 @@ from diffusers.utils import logging
 from .._io import atomic_write_json
 from ..guidance import HeadSet
 from ..guidance.heads import HeadSetLike
-from .attach import default_pag_heads, head_pag, open_block, transformer_layout
+from .attach import default_pag_heads, head_pag, open_block, transformer_layout, warn_outside_context
 
 
 logger = logging.get_logger(__name__)
@@ -119,6 +119,8 @@ class HeadPAGMixin:
             outer = open_block(self)  # explicit call arguments beat an enclosing block, which beats the defaults
             if outer is not None:
                 pag = {**outer.arguments, **pag}
+            else:
+                warn_outside_context(self, "uses the class defaults, not the block's PAG arguments")
             with head_pag(self, **pag):
                 return parent_call(self, *args, **kwargs)
 
