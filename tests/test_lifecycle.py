@@ -342,3 +342,26 @@ def test_a_class_called_from_an_executor_warns_that_the_block_does_not_apply(cap
     warnings = [r.getMessage() for r in caplog.records if "without its open `with head_pag" in r.getMessage()]
     assert len(warnings) == 1 and "uses the class defaults" in warnings[0]
     torch.testing.assert_close(got, defaults, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_interval_and_interrupt_count_only_the_steps_that_ran():
+    """Steps outside `pag_interval` get no term, and steps the pipeline skips after `interrupt` are not owed one."""
+    steps = dict(CFG, num_inference_steps=4)
+    pipe = stock_pipe()
+    with reference_pag(pipe, HEADS, S, U, positive_embeds(pipe, "a cat", max_sequence_length=32), steps=range(2, 4)):
+        expected = pipe("a cat", **steps, generator=gen()).images
+    with head_pag(pipe, pag_heads=HEADS, pag_scale=S, pag_identity_weight=U, pag_interval=(0.5, 1.0)):
+        got = pipe("a cat", **steps, generator=gen()).images
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=0)
+
+    def interrupt(p, i, t, kwargs):
+        if i == 1:
+            p._interrupt = True
+        return kwargs
+
+    with reference_pag(pipe, HEADS, S, U, positive_embeds(pipe, "a cat", max_sequence_length=32)):
+        expected = pipe("a cat", **steps, generator=gen(), callback_on_step_end=interrupt).images
+    with head_pag(pipe, pag_heads=HEADS, pag_scale=S, pag_identity_weight=U):
+        got = pipe("a cat", **steps, generator=gen(), callback_on_step_end=interrupt).images
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=0)
