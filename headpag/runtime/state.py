@@ -103,10 +103,8 @@ class CallState:
     reentrant: bool = False
     attention_reached: int = 0
     call: RunningCall | None = None
-    # Results and counters of the whole activation.
+    # The perturbed prediction `v_p` of the last perturbed call (for direct calls and the search).
     perturbed: torch.Tensor | None = None
-    perturbed_calls: int = 0
-    terms_added: int = 0
 
     def expects_term(self, step: int) -> bool:
         """Whether step `step` lies in the PAG interval with a positive scale."""
@@ -148,7 +146,6 @@ class CallState:
 
     def set_term(self, value: torch.Tensor) -> None:
         self.pending = PAGTerm(self.step, value)
-        self.perturbed_calls += 1
 
     def add_pending(self, model_output: torch.Tensor) -> torch.Tensor:
         """`model_output + s (v_c - v_p)` with the pending PAG term (then cleared); unchanged when there is none."""
@@ -165,7 +162,6 @@ class CallState:
                     f"The PAG term has shape {tuple(value.shape)} but the scheduler got a prediction of shape "
                     f"{tuple(model_output.shape)}; this pipeline's layout is not supported by head_pag."
                 )
-        self.terms_added += 1
         return model_output + value.to(model_output.dtype)
 
     def complete_step(self, model_output: torch.Tensor) -> torch.Tensor:
