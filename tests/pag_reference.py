@@ -52,11 +52,15 @@ def reference_pag(pipe, heads: str, scale: float, u: float, positive: torch.Tens
     transformer = pipe.transformer
     layout = describe_transformer(transformer)
     head_set = HeadSet.parse(heads).resolve(layout.num_layers, layout.num_heads)
-    calls, busy, counter = [], [False], [0]
+    calls, busy, counter, inputs = [], [False], [0], []
+
+    def snapshot(module, args, kwargs):  # before the forward: FLUX pops IP-Adapter embeddings out of its kwargs
+        if not busy[0]:
+            inputs.append({k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()})
 
     def record(module, args, kwargs, output):
         if not busy[0]:
-            calls.append((dict(kwargs), sample_of(output)))
+            calls.append((inputs.pop(), sample_of(output)))
 
     scheduler = pipe.scheduler
     original = type(scheduler).step
@@ -89,13 +93,17 @@ def reference_pag(pipe, heads: str, scale: float, u: float, positive: torch.Tens
             calls.clear()
         return original(sched, model_output, *args, **kwargs)
 
-    handle = transformer.register_forward_hook(record, with_kwargs=True)
+    handles = [
+        transformer.register_forward_pre_hook(snapshot, with_kwargs=True, prepend=True),
+        transformer.register_forward_hook(record, with_kwargs=True),
+    ]
     type(scheduler).step = step
     try:
         yield
     finally:
         type(scheduler).step = original
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def positive_embeds(pipe, prompt: str, **kwargs) -> torch.Tensor:
