@@ -385,8 +385,10 @@ def ensure_hooks(plan: CallPlan) -> None:
                     handle.remove()
             hooks = TransformerHooks(layout)
             hooks.handles = (
-                model.register_forward_pre_hook(hooks.pre, with_kwargs=True, prepend=True),
-                model.register_forward_hook(hooks.post, with_kwargs=True, prepend=True, always_call=True),
+                model.register_forward_pre_hook(torch.compiler.disable(hooks.pre), with_kwargs=True, prepend=True),
+                model.register_forward_hook(
+                    torch.compiler.disable(hooks.post), with_kwargs=True, prepend=True, always_call=True
+                ),
             )
             _TRANSFORMER_HOOKS[model] = hooks
         added = False
