@@ -24,7 +24,7 @@ class SoftPAGAttentionMode(TorchFunctionMode):
 
     Args:
         plan ([`CallPlan`]): The running plan.
-        state ([`CallState`]): Its state; `state.batch` marks the perturbed rows of the current call.
+        state ([`CallState`]): Its state; `state.weights` holds the perturbed rows and weights of the current call.
         layer (`int`): The layer of the attention module.
         processor (`str`): The attention processor's class name (for error messages).
     """
@@ -54,10 +54,7 @@ class SoftPAGAttentionMode(TorchFunctionMode):
                 "in one attention call (it cannot tell which rows a row-by-row processor is computing). Use a "
                 "processor that attends over the whole batch at once, such as diffusers' default one."
             )
-        entry = self.state.batch.layer_weights(self.layer, out.device)
-        if entry is None:
-            return out
-        rows, weights = entry
+        rows, weights = self.state.weights[self.layer]
         p = self.plan.perturbation
         needs_tokens = p.target == "identity" and p.scope == "image"
         image, text = self.token_slices(query.shape[-2]) if needs_tokens else (slice(None), slice(0, 0))

@@ -135,8 +135,7 @@ class TransformerHooks:
         if plan.sequential:
             state.prefix = PrefixRecord(index) if share else None
             return (), kwargs
-        state.batch = plan.batch_plan(n, p)
-        state.batch_size = n + p
+        state.start_batch(plan.batch_plan(n, p), n + p, hidden.device)
         state.prefix = PrefixShare(n, index) if share else None
         return (), map_arguments(kwargs, TRANSFORMER_BATCH_ARGUMENTS[self.family], append_rows, n, index)
 
@@ -156,9 +155,8 @@ class TransformerHooks:
     @staticmethod
     def _start_in_place(plan: CallPlan, state: CallState, kwargs: dict[str, Any]) -> None:
         set_token_counts(plan, state, kwargs)
-        n = kwargs["hidden_states"].shape[0]
-        state.batch = plan.batch_plan(0, n)
-        state.batch_size = n
+        hidden = kwargs["hidden_states"]
+        state.start_batch(plan.batch_plan(0, hidden.shape[0]), hidden.shape[0], hidden.device)
 
     def post(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
         entry = activation_for(module)
@@ -197,8 +195,7 @@ class TransformerHooks:
         recorded = state.prefix
         state.end_transformer_call()
         state.call = call
-        state.batch = plan.batch_plan(0, len(call.index))
-        state.batch_size = len(call.index)
+        state.start_batch(plan.batch_plan(0, len(call.index)), len(call.index), call.index.device)
         if isinstance(recorded, PrefixRecord) and recorded.outputs is not None:
             state.prefix = PrefixReplay(recorded.outputs)
         state.reentrant = True
@@ -218,11 +215,11 @@ def set_token_counts(plan: CallPlan, state: CallState, kwargs: dict[str, Any]) -
 
 def check_attention(plan: CallPlan, state: CallState) -> None:
     """Raise when an attention module of a perturbed layer did not reach its head-PAG hook in this call."""
-    expected = plan.attention_calls(state.batch)
+    expected = plan.attention_calls(state.weights)
     if state.attention_reached >= expected or plan.has_caches:  # a cache may serve attention without calling it
         return
     missing = []
-    for layer in state.batch.layers():
+    for layer in sorted(state.weights):
         for attn in plan.layout.attentions[layer]:
             if not _reaches(attn, ATTENTION_HOOK):
                 forward = getattr(attn, "forward", None)
@@ -283,7 +280,7 @@ class _Owned(ModelHook):
 
     def state(self) -> tuple[CallPlan, CallState] | tuple[None, None]:
         entry = activation_for(self._owner())
-        if entry is None or entry.plan is None or entry.state is None or entry.state.batch is None:
+        if entry is None or entry.plan is None or entry.state is None or entry.state.weights is None:
             return None, None
         return entry.plan, entry.state
 
@@ -337,7 +334,7 @@ class AttentionHook(_Owned):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         forward = self.fn_ref.original_forward
         plan, state = self.state()
-        if state is None or self.layer not in state.batch.layers():
+        if state is None or self.layer not in state.weights:
             return forward(*args, **kwargs)
         state.attention_reached += 1
         processor = getattr(module, "processor", None)

@@ -105,9 +105,9 @@ class CallPlan:
             )
         return self._batch_plans[key]
 
-    def attention_calls(self, batch: PerturbationPlan) -> int:
-        """How many attention modules must perturb rows in one transformer call with `batch`."""
-        return sum(len(self.layout.attentions[layer]) for layer in batch.layers())
+    def attention_calls(self, layers) -> int:
+        """How many attention modules must perturb rows in one transformer call that perturbs `layers`."""
+        return sum(len(self.layout.attentions[layer]) for layer in layers)
 
 
 @dataclass(frozen=True)

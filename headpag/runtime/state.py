@@ -94,8 +94,9 @@ class CallState:
     step_timestep: torch.Tensor | None = None
     calls_in_step: int = 0
     pending: PAGTerm | None = None
-    # The transformer call under way.
-    batch: PerturbationPlan | None = None
+    # The transformer call under way: the perturbed rows and per-head weights of each perturbed layer, on the call's
+    # device (computed before the forward, outside any compiled graph), and the call's batch size.
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     batch_size: int = 0
     text_len: int = 0
     image_len: int = 0
@@ -136,8 +137,13 @@ class CallState:
             )
         return False
 
+    def start_batch(self, batch: PerturbationPlan, size: int, device: torch.device) -> None:
+        """Perturb the rows of `batch` in a transformer call of `size` rows on `device`."""
+        self.weights = {layer: batch.layer_weights(layer, device) for layer in batch.layers()}
+        self.batch_size = size
+
     def end_transformer_call(self) -> None:
-        self.batch = None
+        self.weights = None
         self.batch_size = 0
         self.prefix = None
         self.reentrant = False
