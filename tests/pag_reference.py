@@ -38,7 +38,16 @@ def sample_of(output):
 
 
 @contextlib.contextmanager
-def reference_pag(pipe, heads: str, scale: float, u: float, positive: torch.Tensor, steps: range | None = None):
+def reference_pag(
+    pipe,
+    heads: str,
+    scale: float,
+    u: float,
+    positive: torch.Tensor,
+    steps: range | None = None,
+    reuse: int = 1,
+    scale_at=None,
+):
     """
     Inside the block, stock calls of `pipe` get `s (v_c - v_p)` added at every scheduler step (or at `steps`).
 
@@ -48,11 +57,15 @@ def reference_pag(pipe, heads: str, scale: float, u: float, positive: torch.Tens
         positive (`torch.Tensor`): The positive prompt's text embeddings `(tokens, dim)`; a row of a transformer
             call is conditional when its `encoder_hidden_states` equal them (and it is not a skip-layer call).
         steps (`range`, *optional*): The steps that get the term (all by default).
+        reuse (`int`, defaults to 1): `v_c - v_p` is computed on steps 0, k, 2k, ... counted from the first step that
+            gets the term, and reused in between.
+        scale_at (`Callable[[float], float]`, *optional*): The scale at scheduler timestep `t` (else `scale`).
     """
     transformer = pipe.transformer
     layout = describe_transformer(transformer)
     head_set = HeadSet.parse(heads).resolve(layout.num_layers, layout.num_heads)
-    calls, busy, counter, inputs = [], [False], [0], []
+    calls, busy, counter, inputs, delta = [], [False], [0], [], [None]
+    first = 0 if steps is None else steps.start
 
     def snapshot(module, args, kwargs):  # before the forward: FLUX pops IP-Adapter embeddings out of its kwargs
         if not busy[0]:
@@ -65,8 +78,16 @@ def reference_pag(pipe, heads: str, scale: float, u: float, positive: torch.Tens
     scheduler = pipe.scheduler
     original = type(scheduler).step
 
-    def step(sched, model_output, *args, **kwargs):
-        if sched is scheduler:
+    def step(sched, model_output, timestep, *args, **kwargs):
+        i = counter[0]
+        active = steps is None or i in steps
+        if sched is scheduler and active and (i - first) % reuse != 0:  # a step that reuses the last v_c - v_p
+            s = scale if scale_at is None else scale_at(float(timestep))
+            if s > 0:
+                model_output = model_output + s * delta[0][:, : model_output.shape[1]].to(model_output.dtype)
+            counter[0] += 1
+            calls.clear()
+        elif sched is scheduler:
             terms = []
             for call_kwargs, out in calls:
                 text = call_kwargs["encoder_hidden_states"]
@@ -85,13 +106,15 @@ def reference_pag(pipe, heads: str, scale: float, u: float, positive: torch.Tens
                     )
                 finally:
                     busy[0] = False
-                terms.append(scale * (out[rows] - v_p))
+                terms.append(out[rows] - v_p)
             assert len(terms) == 1, f"expected one conditional call per step, found {len(terms)}"
-            if steps is None or counter[0] in steps:
-                model_output = model_output + terms[0][:, : model_output.shape[1]].to(model_output.dtype)
+            s = scale if scale_at is None else scale_at(float(timestep))
+            if active and s > 0:
+                delta[0] = terms[0]
+                model_output = model_output + s * terms[0][:, : model_output.shape[1]].to(model_output.dtype)
             counter[0] += 1
             calls.clear()
-        return original(sched, model_output, *args, **kwargs)
+        return original(sched, model_output, timestep, *args, **kwargs)
 
     handles = [
         transformer.register_forward_pre_hook(snapshot, with_kwargs=True, prepend=True),

@@ -306,7 +306,7 @@ def test_signature_and_docstring_are_the_parents_plus_pag():
         assert list(params)[: len(parent_params)] == list(parent_params)
         assert [n for n in params if n.startswith("pag_")] == [
             "pag_heads", "pag_scale", "pag_identity_weight", "pag_identity_scope", "pag_target", "pag_interval",
-            "pag_adaptive_scale", "pag_sequential", "pag_share_prefix",
+            "pag_adaptive_scale", "pag_sequential", "pag_share_prefix", "pag_reuse",
         ]  # fmt: skip
         assert (
             ours.__call__.__doc__.startswith(parent.__call__.__doc__)

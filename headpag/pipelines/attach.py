@@ -41,7 +41,7 @@ from ..runtime import (
     transformer_attached,
     unwrap,
 )
-from .policy import POLICIES, PAGOptions, loop_scales
+from .policy import POLICIES, PAGOptions, loop_plan
 
 
 logger = logging.get_logger(__name__)
@@ -98,7 +98,8 @@ def check_caches(layout: TransformerLayout, options: PAGOptions | None = None) -
     every step. With PAG the conditional call carries `n + p` rows at every step; prefix sharing (which changes the
     batch inside the block stack) is switched off, and a sequential perturbed call gets a context of its own. Refused:
     FasterCache on a model that is not guidance-distilled (it splits the batch into `[uncond, cond]` halves), and a
-    batched PAG that skips steps (`pag_interval`, `pag_adaptive_scale`), which would change the batch between steps.
+    batched PAG that skips steps (`pag_interval`, `pag_adaptive_scale`, `pag_reuse`), which would change the batch
+    between steps.
     """
     caches = foreign_stateful_hooks(layout.model)
     if not caches:
@@ -112,29 +113,19 @@ def check_caches(layout: TransformerLayout, options: PAGOptions | None = None) -
             "FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig or PyramidAttentionBroadcastConfig, or "
             "disable the cache (`transformer.disable_cache()`)."
         )
-    partial = options is not None and (options.interval != (0.0, 1.0) or options.adaptive_scale > 0)
+    partial = options is not None and (
+        options.interval != (0.0, 1.0) or options.adaptive_scale > 0 or options.reuse > 1
+    )
     if partial and not options.sequential:
         raise ValueError(
             f"With diffusers caching hooks ({names}), PAG must act at every step or run sequentially: "
-            f"pag_interval={options.interval} / pag_adaptive_scale={options.adaptive_scale} would change the "
-            "batch a cache has stored between steps. Use pag_sequential=True (the perturbed branch then gets a "
-            "cache of its own), the full interval, or disable the cache (`transformer.disable_cache()`)."
+            f"pag_interval={options.interval} / pag_adaptive_scale={options.adaptive_scale} / "
+            f"pag_reuse={options.reuse} would change the batch a cache has stored between steps. Use "
+            "pag_sequential=True (the perturbed branch then gets a cache of its own), the full interval, or disable "
+            "the cache (`transformer.disable_cache()`)."
         )
     logger.info(f"head_pag with caching hooks ({names}): prefix sharing is off, caches see a constant batch.")
     return True
-
-
-PAG_ARGUMENTS = (
-    "pag_heads",
-    "pag_scale",
-    "pag_identity_weight",
-    "pag_identity_scope",
-    "pag_target",
-    "pag_interval",
-    "pag_adaptive_scale",
-    "pag_sequential",
-    "pag_share_prefix",
-)
 
 
 @dataclass(eq=False)
@@ -195,8 +186,10 @@ class PAGLoop:
             )
         ensure_hooks(plan)
         scheduler = pipe.scheduler
+        scales, fresh = loop_plan(pipe, self.block.options, self.total)
         self.state = CallState(
-            scales=loop_scales(pipe, self.block.options, self.total),
+            scales=scales,
+            fresh_steps=fresh,
             scheduler=scheduler,
             explain=functools.partial(_explain, pipe, plan, scheduler),
         )
@@ -322,6 +315,7 @@ def head_pag(
     pag_adaptive_scale: float = 0.0,
     pag_sequential: bool | None = None,
     pag_share_prefix: bool = True,
+    pag_reuse: int = 1,
 ) -> Iterator[None]:
     r"""
     Head-level perturbed-attention guidance for every call of `pipe` inside the `with` block.
@@ -362,6 +356,9 @@ def head_pag(
         pag_sequential (`bool`, *optional*): Run the perturbed rows as a second transformer call (lower peak memory);
             `None`: the pipeline's default (`False`).
         pag_share_prefix (`bool`, defaults to `True`): Compute the blocks before the first perturbed layer once.
+        pag_reuse (`int`, defaults to 1): Run the perturbed branch on steps 0, k, 2k, ... of the interval only; the
+            steps in between reuse the last computed `v_c - v_p`, times their own scale (adaptive scale included).
+            1 is PAG on every step, bit for bit; k costs about one extra pass every k steps.
 
     Raises:
         `ValueError`: for a bad argument (naming the value and what is allowed), an unsupported transformer, or a
@@ -378,6 +375,7 @@ def head_pag(
         pag_adaptive_scale=pag_adaptive_scale,
         pag_sequential=pag_sequential,
         pag_share_prefix=pag_share_prefix,
+        pag_reuse=pag_reuse,
     )
     layout = transformer_layout(pipe)
     if pag_sequential is None:
@@ -389,6 +387,7 @@ def head_pag(
         adaptive_scale=pag_adaptive_scale,
         sequential=bool(pag_sequential),
         share_prefix=bool(pag_share_prefix),
+        reuse=pag_reuse,
     )
     head_sets = resolve_head_sets(pag_heads, layout, getattr(pipe, "_pag_heads", None))
     if options.scale == 0 or not any(head_sets):

@@ -14,6 +14,7 @@ from diffusers.utils import logging
 from ..guidance import HeadSet, Perturbation
 from ..runtime import CallPlan, describe_transformer, ensure_hooks, mark_input
 from .attach import check_caches, resolve_head_sets
+from .policy import MAX_REUSE
 
 
 logger = logging.get_logger(__name__)
@@ -50,6 +51,8 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         pag_target (`str`, defaults to `"identity"`): `"identity"`, `"uniform"` or `"query_mean"`.
         pag_start, pag_stop (`float`, defaults to 0.0 and 1.0): Fractions of the steps with PAG, counted like
             `pag_interval` of the pipelines (`int(start * N) <= step < int(stop * N)`).
+        pag_reuse (`int`, defaults to 1): Run the perturbed batch on steps 0, k, 2k, ... of the PAG window only; the
+            steps in between reuse the last `v_c - v_p`.
         guidance_rescale (`float`, defaults to 0.0): As in diffusers' guiders.
         use_original_formulation (`bool`, defaults to `False`): As in diffusers' guiders.
         start, stop (`float`, defaults to 0.0 and 1.0): Fractions of the steps with CFG.
@@ -69,6 +72,7 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         pag_target: str = "identity",
         pag_start: float = 0.0,
         pag_stop: float = 1.0,
+        pag_reuse: int = 1,
         guidance_rescale: float = 0.0,
         use_original_formulation: bool = False,
         start: float = 0.0,
@@ -87,6 +91,10 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         self.skip_layer_guidance_scale = pag_scale
         self.skip_layer_guidance_start = pag_start
         self.skip_layer_guidance_stop = pag_stop
+        if isinstance(pag_reuse, bool) or not isinstance(pag_reuse, int) or not 1 <= pag_reuse <= MAX_REUSE:
+            raise ValueError(f"pag_reuse must be an integer in [1, {MAX_REUSE}], got {pag_reuse!r}.")
+        self.pag_reuse = pag_reuse
+        self._delta: torch.Tensor | None = None
         self.guidance_rescale = guidance_rescale
         self.use_original_formulation = use_original_formulation
         self._plans: dict[int, tuple[weakref.ref, CallPlan]] = {}
@@ -96,7 +104,7 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
     # ------------------------------------------------------------------ batches
     @property
     def num_conditions(self) -> int:
-        return 1 + int(self._is_cfg_enabled()) + int(self._is_slg_enabled())
+        return 1 + int(self._is_cfg_enabled()) + int(self._is_slg_enabled() and self._pag_fresh())
 
     @property
     def is_conditional(self) -> bool:
@@ -106,13 +114,22 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         super().set_state(step, num_inference_steps, timestep)
         self._perturbed_input = None
         self._mark = None
+        if step == 0:
+            self._delta = None
+
+    def _pag_fresh(self) -> bool:
+        """Whether this step runs the perturbed batch (`pag_reuse`: steps 0, k, 2k, ... of the PAG window)."""
+        if self._num_inference_steps is None:
+            return True
+        first = int(self.skip_layer_guidance_start * self._num_inference_steps)
+        return (self._step - first) % self.pag_reuse == 0
 
     def _batches(self, make) -> list:
         """`[cond, uncond (with CFG), perturbed (with PAG)]`, each enabled on its own steps."""
         batches = [make(0, "pred_cond")]
         if self._is_cfg_enabled():
             batches.append(make(1, "pred_uncond"))
-        if self._is_slg_enabled():
+        if self._is_slg_enabled() and self._pag_fresh():
             batch = make(0, "pred_cond_skip")
             hidden = getattr(batch, "hidden_states", None)
             if isinstance(hidden, torch.Tensor):
@@ -164,18 +181,24 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
     ) -> GuiderOutput:
         """`v_u + g (v_c - v_u) + s (v_c - v_p)` (the CFG or PAG term only when it is enabled at this step)."""
         cfg, pag = self._is_cfg_enabled(), self._is_slg_enabled()
-        if pag and (self._mark is None or not self._mark.used):
+        fresh = pag and self._pag_fresh()
+        if fresh and (self._mark is None or not self._mark.used):
             raise RuntimeError(
                 f"Step {self._step}: the guider's perturbed batch did not reach headpag's transformer hook, so "
                 "`pred_cond_skip` is not a perturbed prediction. The modular blocks must pass the batch's "
                 "`hidden_states` to the transformer as given (diffusers' modular SD3 blocks do; diffusers' modular "
                 "FLUX.1 blocks have no guider at all and are not supported)."
             )
+        delta = pred_cond - pred_cond_skip if fresh else self._delta
+        if fresh:
+            self._delta = delta
+        elif pag and delta is None:
+            raise RuntimeError(f"Step {self._step}: pag_reuse={self.pag_reuse} has no computed PAG term to reuse.")
         pred = pred_cond if (self.use_original_formulation or not cfg) else pred_uncond
         if cfg:
             pred = pred + self.guidance_scale * (pred_cond - pred_uncond)
         if pag:
-            pred = pred + self.skip_layer_guidance_scale * (pred_cond - pred_cond_skip)
+            pred = pred + self.skip_layer_guidance_scale * delta
         if self.guidance_rescale > 0.0:
             pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)

@@ -43,6 +43,7 @@ PAG_PARAMETERS = [
         ("pag_adaptive_scale", 0.0, "float"),
         ("pag_sequential", None, "bool | None"),
         ("pag_share_prefix", True, "bool"),
+        ("pag_reuse", 1, "int"),
     )
 ]
 PAG_NAMES = [p.name for p in PAG_PARAMETERS]
@@ -70,6 +71,9 @@ PAG_DOCS = """
                 pipeline setting (`set_pag_sequential`, `False`).
             pag_share_prefix (`bool`, defaults to `True`):
                 Compute the blocks before the first perturbed layer once for the conditional and perturbed rows.
+            pag_reuse (`int`, defaults to 1):
+                Run the perturbed branch on steps 0, k, 2k, ... of the interval only; the steps in between reuse the
+                last computed `v_c - v_p` times their own scale. 1 is PAG on every step.
 """
 
 
@@ -103,7 +107,8 @@ class HeadPAGMixin:
     Adds head-level perturbed-attention guidance to a diffusers SD3 or FLUX pipeline (mix it in first).
 
     Extra call arguments (keyword only): `pag_heads`, `pag_scale`, `pag_identity_weight`, `pag_identity_scope`,
-    `pag_target`, `pag_interval`, `pag_adaptive_scale`, `pag_sequential`, `pag_share_prefix`; see [`head_pag`].
+    `pag_target`, `pag_interval`, `pag_adaptive_scale`, `pag_sequential`, `pag_share_prefix`, `pag_reuse`; see
+    [`head_pag`].
     """
 
     def __init_subclass__(cls, **kwargs):

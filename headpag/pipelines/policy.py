@@ -34,6 +34,8 @@ class PAGOptions:
         adaptive_scale (`float`): diffusers' adaptive schedule, `s_t = max(0, s - a (1000 - t))`.
         sequential (`bool`): Run the perturbed rows as a separate transformer call (lower peak memory).
         share_prefix (`bool`): Compute the blocks before the first perturbed layer once.
+        reuse (`int`): Run the perturbed branch on steps 0, k, 2k, ... of the interval only; in between, the last
+            computed `v_c - v_p` is reused, multiplied by the step's own scale. 1 = every step.
     """
 
     scale: float = 3.0
@@ -42,6 +44,7 @@ class PAGOptions:
     adaptive_scale: float = 0.0
     sequential: bool = False
     share_prefix: bool = True
+    reuse: int = 1
 
     def __post_init__(self):
         for name, value in (("pag_scale", self.scale), ("pag_adaptive_scale", self.adaptive_scale)):
@@ -54,6 +57,9 @@ class PAGOptions:
         if not 0.0 <= start <= stop <= 1.0:
             raise ValueError(f"pag_interval must satisfy 0 <= start <= stop <= 1, got {self.interval!r}.")
         object.__setattr__(self, "interval", (start, stop))
+        reuse = self.reuse
+        if isinstance(reuse, bool) or not isinstance(reuse, int) or not 1 <= reuse <= MAX_REUSE:
+            raise ValueError(f"pag_reuse must be an integer in [1, {MAX_REUSE}], got {reuse!r}.")
 
     def active(self, step: int, num_steps: int) -> bool:
         """Whether `step` (0-based) lies in the interval, counted like diffusers' guiders."""
@@ -76,11 +82,20 @@ class PAGOptions:
             for i in range(num_steps)
         ]
 
+    def fresh_steps(self, num_steps: int) -> list[bool]:
+        """Which steps run the perturbed branch: 0, k, 2k, ... counted from the interval's first step."""
+        first = int(self.interval[0] * num_steps)
+        return [i >= first and (i - first) % self.reuse == 0 for i in range(num_steps)]
 
-def loop_scales(pipe, options: PAGOptions, total: int | None) -> list[float]:
+
+MAX_REUSE = 1000
+
+
+def loop_plan(pipe, options: PAGOptions, total: int | None) -> tuple[list[float], list[bool]]:
     """
-    The PAG scale of every step of the denoising loop that `pipe` is starting: its step count (`pipe._num_timesteps`,
-    else the progress bar's total) and, for the adaptive schedule, its scheduler's timesteps (read once per call).
+    The PAG scale of every step of the denoising loop that `pipe` is starting, and which steps run the perturbed
+    branch: its step count (`pipe._num_timesteps`, else the progress bar's total) and, for the adaptive schedule, its
+    scheduler's timesteps (read once per call).
     """
     scheduler = pipe.scheduler
     num_steps = getattr(pipe, "_num_timesteps", None) or total or len(scheduler.timesteps)
@@ -88,14 +103,14 @@ def loop_scales(pipe, options: PAGOptions, total: int | None) -> list[float]:
     if options.adaptive_scale > 0:
         begin = getattr(scheduler, "begin_index", None) or 0
         timesteps = [float(t) for t in scheduler.timesteps[begin : begin + num_steps].tolist()]
-    return options.step_scales(num_steps, timesteps)
+    return options.step_scales(num_steps, timesteps), options.fresh_steps(num_steps)
 
 
 def _conditional(kwargs: dict[str, Any], state: CallState, rows: list[int]) -> PerturbedCall | None:
     if not state.begin_conditional(kwargs.get("timestep")):
         return None
     scale = state.scale()
-    return PerturbedCall(rows, scale) if scale > 0 and rows else None
+    return PerturbedCall(rows, scale) if scale > 0 and rows and state.fresh() else None
 
 
 def sd3_policy(pipe) -> Decide:

@@ -181,7 +181,7 @@ class TransformerHooks:
                 clean, perturbed = sample[:rows], sample[rows:]
                 output = replace_sample(output, clean)
             state.perturbed = perturbed
-            state.set_term(call.decision.scale * (clean.index_select(0, call.index) - perturbed.to(clean.dtype)))
+            state.set_term(call.decision.scale, clean.index_select(0, call.index) - perturbed.to(clean.dtype))
             return output
         finally:
             state.end_transformer_call()

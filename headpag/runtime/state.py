@@ -80,12 +80,15 @@ class CallState:
     Args:
         scales (`list[float]`, *optional*): The PAG scale of every step of the denoising loop (0 where the step is
             outside `pag_interval` or the adaptive scale reached 0). `None`: no steps are counted (direct calls).
+        fresh (`list[bool]`, *optional*): Which steps compute the perturbed branch (`pag_reuse`); on the others the
+            term is the step's scale times the last computed `v_c - v_p` of this call. `None`: every step.
         scheduler (*optional*): The scheduler whose `step` adds the PAG term.
         explain (`Callable[[], str]`, *optional*): Adds what the caller knows (the pipeline's transformer and
             scheduler now) to the message of a missing PAG term.
     """
 
     scales: list[float] | None = None
+    fresh_steps: list[bool] | None = None
     scheduler: Any = None
     explain: Callable[[], str] | None = None
     # The denoising step (counted by the scheduler's `step`) and what happened in it.
@@ -94,6 +97,7 @@ class CallState:
     step_timestep: torch.Tensor | None = None
     calls_in_step: int = 0
     pending: PAGTerm | None = None
+    delta: torch.Tensor | None = None  # the last computed, unscaled `v_c - v_p`
     # The transformer call under way: the perturbed rows and per-head weights of each perturbed layer, on the call's
     # device (computed before the forward, outside any compiled graph), and the call's batch size.
     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -110,6 +114,11 @@ class CallState:
     def expects_term(self, step: int) -> bool:
         """Whether step `step` lies in the PAG interval with a positive scale."""
         return self.scales is not None and step < len(self.scales) and self.scales[step] > 0
+
+    def fresh(self) -> bool:
+        """Whether the current step computes the perturbed branch (else it reuses the last `v_c - v_p`)."""
+        steps = self.fresh_steps
+        return steps is None or self.step >= len(steps) or steps[self.step]
 
     def scale(self) -> float:
         """The PAG scale of the current step (1 when no steps are counted)."""
@@ -150,29 +159,24 @@ class CallState:
         self.attention_reached = 0
         self.call = None
 
-    def set_term(self, value: torch.Tensor) -> None:
-        self.pending = PAGTerm(self.step, value)
+    def set_term(self, scale: float, delta: torch.Tensor) -> None:
+        """The PAG term `scale * delta` of the current step, `delta = v_c - v_p` kept for the steps that reuse it."""
+        self.delta = delta
+        self.pending = PAGTerm(self.step, scale * delta)
 
     def add_pending(self, model_output: torch.Tensor) -> torch.Tensor:
         """`model_output + s (v_c - v_p)` with the pending PAG term (then cleared); unchanged when there is none."""
         term, self.pending = self.pending, None
         if term is None:
             return model_output
-        value = term.value
-        if value.shape != model_output.shape:
-            # FLUX Kontext: the transformer also predicts the reference-image tokens, which the pipeline drops.
-            if value.ndim == 3 and value.shape[0] == model_output.shape[0] and value.shape[1] > model_output.shape[1]:
-                value = value[:, : model_output.shape[1]]
-            else:
-                raise RuntimeError(
-                    f"The PAG term has shape {tuple(value.shape)} but the scheduler got a prediction of shape "
-                    f"{tuple(model_output.shape)}; this pipeline's layout is not supported by head_pag."
-                )
-        return model_output + value.to(model_output.dtype)
+        return _add(model_output, term.value)
 
     def complete_step(self, model_output: torch.Tensor) -> torch.Tensor:
         r"""
         The scheduler step of the current step: add its PAG term, or raise when a step in the interval has none.
+
+        The term is the one computed at this step from the conditional rows, or, on a step that `pag_reuse` skips,
+        the step's scale times the last `v_c - v_p` computed in this call.
 
         Raises:
             `RuntimeError`: at the first step inside the PAG interval whose conditional prediction was not perturbed,
@@ -181,6 +185,8 @@ class CallState:
         step = self.step
         if self.pending is not None and self.pending.step == step:
             model_output = self.add_pending(model_output)
+        elif self.expects_term(step) and not self.fresh() and self.delta is not None:
+            model_output = _add(model_output, self.scales[step] * self.delta)
         elif self.expects_term(step):
             raise RuntimeError(self.missing_term_message(step))
         self.pending = None
@@ -218,3 +224,16 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and bool(torch.equal(a, b.to(a.device)))
     return a == b
+
+
+def _add(model_output: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`model_output + value`, where `value` may carry extra tokens the pipeline drops (FLUX Kontext's reference)."""
+    if value.shape != model_output.shape:
+        if value.ndim == 3 and value.shape[0] == model_output.shape[0] and value.shape[1] > model_output.shape[1]:
+            value = value[:, : model_output.shape[1]]
+        else:
+            raise RuntimeError(
+                f"The PAG term has shape {tuple(value.shape)} but the scheduler got a prediction of shape "
+                f"{tuple(model_output.shape)}; this pipeline's layout is not supported by head_pag."
+            )
+    return model_output + value.to(model_output.dtype)
