@@ -167,6 +167,12 @@ def add_pag_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pag-interval", type=finite_float, nargs=2, metavar=("START", "STOP"), default=(0.0, 1.0))
     parser.add_argument("--pag-adaptive-scale", type=finite_float, default=0.0)
     parser.add_argument(
+        "--pag-reuse",
+        type=positive(int),
+        default=1,
+        help="Run the perturbed branch every k steps of the interval, reusing v_c - v_p in between (default 1).",
+    )
+    parser.add_argument(
         "--guidance-scale",
         type=finite_float,
         default=None,
@@ -238,6 +244,7 @@ def settings_from_args(args: argparse.Namespace, **values: Any) -> GenerationSet
         pag_target=args.pag_target,
         pag_interval=tuple(args.pag_interval),
         pag_adaptive_scale=args.pag_adaptive_scale,
+        pag_reuse=args.pag_reuse,
         guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale,
         num_inference_steps=args.steps,
@@ -352,7 +359,7 @@ def parse_eval_config(text: str) -> EvalConfig:
             f"Invalid options for configuration {name!r} ({options!r}): {e}. Allowed: the generation flags of "
             "`headpag generate` (--pag-heads, --pag-heads-file, --pag-heads-preset, --pag-scale, "
             "--pag-identity-weight, --pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, "
-            "--guidance-scale, --true-cfg-scale, --steps, --height, --width, --max-sequence-length, "
+            "--pag-reuse, --guidance-scale, --true-cfg-scale, --steps, --height, --width, --max-sequence-length, "
             "--negative-prompt)."
         ) from None
     pag_on = bool(args.pag_heads or args.pag_heads_file or args.pag_heads_preset) or args.pag_scale is not None
@@ -367,6 +374,7 @@ SWEEPABLE = {
     "pag_scale": float,
     "pag_identity_weight": float,
     "pag_adaptive_scale": float,
+    "pag_reuse": int,
     "guidance_scale": float,
     "true_cfg_scale": float,
     "num_inference_steps": int,

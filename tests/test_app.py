@@ -108,6 +108,23 @@ def test_generate_matches_the_pipeline(client, server):
     assert Image.open(pag).convert("RGB").tobytes() == direct.tobytes()
 
 
+def test_generate_with_pag_reuse_matches_the_pipeline(client):
+    from headpag import load_pipeline
+
+    pag, _, settings, *_ = client.predict(
+        prompt="a cat", pag_heads="1", pag_reuse=2, seed=3, num_inference_steps=4, api_name="/generate"
+    )
+    assert json.loads(settings)["pag_reuse"] == 2
+    pipe = load_pipeline("tiny-sd3")
+    direct = pipe(
+        "a cat", pag_heads="1", pag_reuse=2, num_inference_steps=4, height=64, width=64, guidance_scale=7.0,
+        generator=[torch.Generator().manual_seed(3)],
+    ).images[0]  # fmt: skip
+    assert Image.open(pag).convert("RGB").tobytes() == direct.tobytes()
+    with pytest.raises(Exception, match="pag_reuse must be >= 1"):
+        client.predict(prompt="a cat", pag_reuse=0, num_inference_steps=1, api_name="/generate")
+
+
 def test_two_concurrent_generations(client):
     jobs = [client.submit(prompt=f"a cat {i}", seed=i, num_inference_steps=2, api_name="/generate") for i in range(2)]
     results = [job.result(timeout=120) for job in jobs]

@@ -252,3 +252,22 @@ def test_presets_command_and_flag(capsys, tmp_path):
     assert run_main([*GEN, "--pag-heads-preset", "no-such-preset", *out]) == 2
     assert "sd3-blue" in capsys.readouterr().err  # the known names are listed
     assert not (tmp_path / "p.png").exists()
+
+
+def test_generate_with_pag_reuse_equals_the_pipeline(tmp_path, capsys):
+    import torch
+
+    from headpag import load_pipeline
+
+    out = tmp_path / "reuse.png"
+    argv = ["generate", "--model", "tiny-sd3", "--prompt", "a cat", "--pag-heads", "1", "--pag-reuse", "2"]
+    assert main([*argv, "--seed", "3", "--output", str(out), "--steps", "4", "--height", "32", "--width", "32"]) == 0
+    assert settings_of(out)["pag_reuse"] == 2
+    pipe = load_pipeline("tiny-sd3")
+    direct = pipe(
+        "a cat", pag_heads="1", pag_reuse=2, num_inference_steps=4, height=32, width=32,
+        generator=[torch.Generator().manual_seed(3)],
+    ).images[0]  # fmt: skip
+    assert Image.open(out).convert("RGB").tobytes() == direct.tobytes()
+    assert run_main([*argv[:-1], "0", "--output", str(tmp_path / "x.png"), *FAST]) == 2
+    assert "--pag-reuse: '0' must be > 0" in capsys.readouterr().err

@@ -127,3 +127,16 @@ def test_the_class_and_the_guider_take_pag_reuse():
         generator=gen(), output="latents",
     )  # fmt: skip
     torch.testing.assert_close(got, expected, atol=5e-5, rtol=0)
+
+
+def test_search_config_hashes_reuse_only_when_set(tmp_path):
+    from headpag.search.config import SearchConfig
+
+    base = SearchConfig(prompts=["a cat"], height=32, width=32)
+    one = SearchConfig(prompts=["a cat"], height=32, width=32, pag_reuse=1)
+    two = SearchConfig(prompts=["a cat"], height=32, width=32, pag_reuse=2)
+    assert base.config_hash("m") == one.config_hash("m") != two.config_hash("m")
+    assert "pag_reuse" not in one.to_dict() and two.to_dict()["pag_reuse"] == 2
+    assert SearchConfig.from_dict(two.to_dict()) == two and SearchConfig.from_dict(one.to_dict()).pag_reuse == 1
+    with pytest.raises(ValueError, match="pag_reuse must be an integer >= 1"):
+        SearchConfig(prompts=["a cat"], pag_reuse=0)

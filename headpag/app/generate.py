@@ -47,21 +47,13 @@ def check_settings(host: ModelHost, settings: GenerationSettings, limits: Limits
         settings ([`GenerationSettings`]): What to generate.
         limits ([`~headpag.options.Limits`], *optional*): The server's limits (default: `Limits()`).
     """
-    from ..guidance import Perturbation
-    from ..pipelines import PAGOptions
-
     limits = limits or Limits()
     layout = host.layout
     limits.check_settings(settings)
     if settings.pag_heads:
         inputs.head_spec(settings.pag_heads, layout.num_layers, layout.num_heads, limits)
     settings.validate(layout.family)
-    PAGOptions(  # the pipeline's own checks of u, scope, target, scale and interval, before any work starts
-        scale=settings.pag_scale,
-        perturbation=Perturbation(settings.pag_identity_weight, settings.pag_identity_scope, settings.pag_target),
-        interval=tuple(settings.pag_interval),
-        adaptive_scale=settings.pag_adaptive_scale,
-    )
+    settings.pag_options()  # the pipeline's own checks of u, scope, target, scales, interval and reuse
     for name in ("height", "width"):
         value = getattr(settings, name)
         if value is not None and (value < 16 or value % 16):

@@ -38,6 +38,7 @@ CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "pag_scale": (int, float),
     "pag_identity_weight": (int, float),
     "pag_identity_scope": (str,),
+    "pag_reuse": (int,),
     "guidance_scale": (int, float),
     "true_cfg_scale": (int, float),
     "num_inference_steps": (int,),
@@ -302,6 +303,7 @@ def check_search(values: dict[str, Any], num_layers: int, num_heads: int, limits
     inputs.size(get("width"), "width", limits)
     inputs.number(get("pag_scale"), "pag_scale", minimum=0, limits=limits, limit="max_scale")
     inputs.number(get("pag_identity_weight"), "pag_identity_weight", minimum=0, maximum=1)
+    inputs.integer(get("pag_reuse"), "pag_reuse", minimum=1, maximum=get("num_inference_steps"))
     inputs.number(get("guidance_scale"), "guidance_scale", minimum=0, limits=limits, limit="max_scale")
     inputs.number(get("true_cfg_scale"), "true_cfg_scale", minimum=0, limits=limits, limit="max_scale")
     inputs.integer(get("batch_size"), "batch_size", minimum=1, limits=limits, limit="max_images")

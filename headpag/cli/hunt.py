@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
     p.add_argument("--pag-identity-weight", type=options.finite_float, default=None)
     p.add_argument("--pag-identity-scope", choices=["joint", "image"], default=None)
     p.add_argument(
+        "--pag-reuse", type=options.positive(int), default=None, help="Perturbed branch every k steps (default 1)."
+    )
+    p.add_argument(
         "--guidance-scale",
         type=options.finite_float,
         default=None,
@@ -144,6 +147,7 @@ def build_config(args: argparse.Namespace, family: str, limits: options.Limits |
         "pag_scale": args.pag_scale,
         "pag_identity_weight": args.pag_identity_weight,
         "pag_identity_scope": args.pag_identity_scope,
+        "pag_reuse": args.pag_reuse,
         "guidance_scale": args.guidance_scale,
         "true_cfg_scale": args.true_cfg_scale,
         "num_inference_steps": args.steps,

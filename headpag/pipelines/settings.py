@@ -33,6 +33,7 @@ class GenerationSettings:
         pag_target (`str`): `"identity"`, `"uniform"` or `"query_mean"`.
         pag_interval (`tuple[float, float]`): Fractions of the steps with PAG.
         pag_adaptive_scale (`float`): diffusers' adaptive schedule.
+        pag_reuse (`int`): The perturbed branch on steps 0, k, 2k, ... of the interval; reused in between.
         guidance_scale (`float`, *optional*): SD3 CFG scale / FLUX guidance embedding.
         true_cfg_scale (`float`, *optional*): FLUX only: true CFG scale.
         num_inference_steps, height, width (`int`, *optional*): As in diffusers.
@@ -50,6 +51,7 @@ class GenerationSettings:
     pag_target: str = "identity"
     pag_interval: tuple[float, float] = (0.0, 1.0)
     pag_adaptive_scale: float = 0.0
+    pag_reuse: int = 1
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     num_inference_steps: int | None = None
@@ -82,14 +84,19 @@ class GenerationSettings:
             raise ValueError(f"num_images must be an integer >= 1, got {self.num_images!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}.")
-        PAGOptions(
+        self.pag_options()
+        if self.pag_heads is not None:
+            HeadSet.parse(self.pag_heads)
+
+    def pag_options(self) -> PAGOptions:
+        """The validated PAG options (the pipeline's own checks of u, scope, target, scales, interval and reuse)."""
+        return PAGOptions(
             scale=self.pag_scale,
             perturbation=Perturbation(self.pag_identity_weight, self.pag_identity_scope, self.pag_target),
             interval=tuple(self.pag_interval),
             adaptive_scale=self.pag_adaptive_scale,
+            reuse=self.pag_reuse,
         )
-        if self.pag_heads is not None:
-            HeadSet.parse(self.pag_heads)
 
     def validate(self, family: str) -> None:
         """All checks, including the family-specific ones, with messages that say what is allowed."""
@@ -111,6 +118,7 @@ class GenerationSettings:
             "pag_target": self.pag_target,
             "pag_interval": tuple(self.pag_interval),
             "pag_adaptive_scale": self.pag_adaptive_scale,
+            "pag_reuse": self.pag_reuse,
             "num_images_per_prompt": self.num_images,
             "generator": [torch.Generator().manual_seed(self.seed + i) for i in range(self.num_images)],
         }

@@ -29,6 +29,8 @@ class SearchConfig:
         rounds (`int`): Greedy rounds R. top_k (`int`): heads added per round k.
         pool (`str`, *optional*): Head spec restricting the candidates (`None` = every head).
         pag_scale, pag_identity_weight, pag_identity_scope: PAG settings of every generation.
+        pag_reuse (`int`, defaults to 1): The perturbed branch on steps 0, k, 2k, ... only (see `head_pag`); counts
+            in the settings hash (and appears in `config.json`) only when not 1, so earlier runs resume.
         guidance_scale (`float`): SD3: CFG scale (<= 1 is off); FLUX: the distilled guidance embedding.
         true_cfg_scale (`float`): FLUX only: true CFG (with `negative_prompt`).
         num_inference_steps, height, width (`int`): Generation size.
@@ -73,6 +75,7 @@ class SearchConfig:
     pag_scale: float = 3.0
     pag_identity_weight: float = 1.0
     pag_identity_scope: str = "joint"
+    pag_reuse: int = 1
     guidance_scale: float = 0.0
     true_cfg_scale: float = 1.0
     num_inference_steps: int = 20
@@ -115,7 +118,8 @@ class SearchConfig:
                 f"pairing='zip' needs one seed per prompt (or a single seed): got {len(self.prompts)} prompts and "
                 f"{len(self.seeds)} seeds; use pairing='product' for every prompt with every seed."
             )
-        for name in ("rounds", "top_k", "batch_size", "num_inference_steps", "height", "width", "halving_min_pairs"):
+        names = ("rounds", "top_k", "batch_size", "num_inference_steps", "height", "width", "halving_min_pairs")
+        for name in (*names, "pag_reuse"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
@@ -194,6 +198,8 @@ class SearchConfig:
         if self.strategy != "gradient":
             for name in self._GRADIENT_FIELDS:
                 del out[name]
+        if self.pag_reuse == 1:
+            del out["pag_reuse"]
         return out
 
     @property
@@ -223,6 +229,8 @@ class SearchConfig:
         skip.update(name for name in self._PROXY_FIELDS if getattr(self, name) is None)
         if self.strategy != "gradient":
             skip.update(self._GRADIENT_FIELDS)
+        if self.pag_reuse == 1:
+            skip.add("pag_reuse")
         doc = {k: v for k, v in asdict(self).items() if k not in skip}
         doc["model"] = model
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

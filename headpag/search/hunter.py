@@ -251,6 +251,7 @@ class HeadHunter:
             pag_scale=c.pag_scale if pag else 0.0,
             pag_identity_weight=c.pag_identity_weight,
             pag_identity_scope=c.pag_identity_scope,
+            pag_reuse=c.pag_reuse,
             guidance_scale=c.guidance_scale,
             num_inference_steps=fidelity["steps"],
             height=fidelity["height"],

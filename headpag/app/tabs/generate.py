@@ -66,6 +66,9 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
                 with gr.Row():
                     interval_start = gr.Slider(0, 1, value=0.0, step=0.05, label="PAG from (fraction)")
                     interval_stop = gr.Slider(0, 1, value=1.0, step=0.05, label="PAG until (fraction)")
+                    reuse = gr.Slider(
+                        1, 8, value=1, step=1, label="PAG every k steps (reuse v_c - v_p in between)", elem_id="reuse"
+                    )
                 with gr.Accordion("Input image (img2img)", open=False):
                     input_image = gr.Image(label="Input image", type="pil")
                     strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength")
@@ -100,6 +103,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         pag_target: str = "identity",
         pag_interval_start: float = 0.0,
         pag_interval_stop: float = 1.0,
+        pag_reuse: int = 1,
         pag_heads: str = "",
         image=None,
         strength: float = 0.6,
@@ -124,6 +128,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
                 inputs.number(pag_interval_start, "pag_interval_start", minimum=0, maximum=1),
                 inputs.number(pag_interval_stop, "pag_interval_stop", minimum=0, maximum=1),
             ),
+            pag_reuse=inputs.integer(pag_reuse, "pag_reuse", minimum=1, maximum=limits.max_steps),
             guidance_scale=inputs.number(guidance_scale, "guidance_scale", minimum=0),
             true_cfg_scale=inputs.number(true_cfg_scale, "true_cfg_scale", minimum=0)
             if host.family == "flux"
@@ -180,6 +185,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         target,
         interval_start,
         interval_stop,
+        reuse,
         pag_heads,
         input_image,
         strength,
