@@ -4,6 +4,7 @@ Per-step time and peak memory of head-level PAG against diffusers, in one run, s
     python benchmarks/bench_pipelines.py                 # CPU: a 24-layer random SD3 with 64x64 latents
     python benchmarks/bench_pipelines.py --sd3-size      # GPU: SD3-medium-sized random weights (24 x 24 heads)
     python benchmarks/bench_pipelines.py --write         # also rewrite the table in benchmarks/README.md
+    python benchmarks/bench_pipelines.py --device cpu --tiny   # a tiny model, 2 steps: the script's own test
 
 Each configuration runs in a fresh subprocess (so peak memory is its own), warms up once, then times the denoising
 loop over several repeats (median). Ratios are to "CFG only" measured in the same run.
@@ -24,6 +25,7 @@ from readme_table import write_table
 
 
 LAYER = 7
+REUSE = (2, 3, 4)
 CONFIGS = {
     "cfg": "CFG only (diffusers StableDiffusion3Pipeline)",
     "diffusers-pag": f"diffusers StableDiffusion3PAGPipeline, layer {LAYER}",
@@ -32,72 +34,92 @@ CONFIGS = {
     "ours-heads": f"ours, 6 heads over layers {LAYER}-{LAYER + 2}",
     "ours-no-prefix": f"ours, layer {LAYER}, prefix sharing off",
     "ours-sequential": f"ours, layer {LAYER}, sequential perturbed pass",
-    "cfg-compiled": "CFG only, torch.compile(transformer)",
-    "ours-compiled": f"ours, layer {LAYER}, torch.compile(transformer)",
+    **{f"ours-reuse-{k}": f"ours, layer {LAYER}, pag_reuse={k}" for k in REUSE},
+    "cfg-compiled": "CFG only, torch.compile(transformer, fullgraph=True)",
+    "ours-compiled": f"ours, layer {LAYER}, torch.compile(transformer, fullgraph=True)",
+    **{f"ours-reuse-{k}-compiled": f"ours, layer {LAYER}, pag_reuse={k}, compiled (fullgraph)" for k in REUSE},
+    "flux-plain": "FLUX: no guidance (diffusers FluxPipeline)",
+    "flux-ours": "FLUX: ours, layer 8",
+    "flux-plain-compiled": "FLUX: no guidance, compile_repeated_blocks(fullgraph=True)",
+    "flux-ours-compiled": "FLUX: ours, layer 8, compile_repeated_blocks(fullgraph=True)",
 }
 
 
-def build(config: str, sd3_size: bool, device: str, dtype):
-    from diffusers import StableDiffusion3PAGPipeline, StableDiffusion3Pipeline
+def build(config: str, sd3_size: bool, tiny: bool, device: str, dtype):
+    from diffusers import FluxPipeline, StableDiffusion3PAGPipeline, StableDiffusion3Pipeline
 
-    from headpag import StableDiffusion3HeadPAGPipeline
-    from headpag.pipelines.tiny import tiny_sd3_components
+    from headpag import FluxHeadPAGPipeline, StableDiffusion3HeadPAGPipeline
+    from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
 
-    if sd3_size:  # SD3-medium's transformer shape: 24 layers x 24 heads x 64, 1024^2 -> 4096 image tokens
-        transformer = dict(num_layers=24, num_heads=24, head_dim=64, sample_size=128)
-    else:  # 24 layers like SD3-medium, narrow; 64x64 latents -> 1024 image tokens
-        transformer = dict(num_layers=24, num_heads=4, head_dim=32, sample_size=64)
-    components = tiny_sd3_components(seed=0, **transformer)
-    if config == "cfg":
-        pipe = StableDiffusion3Pipeline(**components)
-    elif config == "diffusers-pag":
-        pipe = StableDiffusion3PAGPipeline(**components, pag_applied_layers=[rf"transformer_blocks\.{LAYER}\.attn$"])
-    elif config == "cfg-compiled":
-        pipe = StableDiffusion3Pipeline(**components)
+    if config.startswith("flux"):
+        if tiny:
+            components = tiny_flux_components(seed=0)
+        else:  # 8 double + 16 single blocks, narrow; 128x128 -> 1024 packed image tokens
+            components = tiny_flux_components(seed=0, num_layers=8, num_single_layers=16, num_heads=4, head_dim=32)
+        pipe = (FluxPipeline if config.startswith("flux-plain") else FluxHeadPAGPipeline)(**components)
     else:
-        pipe = StableDiffusion3HeadPAGPipeline(**components)
+        if tiny:
+            transformer = {}
+        elif sd3_size:  # SD3-medium's transformer shape: 24 layers x 24 heads x 64, 1024^2 -> 4096 image tokens
+            transformer = dict(num_layers=24, num_heads=24, head_dim=64, sample_size=128)
+        else:  # 24 layers like SD3-medium, narrow; 64x64 latents -> 1024 image tokens
+            transformer = dict(num_layers=24, num_heads=4, head_dim=32, sample_size=64)
+        components = tiny_sd3_components(seed=0, **transformer)
+        if config.startswith("cfg"):
+            pipe = StableDiffusion3Pipeline(**components)
+        elif config == "diffusers-pag":
+            applied = rf"transformer_blocks\.{LAYER if not tiny else 1}\.attn$"
+            pipe = StableDiffusion3PAGPipeline(**components, pag_applied_layers=[applied])
+        else:
+            pipe = StableDiffusion3HeadPAGPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device=device, dtype=dtype)
     if config.endswith("-compiled"):
         import torch
 
-        pipe.transformer = torch.compile(pipe.transformer)
+        if config.startswith("flux"):
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        else:
+            pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
     return pipe
 
 
-def call_kwargs(config: str, size: int, steps: int) -> dict:
+def call_kwargs(config: str, size: int, steps: int, tiny: bool) -> dict:
     kwargs = dict(
         prompt="a lighthouse on a cliff at dusk",
         num_inference_steps=steps,
         height=size,
         width=size,
-        guidance_scale=5.0,
         output_type="latent",
         max_sequence_length=32,
     )
-    heads = f"{LAYER}.0, {LAYER}.1, {LAYER + 1}.2, {LAYER + 1}.3, {LAYER + 2}.0, {LAYER + 2}.1"
+    layer = 1 if tiny else LAYER
+    if config.startswith("flux"):
+        return {**kwargs, **({} if config.startswith("flux-plain") else {"pag_heads": str(1 if tiny else 8)})}
+    heads = f"{layer}.0, {layer}.1, {layer + 1}.2, {layer + 1}.3, {layer + 2}.0, {layer + 2}.1"
+    name = config.removesuffix("-compiled")
     extra = {
         "cfg": {},
         "diffusers-pag": {"pag_scale": 3.0},
-        "ours-layer": {"pag_heads": str(LAYER)},
-        "ours-layer-image": {"pag_heads": str(LAYER), "pag_identity_scope": "image"},
-        "ours-heads": {"pag_heads": heads},
-        "ours-no-prefix": {"pag_heads": str(LAYER), "pag_share_prefix": False},
-        "ours-sequential": {"pag_heads": str(LAYER), "pag_sequential": True},
-        "cfg-compiled": {},
-        "ours-compiled": {"pag_heads": str(LAYER)},
-    }[config]
-    return {**kwargs, **extra}
+        "ours-layer": {"pag_heads": str(layer)},
+        "ours-layer-image": {"pag_heads": str(layer), "pag_identity_scope": "image"},
+        "ours-heads": {"pag_heads": heads if not tiny else f"{layer}.0, 2.1"},
+        "ours-no-prefix": {"pag_heads": str(layer), "pag_share_prefix": False},
+        "ours-sequential": {"pag_heads": str(layer), "pag_sequential": True},
+        "ours": {"pag_heads": str(layer)},
+        **{f"ours-reuse-{k}": {"pag_heads": str(layer), "pag_reuse": k} for k in REUSE},
+    }[name]
+    return {**kwargs, "guidance_scale": 5.0, **extra}
 
 
-def worker(config: str, sd3_size: bool, device: str, steps: int, repeats: int) -> dict:
+def worker(config: str, sd3_size: bool, tiny: bool, device: str, steps: int, repeats: int) -> dict:
     import torch
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
-    pipe = build(config, sd3_size, device, dtype)
-    size = 1024 if sd3_size else 128
-    kwargs = call_kwargs(config, size, steps)
+    pipe = build(config, sd3_size, tiny, device, dtype)
+    size = 32 if tiny else 1024 if sd3_size else 128
+    kwargs = call_kwargs(config, size, steps, tiny)
     # Warm up (and compile), then measure the extra memory of one generation beyond the loaded model.
     from torch._dynamo.utils import counters
 
@@ -135,19 +157,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default=None)
     parser.add_argument("--sd3-size", action="store_true", help="SD3-medium-sized random transformer (GPU).")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--tiny", action="store_true", help="The tiny test models, 2 steps, once (a smoke test).")
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=None, help="Comma-separated configurations (default: all).")
     parser.add_argument("--write", action="store_true", help="Write the table into benchmarks/README.md.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny:
+        args.steps, args.repeats = 2, 1
     if args.worker:
-        print(json.dumps(worker(args.worker, args.sd3_size, device, args.steps, args.repeats)))
+        print(json.dumps(worker(args.worker, args.sd3_size, args.tiny, device, args.steps, args.repeats)))
         return
     results = {}
-    for config in CONFIGS:
+    configs = args.only.split(",") if args.only else list(CONFIGS)
+    for config in configs:
         cmd = [
             sys.executable,
             __file__,
@@ -159,35 +186,51 @@ def main() -> None:
             str(args.steps),
             "--repeats",
             str(args.repeats),
-        ] + (["--sd3-size"] if args.sd3_size else [])
+        ] + (["--sd3-size"] if args.sd3_size else []) + (["--tiny"] if args.tiny else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[config] = json.loads(out)
         print(
             f"{config:18s} {results[config]['step_s'] * 1000:9.1f} ms/step  peak {results[config]['peak_mb']:.0f} MB",
             file=sys.stderr,
         )
-    base = results["cfg"]
+    table = render(results, device, args)
+    print(table)
+    if args.write and not args.tiny:
+        write_table(f"bench_pipelines {'gpu' if device.startswith('cuda') else 'cpu'}", table)
+
+
+def render(results: dict, device: str, args: argparse.Namespace) -> str:
+    """The table: SD3 rows against CFG only and diffusers' PAG (eager), compiled rows also against compiled CFG;
+    FLUX rows against FLUX without guidance in the same mode."""
     memory = "extra GPU memory of a generation" if device.startswith("cuda") else "process peak RSS"
+    model = "tiny" if args.tiny else "SD3-medium-sized" if args.sd3_size else "24-layer narrow"
+    tokens = "1024x1024 (4096 image tokens)" if args.sd3_size else "128x128 (1024 image tokens)"
     lines = [
-        f"Machine: {machine(device)}. Model: {'SD3-medium-sized' if args.sd3_size else '24-layer narrow'} random "
-        f"SD3 transformer, {'1024x1024 (4096 image tokens)' if args.sd3_size else '128x128 (1024 image tokens)'}, "
-        f"CFG 5.0, {args.steps} steps, median of {args.repeats}. Memory: {memory}.",
+        f"Machine: {machine(device)}. Model: {model} random SD3 transformer, {tokens}, CFG 5.0, {args.steps} "
+        f"steps, median of {args.repeats}. FLUX: 8 double + 16 single narrow blocks, same tokens. Memory: {memory}.",
         "",
-        "| configuration | s/step | time vs CFG only | time vs diffusers PAG | memory (MB) | memory vs CFG only "
-        "| graphs compiled after warm-up |",
+        "| configuration | s/step | time vs CFG only | time vs diffusers PAG | time vs same-mode baseline "
+        "| memory (MB) | graphs compiled after warm-up |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(config: str, other: str) -> str:
+        if config not in results or other not in results:
+            return "-"
+        return f"{results[config]['step_s'] / results[other]['step_s']:.2f}x"
+
     for config, label in CONFIGS.items():
+        if config not in results:
+            continue
         r = results[config]
+        flux = config.startswith("flux")
+        same_mode = ("flux-plain" if flux else "cfg") + ("-compiled" if config.endswith("-compiled") else "")
         lines.append(
-            f"| {label} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | "
-            f"{r['step_s'] / results['diffusers-pag']['step_s']:.2f}x | {r['peak_mb']:.0f} | "
-            f"{r['peak_mb'] / base['peak_mb']:.2f}x | {r['new_graphs'] if config.endswith('-compiled') else '-'} |"
+            f"| {label} | {r['step_s']:.3f} | {'-' if flux else ratio(config, 'cfg')} | "
+            f"{'-' if flux else ratio(config, 'diffusers-pag')} | {ratio(config, same_mode)} | {r['peak_mb']:.0f} | "
+            f"{r['new_graphs'] if config.endswith('-compiled') else '-'} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        write_table(f"bench_pipelines {'gpu' if device.startswith('cuda') else 'cpu'}", table)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
