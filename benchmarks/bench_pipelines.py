@@ -6,8 +6,9 @@ Per-step time and peak memory of head-level PAG against diffusers, in one run, s
     python benchmarks/bench_pipelines.py --write         # also rewrite the table in benchmarks/README.md
     python benchmarks/bench_pipelines.py --device cpu --tiny   # a tiny model, 2 steps: the script's own test
 
-Each configuration runs in a fresh subprocess (so peak memory is its own), warms up once, then times the denoising
-loop over several repeats (median). Ratios are to "CFG only" measured in the same run.
+Each configuration runs in a subprocess of its own (so peak memory is its own) and warms up once; the configurations
+of a group are then timed interleaved, one generation each per round, for several rounds (median), so that drift of
+the machine's speed during the run shifts them alike. Ratios are to "CFG only" measured in the same run.
 """
 
 from __future__ import annotations
@@ -112,7 +113,13 @@ def call_kwargs(config: str, size: int, steps: int, tiny: bool) -> dict:
     return {**kwargs, "guidance_scale": 5.0, **extra}
 
 
-def worker(config: str, sd3_size: bool, tiny: bool, device: str, steps: int, repeats: int) -> dict:
+def serve(config: str, sd3_size: bool, tiny: bool, device: str, steps: int) -> None:
+    """
+    A worker process: build and warm up `config`, print `ready`, then time one generation per `run` line read from
+    stdin (printing its seconds per step), and on `done` print the peak memory and the graphs compiled after the
+    warm-up. Keeping every worker of a group alive lets the controller interleave their repeats (A B C A B C ...),
+    so that a machine that slows down or speeds up during the run shifts every configuration alike.
+    """
     import torch
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -120,28 +127,72 @@ def worker(config: str, sd3_size: bool, tiny: bool, device: str, steps: int, rep
     pipe = build(config, sd3_size, tiny, device, dtype)
     size = 32 if tiny else 1024 if sd3_size else 128
     kwargs = call_kwargs(config, size, steps, tiny)
-    # Warm up (and compile), then measure the extra memory of one generation beyond the loaded model.
     from torch._dynamo.utils import counters
 
-    pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    pipe(**kwargs, generator=torch.Generator().manual_seed(0))  # warm up (and compile)
     graphs = counters["stats"]["unique_graphs"]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeats):
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
         start = time.perf_counter()
         pipe(**kwargs, generator=torch.Generator().manual_seed(0))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / steps)
+        print(json.dumps({"step_s": (time.perf_counter() - start) / steps}), flush=True)
     if device.startswith("cuda"):
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, MB
     new_graphs = counters["stats"]["unique_graphs"] - graphs  # recompiles during the timed calls: must stay 0
-    return {"config": config, "step_s": statistics.median(times), "peak_mb": peak_mb, "new_graphs": new_graphs}
+    print(json.dumps({"peak_mb": peak_mb, "new_graphs": new_graphs}), flush=True)
+
+
+# Configurations timed together (interleaved), each group with the baselines its ratios need.
+GROUPS = (
+    ("cfg", "diffusers-pag", "ours-layer", "ours-layer-image", "ours-heads", "ours-no-prefix", "ours-sequential")
+    + tuple(f"ours-reuse-{k}" for k in REUSE),
+    ("cfg", "cfg-compiled", "ours-compiled", *(f"ours-reuse-{k}-compiled" for k in REUSE)),
+    ("flux-plain", "flux-ours", "flux-plain-compiled", "flux-ours-compiled"),
+)
+
+
+def run_group(configs: list[str], args: argparse.Namespace, device: str) -> dict[str, dict]:
+    """Start one worker per configuration, then time `repeats` rounds, each configuration once per round."""
+    flags = ["--device", device, "--steps", str(args.steps)]
+    flags += (["--sd3-size"] if args.sd3_size else []) + (["--tiny"] if args.tiny else [])
+    workers = {}
+    try:
+        for config in configs:
+            workers[config] = subprocess.Popen(
+                [sys.executable, __file__, "--worker", config, *flags],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            if workers[config].stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker {config} did not start")
+        times: dict[str, list[float]] = {config: [] for config in configs}
+        for _ in range(args.repeats):
+            for config, worker in workers.items():
+                worker.stdin.write("run\n")
+                worker.stdin.flush()
+                times[config].append(json.loads(worker.stdout.readline())["step_s"])
+        results = {}
+        for config, worker in workers.items():
+            worker.stdin.write("done\n")
+            worker.stdin.flush()
+            final = json.loads(worker.stdout.readline())
+            worker.wait()
+            results[config] = {"step_s": statistics.median(times[config]), **final}
+            print(f"{config:24s} {results[config]['step_s'] * 1000:9.1f} ms/step", file=sys.stderr)
+        return results
+    finally:
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.kill()
 
 
 def machine(device: str) -> str:
@@ -170,29 +221,17 @@ def main() -> None:
     if args.tiny:
         args.steps, args.repeats = 2, 1
     if args.worker:
-        print(json.dumps(worker(args.worker, args.sd3_size, args.tiny, device, args.steps, args.repeats)))
+        serve(args.worker, args.sd3_size, args.tiny, device, args.steps)
         return
-    results = {}
-    configs = args.only.split(",") if args.only else list(CONFIGS)
-    for config in configs:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            config,
-            "--device",
-            device,
-            "--steps",
-            str(args.steps),
-            "--repeats",
-            str(args.repeats),
-        ] + (["--sd3-size"] if args.sd3_size else []) + (["--tiny"] if args.tiny else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results[config] = json.loads(out)
-        print(
-            f"{config:18s} {results[config]['step_s'] * 1000:9.1f} ms/step  peak {results[config]['peak_mb']:.0f} MB",
-            file=sys.stderr,
-        )
+    wanted = set(args.only.split(",")) if args.only else set(CONFIGS)
+    results: dict[str, dict] = {}
+    for group in GROUPS:
+        configs = [c for c in group if c in wanted or (c == "cfg" and c in wanted | {"cfg-compiled"})]
+        if configs:
+            timed = run_group(configs, args, device)
+            if "cfg-compiled" in group and "cfg" in timed:  # the compiled group's own CFG-only reference
+                timed["cfg@compiled"] = timed.pop("cfg")
+            results.update({k: v for k, v in timed.items() if k not in results})
     table = render(results, device, args)
     print(table)
     if args.write and not args.tiny:
@@ -207,7 +246,8 @@ def render(results: dict, device: str, args: argparse.Namespace) -> str:
     tokens = "1024x1024 (4096 image tokens)" if args.sd3_size else "128x128 (1024 image tokens)"
     lines = [
         f"Machine: {machine(device)}. Model: {model} random SD3 transformer, {tokens}, CFG 5.0, {args.steps} "
-        f"steps, median of {args.repeats}. FLUX: 8 double + 16 single narrow blocks, same tokens. Memory: {memory}.",
+        f"steps, median of {args.repeats} interleaved rounds. FLUX: 8 double + 16 single narrow blocks, same "
+        f"tokens. Memory: {memory}. Compiled rows are timed with their own CFG-only run (same group).",
         "",
         "| configuration | s/step | time vs CFG only | time vs diffusers PAG | time vs same-mode baseline "
         "| memory (MB) | graphs compiled after warm-up |",
@@ -225,8 +265,9 @@ def render(results: dict, device: str, args: argparse.Namespace) -> str:
         r = results[config]
         flux = config.startswith("flux")
         same_mode = ("flux-plain" if flux else "cfg") + ("-compiled" if config.endswith("-compiled") else "")
+        cfg = "cfg@compiled" if config.endswith("-compiled") and "cfg@compiled" in results else "cfg"
         lines.append(
-            f"| {label} | {r['step_s']:.3f} | {'-' if flux else ratio(config, 'cfg')} | "
+            f"| {label} | {r['step_s']:.3f} | {'-' if flux else ratio(config, cfg)} | "
             f"{'-' if flux else ratio(config, 'diffusers-pag')} | {ratio(config, same_mode)} | {r['peak_mb']:.0f} | "
             f"{r['new_graphs'] if config.endswith('-compiled') else '-'} |"
         )
