@@ -264,6 +264,54 @@ def test_upload_size_is_capped(secure):
     assert response.status_code == 413
 
 
+def chunked_post(url: str, path: str, megabytes: int, cookie: str = "") -> int | None:
+    """POST `megabytes` of body with `Transfer-Encoding: chunked` (no Content-Length) over a raw socket; the status
+    the server answered with, or `None` when it closed the connection without an answer."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    head = f"POST /{path} HTTP/1.1\r\nHost: {parts.hostname}\r\nTransfer-Encoding: chunked\r\n"
+    head += "Content-Type: application/json\r\n" + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n"
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b"0" * (1 << 20))
+    try:
+        sock.sendall(head.encode())
+        for _ in range(megabytes):
+            sock.sendall(chunk)
+        sock.sendall(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server stopped reading: fine, its answer is still there to read
+    try:
+        answer = sock.recv(4096).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return int(answer.split()[1]) if answer.startswith("HTTP/") else None
+
+
+def test_chunked_bodies_are_counted_as_they_stream(secure):
+    """Bodies without Content-Length, anonymous and logged in, on several routes: refused past the limit (2 MB here)
+    without being buffered; the server's memory stays bounded."""
+    import resource
+
+    url = secure[1]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for path in ("gradio_api/cancel", "gradio_api/queue/join", "gradio_api/upload", "login"):
+        for _ in range(2):
+            status = chunked_post(url, path, 64)  # other 4xx: answered before the body was read
+            assert status is None or 400 <= status < 500, status
+    assert chunked_post(url, "gradio_api/cancel", 16) == 413  # a route that reads its body: cut at the limit
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100, grown_mb  # 8 x 64 MB were sent
+    logged_in = http(secure)
+    cookie = "; ".join(f"{k}={v}" for k, v in logged_in.cookies.items())
+    assert chunked_post(url, "gradio_api/queue/join", 16, cookie) == 413
+    small = logged_in.post("gradio_api/upload", files={"files": ("s.png", b"0" * 1000, "image/png")})
+    assert small.status_code == 200  # within the limit, streamed uploads still work
+
+
 def test_ui_only_handlers_are_not_callable_through_the_api(alice, secure):
     demo = secure[0]
     private = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility == "private")

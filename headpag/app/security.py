@@ -133,36 +133,69 @@ def client_id(request) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- ASGI guard
+class BodyTooLarge(Exception):
+    """A request body went past the limit while it streamed in."""
+
+
 class RequestGuard:
     r"""
-    ASGI middleware in front of the Gradio app.
+    ASGI middleware in front of the Gradio app (every route passes it, logged in or not).
 
     Args:
         app: The wrapped ASGI app.
         public (`Callable[[], Sequence[str]]`): The API names clients may call by name; a named call
             (`/gradio_api/call/NAME`, `/run/NAME`, ...) of any other handler is answered 404.
-        max_body (`int`): Largest request body in bytes (declared `Content-Length`); larger ones get 413.
+        max_body (`int`): Largest request body in bytes. A larger declared `Content-Length` gets 413 before anything
+            is read; every body (chunked or not) is also counted as it streams in, and the request is answered 413
+            as soon as the count passes the limit, without reading (or buffering) the rest.
     """
 
     def __init__(self, app, public: Callable[[], Sequence[str]], max_body: int):
         self.app, self.public, self.max_body = app, public, max_body
 
     async def __call__(self, scope, receive, send):
-        if scope.get("type") == "http":
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                status, message = refusal
-                body = json.dumps({"detail": message}).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await self._answer(send, *refusal)
+            return
+        received = 0
+        started = answered = False
+
+        async def counted_receive():
+            nonlocal received, started, answered
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    # Answer now: the app may turn the error below into a response of its own (FastAPI: a 400).
+                    if not started:
+                        await self._answer(send, 413, f"Request body is over the limit of {self.max_body} bytes.")
+                        started = answered = True
+                    raise BodyTooLarge()
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if answered:
+                return  # the 413 went out already; whatever the app answers after the refusal is dropped
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            pass
+
+    @staticmethod
+    async def _answer(send, status: int, message: str) -> None:
+        body = json.dumps({"detail": message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def _refusal(self, scope) -> tuple[int, str] | None:
         for key, value in scope.get("headers", ()):
