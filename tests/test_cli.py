@@ -271,3 +271,19 @@ def test_generate_with_pag_reuse_equals_the_pipeline(tmp_path, capsys):
     assert Image.open(out).convert("RGB").tobytes() == direct.tobytes()
     assert run_main([*argv[:-1], "0", "--output", str(tmp_path / "x.png"), *FAST]) == 2
     assert "--pag-reuse: '0' must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hunt", "--prompts", "a cat", "--pag-scale", "1e38"],
+        ["hunt", "--prompts", "a cat", "--steps", "100000"],
+        ["eval", "--prompts", "a cat", "--config", "c=--pag-scale 1e38"],
+        ["eval", "--prompts", "a cat", "--config", "c=--pag-scale 1", "--sweep", "pag_scale=1,1e38"],
+    ],
+)
+def test_hunt_and_eval_check_the_same_limits_as_generate(tmp_path, capsys, argv):
+    out = ["--output-dir", str(tmp_path / "out")]
+    assert run_main([argv[0], "--model", "tiny-sd3", "--no-progress", *argv[1:], *out]) == 2
+    assert re.search(r"is over the limit max_(scale|steps)=", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()  # refused before any work

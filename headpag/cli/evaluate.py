@@ -189,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
         if swept:
             configs = configs + swept
             settings["sweeps"] = {"parameters": [name for name, _ in sweeps], "values": sweep_values}
+        for config in configs:  # the limits `generate` and the UI check, before any work
+            config.settings.check()
+            limits.check_settings(config.settings)
         seeds = options.parse_seeds(args.seeds, limits.max_seeds)
         comparison = Comparison(prompts, seeds, configs, args.output_dir)
         device, dtype = options.resolve_device_dtype(args.device, args.dtype)

@@ -168,7 +168,28 @@ def build_config(args: argparse.Namespace, family: str, limits: options.Limits |
         raise ValueError("headpag hunt needs --prompts FILE_OR_TEXT or a --preset.")
     if args.seeds and args.prompts and len(values["seeds"]) not in (1, len(values["prompts"])) and not args.pairing:
         values["pairing"] = "product"
-    return SearchConfig(**values)
+    config = SearchConfig(**values)
+    check_limits(config, limits)
+    return config
+
+
+def check_limits(config, limits: options.Limits) -> None:
+    """The generation limits `generate` and the UI check, on every image the search renders, before any work."""
+    from ..pipelines.settings import GenerationSettings
+
+    limits.check_settings(
+        GenerationSettings(
+            prompt=max(config.prompts, key=len),
+            negative_prompt=config.negative_prompt,
+            pag_scale=config.pag_scale,
+            guidance_scale=config.guidance_scale,
+            true_cfg_scale=config.true_cfg_scale,
+            num_inference_steps=config.num_inference_steps,
+            height=config.height,
+            width=config.width,
+            num_images=min(config.batch_size, limits.max_images),
+        )
+    )
 
 
 class Progress:
