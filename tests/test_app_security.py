@@ -25,7 +25,7 @@ from headpag.app.security import check_exposure, collect_auth, is_loopback, read
 from headpag.options import Limits  # noqa: E402
 
 
-USERS = {"alice": "pw-alice", "bob": "pw-bob", "carol": "pw-carol"}
+USERS = {"alice": "pw-lantern-harbor", "bob": "pw-quartz-meadow", "carol": "pw-violet-canyon"}
 SECRET = "SECRET-7f3a"  # planted in files the server must never quote
 LIMITS = dict(max_queue_per_client=1, max_queue=2, max_upload_mb=1.0)
 SEARCH = dict(
@@ -153,6 +153,21 @@ def test_exposure_without_auth_is_refused_at_start_up(tmp_path, host, share):
     warning = check_exposure(host, share, authenticated=False, insecure=True)
     assert "--insecure" in warning  # allowed with --insecure, loudly
     assert check_exposure(host, share, authenticated=True, insecure=False) is None
+
+
+def test_weak_passwords_are_refused_at_start_up(tmp_path):
+    from headpag.app.security import check_passwords
+
+    for credentials, rule in (
+        ([("a", "b")], "shorter than 12 characters"),
+        ([("alice", "alice-is-my-password")], "contains the user name"),
+        ([("bob", "xxxxxxxxxxxxxxxx")], "one character repeated"),
+    ):
+        with pytest.raises(ValueError, match=f"Refusing to start: Weak password for '.*' \\({rule}\\).*--insecure"):
+            serve("tiny-sd3", tmp_path / "ui", auth=credentials)
+        assert "starting anyway" in check_passwords(credentials, insecure=True)
+    assert check_passwords(list(USERS.items()), insecure=False) is None
+    assert not (tmp_path / "ui").exists()  # refused before anything was created
 
 
 def test_cli_refuses_exposure_without_auth(tmp_path, capsys, monkeypatch):

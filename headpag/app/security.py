@@ -74,6 +74,40 @@ def collect_auth(
     return list(users.items()) or None
 
 
+MIN_PASSWORD_CHARS = 12
+
+
+def check_passwords(credentials: list[tuple[str, str]] | None, insecure: bool) -> str | None:
+    r"""
+    Refuse weak passwords at start-up: shorter than `MIN_PASSWORD_CHARS` characters, equal to (or containing) the user
+    name, or one character repeated. Messages name the user, never the password.
+
+    Args:
+        credentials (`list[tuple[str, str]]`, *optional*): From [`collect_auth`].
+        insecure (`bool`): `--insecure`: start anyway, with a warning (returned).
+
+    Raises:
+        `ValueError`: naming each user with a weak password and the rule it breaks, unless `insecure`.
+    """
+    weak = []
+    for user, password in credentials or ():
+        if len(password) < MIN_PASSWORD_CHARS:
+            weak.append(f"{user!r} (shorter than {MIN_PASSWORD_CHARS} characters)")
+        elif user.lower() in password.lower():
+            weak.append(f"{user!r} (contains the user name)")
+        elif len(set(password)) == 1:
+            weak.append(f"{user!r} (one character repeated)")
+    if not weak:
+        return None
+    message = f"Weak password for {', '.join(weak)}"
+    if insecure:
+        return f"{message}; starting anyway (--insecure)."
+    raise ValueError(
+        f"Refusing to start: {message}. Use at least {MIN_PASSWORD_CHARS} characters that do not contain the user "
+        "name (e.g. a few random words), or pass --insecure."
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- exposure
 def is_loopback(host: str) -> bool:
     """Whether binding `host` reaches this machine only (`127.0.0.0/8`, `::1`, `localhost`)."""

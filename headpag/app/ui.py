@@ -18,7 +18,7 @@ from diffusers.utils import logging
 from ..options import Limits
 from .host import ModelHost
 from .roots import Roots
-from .security import BODY_SLACK, RequestGuard, check_exposure, collect_auth
+from .security import BODY_SLACK, RequestGuard, check_exposure, check_passwords, collect_auth
 from .tabs import evaluate as evaluate_tab
 from .tabs import generate as generate_tab
 from .tabs import heads as heads_tab
@@ -153,9 +153,9 @@ def launch(
     limits = limits or Limits()
     given = [a if isinstance(a, str) else f"{a[0]}:{a[1]}" for a in auth or ()]
     credentials = collect_auth(given, auth_file)
-    warning = check_exposure(host, share, credentials is not None, insecure)
-    if warning:
-        logger.warning(warning)
+    for warning in (check_passwords(credentials, insecure), check_exposure(host, share, bool(credentials), insecure)):
+        if warning:
+            logger.warning(warning)
     roots = Roots.create(workdir, output_dir, search_dir, models_dir, eval_dir)
     model_host = ModelHost(model, device=device, dtype=dtype, output_dir=str(roots.output))
     demo = build_app(model_host, roots, limits, model_switch=model_switch, default_run=default_run)
