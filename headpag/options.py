@@ -213,9 +213,14 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, st
 def heads_and_defaults(args: argparse.Namespace) -> tuple[str | None, float, float]:
     """(head spec, pag scale, identity weight): explicit flags first, then the head-set file's or preset's metadata."""
     spec, scale, u = args.pag_heads, args.pag_scale, args.pag_identity_weight
+    if spec is not None and not spec.strip():
+        spec = None  # an empty head field means the model's default heads, everywhere
     preset = getattr(args, "pag_heads_preset", None)
     if args.pag_heads_file or preset:
         hs = HeadSet.load(args.pag_heads_file) if args.pag_heads_file else load_preset(preset)
+        if not hs:
+            where = f"--pag-heads-file {args.pag_heads_file}" if args.pag_heads_file else f"preset {preset!r}"
+            raise ValueError(f"{where} holds no heads; give a head set with at least one head.")
         spec = str(hs)
         scale = scale if scale is not None else hs.metadata.get("recommended_scale")
         u = u if u is not None else hs.metadata.get("identity_weight")

@@ -287,3 +287,16 @@ def test_hunt_and_eval_check_the_same_limits_as_generate(tmp_path, capsys, argv)
     assert run_main([argv[0], "--model", "tiny-sd3", "--no-progress", *argv[1:], *out]) == 2
     assert re.search(r"is over the limit max_(scale|steps)=", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_empty_head_field_means_the_default_heads_and_the_metadata_says_which(tmp_path, capsys):
+    args = ["generate", "--model", "tiny-sd3", "--prompt", "a cat", "--seed", "1", *FAST]
+    assert main([*args, "--pag-heads", "", "--output", str(tmp_path / "empty.png")]) == 0
+    assert main([*args, "--output", str(tmp_path / "default.png")]) == 0
+    for name in ("empty", "default"):
+        assert settings_of(tmp_path / f"{name}.png")["pag_heads"] == "2"  # tiny-sd3's default: the middle layer
+    assert Image.open(tmp_path / "empty.png").tobytes() == Image.open(tmp_path / "default.png").tobytes()
+    empty = tmp_path / "empty.json"
+    HeadSet([]).save(empty)
+    assert run_main([*args, "--pag-heads-file", str(empty), "--output", str(tmp_path / "x.png")]) == 2
+    assert "empty.json holds no heads" in capsys.readouterr().err

@@ -103,9 +103,9 @@ def generate_pair(
         host.output_dir / f"{stamp}-seed{settings.seed}.png",
         host.output_dir / f"{stamp}-seed{settings.seed}-nopag.png",
     ]
-    runs = [("with PAG", settings), ("without PAG", settings.without_pag())]
     with host.lock.held_by("generate", waiting):
         pipe = host.img2img() if image is not None else host.require()
+        runs = [("with PAG", settings.with_default_heads(pipe)), ("without PAG", settings.without_pag())]
         family = host.layout.family
         for index, ((label, run), path) in enumerate(zip(runs, paths)):
             kwargs = run.call_kwargs(family, image=image)

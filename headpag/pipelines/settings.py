@@ -139,6 +139,13 @@ class GenerationSettings:
         kwargs.update(self.extra)
         return kwargs
 
+    def with_default_heads(self, pipe) -> GenerationSettings:
+        """These settings with `pag_heads` spelled out when it is the pipeline's default (so the metadata says what
+        ran)."""
+        if self.pag_heads is None and self.pag_scale > 0 and hasattr(pipe, "pag_heads"):
+            self.pag_heads = str(pipe.pag_heads)
+        return self
+
     def without_pag(self) -> GenerationSettings:
         """The same settings with PAG off (same seed), for side-by-side comparisons."""
         return GenerationSettings(**{**self.to_dict(), "pag_scale": 0.0})
