@@ -228,10 +228,27 @@ def heads_and_defaults(args: argparse.Namespace) -> tuple[str | None, float, flo
 
 
 def check_preset_fits(args: argparse.Namespace, layout) -> None:
-    """Refuse a `--pag-heads-preset` found on another model family or shape than the loaded model's."""
+    """Refuse a `--pag-heads-preset` or a `--pag-heads-file` made on another model family or shape than the loaded
+    model's (a file says so in its `model_family`, `num_layers`, `num_heads` metadata, when it has them)."""
     preset = getattr(args, "pag_heads_preset", None)
     if preset:
         load_preset(preset, num_layers=layout.num_layers, num_heads=layout.num_heads, family=layout.family)
+    path = getattr(args, "pag_heads_file", None)
+    if path:
+        meta = HeadSet.load(path).metadata
+        found = {"model_family": meta.get("model_family"), "num_layers": meta.get("num_layers")}
+        found["num_heads"] = meta.get("num_heads")
+        model = {"model_family": layout.family, "num_layers": layout.num_layers, "num_heads": layout.num_heads}
+        wrong = [
+            f"{key} {found[key]!r} (the model's: {model[key]!r})"
+            for key in model
+            if found[key] not in (None, model[key])
+        ]
+        if wrong:
+            raise ValueError(
+                f"--pag-heads-file {path} was made for another model: {', '.join(wrong)}. Use a head set found on "
+                "this model (headpag hunt), or a spec with --pag-heads."
+            )
 
 
 def settings_from_args(args: argparse.Namespace, **values: Any) -> GenerationSettings:

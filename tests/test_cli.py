@@ -300,3 +300,14 @@ def test_empty_head_field_means_the_default_heads_and_the_metadata_says_which(tm
     HeadSet([]).save(empty)
     assert run_main([*args, "--pag-heads-file", str(empty), "--output", str(tmp_path / "x.png")]) == 2
     assert "empty.json holds no heads" in capsys.readouterr().err
+
+
+def test_flux_true_cfg_needs_a_negative_prompt_and_head_files_must_fit(tmp_path, capsys):
+    flux = ["generate", "--model", "tiny-flux", "--prompt", "a cat", *FAST, "--output", str(tmp_path / "x.png")]
+    assert run_main([*flux, "--true-cfg-scale", "2"]) == 2
+    assert "true_cfg_scale=2.0 needs a negative prompt" in capsys.readouterr().err
+    heads = tmp_path / "sd3.json"
+    HeadSet.parse("1.0").save(heads, model_family="sd3", num_layers=4, num_heads=4)
+    assert run_main([*flux, "--pag-heads-file", str(heads)]) == 2
+    assert "was made for another model: model_family 'sd3' (the model's: 'flux')" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
