@@ -515,3 +515,19 @@ def test_ui_flags(tmp_path):
     assert args.auth == ["a:b", "c:d"] and args.no_model_switch and args.workdir == "headpag-ui"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ui", "--max-size", "nan"])
+
+
+def test_a_locked_run_is_reported_without_the_owners_pid_or_host():
+    import os
+    import socket
+
+    from headpag.app.roots import Roots
+    from headpag.app.tabs.common import AppContext
+    from headpag.search.journal import RunDirectoryLocked
+
+    error = RunDirectoryLocked(f"run is in use: pid {os.getpid()} on {socket.gethostname()} holds /srv/x/.lock")
+    context = AppContext.__new__(AppContext)
+    context.roots = Roots.__new__(Roots)
+    text = context.message(error)
+    assert str(os.getpid()) not in text and socket.gethostname() not in text and "/srv" not in text
+    assert "in use by another search" in text

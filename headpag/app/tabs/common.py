@@ -17,6 +17,7 @@ from PIL import Image
 from ...options import Limits
 from ...pipelines.names import MODEL_DEFAULTS, OFFLINE_MODELS
 from ...pipelines.tiny import TINY_MODELS
+from ...search.journal import RunDirectoryLocked
 from ..admission import Admission
 from ..generate import Cancelled
 from ..heads_grid import render_grid, selected_pairs
@@ -75,6 +76,9 @@ class AppContext:
             return self.roots.redact(str(error.message))
         if isinstance(error, UnicodeError):  # its message quotes the bytes it could not decode
             return "A file could not be read as text (not UTF-8); nothing was done."
+        if isinstance(error, RunDirectoryLocked):  # its message names the owner's pid and host: not for clients
+            logger.warning(str(error))
+            return "This search run is in use by another search; try again when that one has finished."
         if isinstance(error, (ValueError, Cancelled, SearchCancelled)):
             return self.roots.redact(str(error))
         return f"{type(error).__name__} (the server log has the details)."
