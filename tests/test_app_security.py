@@ -493,6 +493,37 @@ def test_queue_bounds_per_client_and_in_total(secure):
     assert Image.open(pag).size == (64, 64)
 
 
+def test_an_image_is_decoded_only_after_the_client_is_admitted(secure, tmp_path, monkeypatch):
+    """A client over its queue cap gets refused before its upload is decoded (a small file whose header says
+    4096x4096 costs 50 MB once decoded)."""
+    from gradio_client import handle_file
+
+    import headpag.app.tabs.generate as generate_tab
+
+    decoded = []
+    original = generate_tab.decode_image
+    monkeypatch.setattr(generate_tab, "decode_image", lambda path: decoded.append(path) or original(path))
+    big = tmp_path / "big.png"
+    Image.new("RGB", (4096, 4096)).save(big, optimize=True)
+    assert big.stat().st_size < 200_000
+    ctx = secure[0].headpag
+    alice = login(secure, "alice")
+    ctx.host.lock.acquire("test")
+    deadline = time.monotonic() + 60
+    try:
+        job = alice.submit(prompt="waits for the model", num_inference_steps=2, api_name="/generate")
+        while ctx.admission.count("user:alice") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(AppError, match="max_queue_per_client=1"):
+            alice.predict(prompt="a cat", image=handle_file(str(big)), num_inference_steps=1, api_name="/generate")
+        assert [p for p in decoded if p is not None] == []  # refused from the header and the queue cap alone
+        alice.predict(api_name="/cancel")
+    finally:
+        ctx.host.lock.release()
+    with pytest.raises(Exception):  # noqa: B017 - cancelled while waiting
+        job.result(timeout=120)
+
+
 def test_page_handlers_are_bounded_too(secure):
     """The page calls its own handlers by index (that cannot be refused), so they are harmless: a huge spec costs as
     much as its text."""

@@ -174,12 +174,13 @@ def client(request: gr.Request | None) -> str:
     return client_id(request)
 
 
-def read_uploaded_image(payload: Any, limits: Limits) -> Image.Image | None:
+def check_uploaded_image(payload: Any, limits: Limits) -> Path | None:
     r"""
-    The PIL image of an uploaded file (an `image` input that skipped Gradio's preprocessing).
+    The path of an uploaded image file (an `image` input that skipped Gradio's preprocessing), checked from its
+    header only: nothing is decoded, so it is cheap enough to run before the client is admitted.
 
     Gradio has already checked that the file is one uploaded to this server; it is checked again here to lie in
-    Gradio's upload folder, and its size is read from its header before it is decoded.
+    Gradio's upload folder, and its size is read from its header.
 
     Args:
         payload (`dict`, *optional*): Gradio's file data (`{"path": ...}`).
@@ -199,12 +200,24 @@ def read_uploaded_image(payload: Any, limits: Limits) -> Image.Image | None:
     bound = MAX_INPUT_IMAGE_FACTOR * limits.max_size
     try:
         with Image.open(resolved) as im:
-            if max(im.size) > bound:
-                raise ValueError(
-                    f"The input image is {im.width}x{im.height}; each side may be at most {bound} "
-                    f"({MAX_INPUT_IMAGE_FACTOR} x max_size={limits.max_size}; the server's operator can raise it with "
-                    f"{Limits.flag('max_size')})."
-                )
+            width, height = im.size
+    except (OSError, Image.DecompressionBombError):
+        raise ValueError("The input image is not a readable image file.") from None
+    if max(width, height) > bound:
+        raise ValueError(
+            f"The input image is {width}x{height}; each side may be at most {bound} "
+            f"({MAX_INPUT_IMAGE_FACTOR} x max_size={limits.max_size}; the server's operator can raise it with "
+            f"{Limits.flag('max_size')})."
+        )
+    return resolved
+
+
+def decode_image(path: Path | None) -> Image.Image | None:
+    """Decode an image that [`check_uploaded_image`] accepted (call it inside the client's admission)."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, Image.DecompressionBombError):
         raise ValueError("The input image is not a readable image file.") from None

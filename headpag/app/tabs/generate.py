@@ -10,7 +10,7 @@ import gradio as gr
 from ...pipelines.settings import GenerationSettings
 from .. import inputs
 from ..generate import check_settings, generate_pair
-from .common import AppContext, client, read_uploaded_image
+from .common import AppContext, check_uploaded_image, client, decode_image
 
 
 SCOPES = ("joint", "image")
@@ -115,7 +115,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         prompt = inputs.text(prompt, "prompt", limits)
         if not prompt.strip():
             raise ValueError("Write a prompt first.")
-        picture = read_uploaded_image(image, limits)
+        upload = check_uploaded_image(image, limits)  # header only: decoded after the client is admitted
         settings = GenerationSettings(
             prompt=prompt,
             negative_prompt=inputs.text(negative_prompt, "negative_prompt", limits) or None,
@@ -137,7 +137,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
             height=inputs.integer(height, "height", minimum=1),
             width=inputs.integer(width, "width", minimum=1),
             seed=inputs.integer(0 if seed is None else seed, "seed", minimum=0, maximum=2**63 - 1),
-            strength=inputs.number(strength, "strength", minimum=0, maximum=1) if picture is not None else None,
+            strength=inputs.number(strength, "strength", minimum=0, maximum=1) if upload is not None else None,
         )
         randomize_seed = inputs.flag(randomize_seed, "randomize_seed")
         host.require()
@@ -148,7 +148,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
             result = generate_pair(
                 host,
                 settings,
-                image=picture,
+                image=decode_image(upload),
                 randomize_seed=randomize_seed,
                 session=session,
                 progress=lambda fraction, text: progress(fraction, desc=text),
