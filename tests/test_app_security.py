@@ -562,3 +562,27 @@ def test_a_locked_run_is_reported_without_the_owners_pid_or_host():
     text = context.message(error)
     assert str(os.getpid()) not in text and socket.gethostname() not in text and "/srv" not in text
     assert "in use by another search" in text
+
+
+def test_forged_forwarded_headers_do_not_make_new_clients(tmp_path):
+    """Without --trusted-proxies, X-Forwarded-For from 127.0.0.1 is ignored: one client stays one client."""
+    demo, url = serve("tiny-sd3", tmp_path / "ui", limits=Limits(max_queue_per_client=1, max_queue=4))
+    ctx = demo.headpag
+    try:
+        forged = [Client(url, headers={"X-Forwarded-For": f"10.0.0.{i}"}, verbose=False) for i in (1, 2)]
+        ctx.host.lock.acquire("test")
+        deadline = time.monotonic() + 60
+        try:
+            job = forged[0].submit(prompt="waits", num_inference_steps=1, api_name="/generate")
+            while ctx.admission.total < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ctx.admission.count("ip:127.0.0.1") == 1
+            with pytest.raises(AppError, match="max_queue_per_client=1"):
+                forged[1].predict(prompt="another address?", num_inference_steps=1, api_name="/generate")
+            forged[0].predict(api_name="/cancel")
+        finally:
+            ctx.host.lock.release()
+        with pytest.raises(Exception):  # noqa: B017 - cancelled while waiting
+            job.result(timeout=120)
+    finally:
+        demo.close()

@@ -58,6 +58,9 @@ def build_app(
         limits ([`~headpag.options.Limits`], *optional*): What one request may cost (default: `Limits()`).
         model_switch (`bool`): Whether clients may load another model (`--no-model-switch` sets it off).
         default_run (`str`): The search run name offered at start.
+        trusted_proxies (`str`, defaults to `""`): Comma-separated addresses or networks of reverse proxies whose
+            `X-Forwarded-For` / `Forwarded` headers name the client. By default no one's are trusted (uvicorn would
+            trust 127.0.0.1's, so a local client could forge one address per request and dodge the per-client caps).
 
     Returns:
         `gr.Blocks`, with the [`AppContext`] as `demo.headpag`.
@@ -119,6 +122,7 @@ def launch(
     model_switch: bool = True,
     limits: Limits | None = None,
     default_run: str = "",
+    trusted_proxies: str = "",
     block: bool = True,
 ):
     r"""
@@ -162,6 +166,7 @@ def launch(
     demo.queue(default_concurrency_limit=1, max_size=max(64, 4 * limits.max_queue), api_open=False)
     public = public_endpoints(demo)
     max_body = int(limits.max_upload_mb * (1 << 20)) + BODY_SLACK
+    os.environ["FORWARDED_ALLOW_IPS"] = trusted_proxies  # read by uvicorn's proxy-headers middleware ("": nobody)
     _, url, _ = demo.launch(
         server_name=host,
         server_port=port,

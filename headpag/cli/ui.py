@@ -62,6 +62,11 @@ def add_parser(sub) -> None:
         "--no-model-switch", action="store_true", help="Clients cannot load another model (the --model stays)."
     )
     access.add_argument("--default-run", default="", help="The search run name offered at start.")
+    access.add_argument(
+        "--trusted-proxies",
+        default="",
+        help="Comma-separated reverse-proxy addresses/networks whose X-Forwarded-For names the client (default none).",
+    )
     options.Limits().add_arguments(p)
 
 
@@ -86,5 +91,6 @@ def run(args: argparse.Namespace) -> int:
         model_switch=not args.no_model_switch,
         limits=options.Limits.from_args(args),
         default_run=args.default_run,
+        trusted_proxies=args.trusted_proxies,
     )
     return 0
