@@ -106,15 +106,8 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 @torch.no_grad()
 def test_head_pag_on_every_pipeline(name):
-    factory, extra = CASES[name]
-    cls = getattr(diffusers, name)
-    expected, optional = cls._get_signature_keys(cls)
-    pipe = cls(**{k: v for k, v in factory().items() if k in set(expected) | set(optional)})
-    pipe.set_progress_bar_config(disable=True)
-    sd3 = name.startswith("StableDiffusion3")
-    guidance = {"guidance_scale": 4.0} if sd3 else {"negative_prompt": "blur", "true_cfg_scale": 2.0}
-    if not sd3 and "true_cfg_scale" not in inspect.signature(cls.__call__).parameters:
-        guidance = {}  # FLUX pipelines without true CFG
+    pipe, extra = build(name)
+    guidance = guidance_settings(name, cfg=True)  # FLUX pipelines without true CFG: none
 
     def run(**pag):
         kwargs = dict(
