@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-USER, PASSWORD = "alice", "browser-pw"
+USER, PASSWORD = "alice", "browser-lantern-harbor"
 
 
 def log_in(page) -> None:
