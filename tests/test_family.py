@@ -103,6 +103,13 @@ CASES = {
 }
 
 
+# One call of every test here: two images per prompt, 2 steps, latents.
+CALL = dict(
+    prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="latent", max_sequence_length=32,
+    num_images_per_prompt=2,
+)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @torch.no_grad()
 def test_head_pag_on_every_pipeline(name):
@@ -110,18 +117,7 @@ def test_head_pag_on_every_pipeline(name):
     guidance = guidance_settings(name, cfg=True)  # FLUX pipelines without true CFG: none
 
     def run(**pag):
-        kwargs = dict(
-            prompt="a cat",
-            num_inference_steps=2,
-            height=32,
-            width=32,
-            output_type="latent",
-            max_sequence_length=32,
-            num_images_per_prompt=2,
-            generator=torch.Generator().manual_seed(0),
-            **guidance,
-            **extra,
-        )
+        kwargs = dict(CALL, generator=torch.Generator().manual_seed(0), **guidance, **extra)
         if pag:
             with head_pag(pipe, pag_heads="1, 2.0", **pag):
                 return pipe(**kwargs).images
@@ -181,17 +177,7 @@ def test_pag_equals_the_hand_combined_reference(name, cfg):
     from pag_reference import positive_embeds, reference_pag
 
     pipe, extra = build(name)
-    kwargs = dict(
-        prompt="a cat",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="latent",
-        max_sequence_length=32,
-        num_images_per_prompt=2,
-        **guidance_settings(name, cfg),
-        **extra,
-    )
+    kwargs = dict(CALL, **guidance_settings(name, cfg), **extra)
     s, u, heads = 2.0, 0.7, "1, 2.0"
     positive = positive_embeds(pipe, "a cat", max_sequence_length=32)
     with reference_pag(pipe, heads, s, u, positive):

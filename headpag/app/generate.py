@@ -52,8 +52,7 @@ def check_settings(host: ModelHost, settings: GenerationSettings, limits: Limits
     limits.check_settings(settings)
     if settings.pag_heads:
         inputs.head_spec(settings.pag_heads, layout.num_layers, layout.num_heads, limits)
-    settings.validate(layout.family)
-    settings.pag_options()  # the pipeline's own checks of u, scope, target, scales, interval and reuse
+    settings.validate(layout.family)  # with the pipeline's own checks of u, scope, target, scales, interval, reuse
     for name in ("height", "width"):
         value = getattr(settings, name)
         if value is not None and (value < 16 or value % 16):

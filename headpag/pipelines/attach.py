@@ -19,10 +19,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import itertools
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from diffusers.utils import logging
@@ -38,6 +37,7 @@ from ..runtime import (
     describe_transformer,
     ensure_hooks,
     foreign_stateful_hooks,
+    qualname,
     transformer_attached,
     unwrap,
 )
@@ -144,7 +144,6 @@ class Block:
     arguments: dict[str, Any]
     plan: CallPlan | None
     options: PAGOptions | None
-    number: int = field(default_factory=itertools.count().__next__)
     warned: bool = False
 
 
@@ -231,8 +230,7 @@ def _explain(pipe, plan: CallPlan, scheduler: Any) -> str:
             "PAG term in the `step` of the scheduler the loop started with"
         )
     if not causes:
-        forward = getattr(plan.model, "forward", None)
-        name = getattr(getattr(forward, "func", forward), "__qualname__", repr(forward))
+        name = qualname(getattr(plan.model, "forward", None))
         causes.append(
             "the transformer was not called through `transformer(...)` (nn.Module.__call__ runs headpag's hooks; "
             f"its forward is now {name}): a wrapper that calls `forward` directly bypasses head-level PAG"

@@ -7,11 +7,12 @@ from .hooks import (
     ensure_hooks,
     foreign_stateful_hooks,
     mark_input,
+    qualname,
     remove_hooks,
     transformer_attached,
 )
 from .layout import FAMILIES, TransformerLayout, describe_transformer, unwrap
-from .plan import CallPlan, PerturbedCall, activated, activation_for, active_state
+from .plan import CallPlan, PerturbedCall, activated, activation_for
 from .scheduler import combining_at_step
 from .state import CallState
 
@@ -26,13 +27,13 @@ __all__ = [
     "TransformerLayout",
     "activated",
     "activation_for",
-    "active_state",
     "combining_at_step",
     "describe_transformer",
     "ensure_hooks",
     "foreign_stateful_hooks",
     "mark_input",
     "perturbed_forward",
+    "qualname",
     "remove_hooks",
     "transformer_attached",
     "unwrap",

@@ -223,7 +223,7 @@ def check_attention(plan: CallPlan, state: CallState) -> None:
         for attn in plan.layout.attentions[layer]:
             if not _reaches(attn, ATTENTION_HOOK):
                 forward = getattr(attn, "forward", None)
-                missing.append(f"layer {layer} ({type(attn).__name__}.forward is now {_qualname(forward)})")
+                missing.append(f"layer {layer} ({type(attn).__name__}.forward is now {qualname(forward)})")
     where = "; ".join(missing) or "an attention module was not called"
     raise RuntimeError(
         f"head-level PAG reached {state.attention_reached} of the {expected} perturbed attention calls of this "
@@ -232,7 +232,8 @@ def check_attention(plan: CallPlan, state: CallState) -> None:
     )
 
 
-def _qualname(function: Any) -> str:
+def qualname(function: Any) -> str:
+    """A readable name of a (possibly `functools.partial`) callable, for messages about what replaced a forward."""
     inner = getattr(function, "func", function)
     return getattr(inner, "__qualname__", None) or repr(inner)
 

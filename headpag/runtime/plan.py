@@ -156,14 +156,6 @@ def activation_with_scheduler(scheduler: Any) -> Activation | None:
     return entry
 
 
-def active_state() -> CallState | None:
-    """The state of the innermost running activation of the current context, or `None`."""
-    entry = _ACTIVE.get()
-    while entry is not None and entry.state is None:
-        entry = entry.parent
-    return None if entry is None else entry.state
-
-
 @contextlib.contextmanager
 def activated(
     plan: CallPlan | None,

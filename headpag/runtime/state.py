@@ -80,8 +80,8 @@ class CallState:
     Args:
         scales (`list[float]`, *optional*): The PAG scale of every step of the denoising loop (0 where the step is
             outside `pag_interval` or the adaptive scale reached 0). `None`: no steps are counted (direct calls).
-        fresh (`list[bool]`, *optional*): Which steps compute the perturbed branch (`pag_reuse`); on the others the
-            term is the step's scale times the last computed `v_c - v_p` of this call. `None`: every step.
+        fresh_steps (`list[bool]`, *optional*): Which steps compute the perturbed branch (`pag_reuse`); on the others
+            the term is the step's scale times the last computed `v_c - v_p` of this call. `None`: every step.
         scheduler (*optional*): The scheduler whose `step` adds the PAG term.
         explain (`Callable[[], str]`, *optional*): Adds what the caller knows (the pipeline's transformer and
             scheduler now) to the message of a missing PAG term.
@@ -139,11 +139,7 @@ class CallState:
             self.step_timestep = timestep
             return True
         if self.pending is not None and not _same(timestep, self.step_timestep):
-            extra = self.explain() if self.explain is not None else ""
-            raise RuntimeError(
-                f"The PAG term of step {self.pending.step} was computed but never added: the next denoising step "
-                f"started without the `scheduler.step` that headpag wrapped. {extra}".rstrip()
-            )
+            raise RuntimeError(self.unadded_term_message("the next denoising step started without it"))
         return False
 
     def start_batch(self, batch: PerturbationPlan, size: int, device: torch.device) -> None:
@@ -208,14 +204,17 @@ class CallState:
             + " headpag refuses to return an image without the PAG it was asked for."
         )
 
+    def unadded_term_message(self, when: str) -> str:
+        extra = self.explain() if self.explain is not None else ""
+        return (
+            f"The PAG term of step {self.pending.step} was computed but never added: {when}, and it is the "
+            f"`scheduler.step` that headpag wrapped that adds it. {extra}".rstrip()
+        )
+
     def check_finished(self) -> None:
         """At the end of a denoising loop: a PAG term that no scheduler step received is an error."""
         if self.pending is not None:
-            extra = self.explain() if self.explain is not None else ""
-            raise RuntimeError(
-                f"The PAG term of step {self.pending.step} was computed but never added: no `scheduler.step` of the "
-                f"scheduler headpag wrapped ran after it. {extra}".rstrip()
-            )
+            raise RuntimeError(self.unadded_term_message("the loop ended without a step after it"))
 
 
 def _same(a: Any, b: Any) -> bool:
