@@ -1,5 +1,5 @@
 """
-The shapes-testbed experiments behind `docs/testbed.md`: does PAG help a trained model, and which heads?
+The shapes-testbed experiments behind `docs/testbed-results.md`: does PAG help a trained model, and which heads?
 
     python benchmarks/testbed_experiments.py [--out runs/testbed] [--docs docs] [--quick]
 
@@ -9,7 +9,7 @@ Everything runs offline through the `headpag` CLI (in this process) on `headpag-
 2. `headpag eval` on held-in prompts (100 prompts x 2 seeds) and on the held-out colour-shape pairs: no guidance,
    CFG, CFG + layer-level PAG at each layer, CFG + the searched heads, SoftPAG `u`, PAG scale `s`, and the metrics
    against the number of heads taken from the search's ranking (the paper's Fig. 4);
-3. `docs/testbed.md` and its figures, from the reports (`report.json`) alone.
+3. `docs/testbed-results.md` and its figures, from the reports (`report.json`) alone.
 
 Generation uses `--max-sequence-length 1` (one zero T5 token; the model was trained for any count from 1 to 256, and
 the table shows CFG at the pipeline's default 256 too). `--quick` shrinks everything to check the script end to end.
@@ -368,7 +368,7 @@ def write_docs(out: Path, docs: Path, results: dict, seconds: float) -> None:
         "![held-out](testbed/held-out.png)",
         "",
     ]
-    (docs / "testbed.md").write_text("\n".join(lines))
+    (docs / "testbed-results.md").write_text("\n".join(lines))
     (figures / "results.json").write_text(json.dumps(results["summary"], indent=2) + "\n")
 
 
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": {**summary, "strategies": strategies},
     }
     write_docs(out, docs, results, time.perf_counter() - began)
-    print(f"wrote {docs / 'testbed.md'}")
+    print(f"wrote {docs / 'testbed-results.md'}")
     return 0
 
 

@@ -155,7 +155,7 @@ TRUE_CFG = [n for n in CASES if n.startswith("Flux") and guidance_settings(n, Tr
 NO_TRUE_CFG = [n for n in CASES if n.startswith("Flux") and not guidance_settings(n, True)]
 
 
-def test_flux_pipelines_with_and_without_true_cfg_are_the_ones_the_issue_names():
+def test_exactly_six_flux_pipelines_take_true_cfg():
     assert sorted(TRUE_CFG) == sorted(
         ["FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline",
          "FluxKontextInpaintPipeline", "FluxControlNetPipeline"]

@@ -46,7 +46,7 @@ from .policy import POLICIES, PAGOptions, loop_plan
 
 logger = logging.get_logger(__name__)
 
-# Built-in default head sets (all heads of one layer), see README "Default heads".
+# Built-in default head sets (all heads of one layer), see docs/scripting.md, "Default heads".
 DEFAULT_LAYER = {"sd3": 7, "flux": 8}
 
 

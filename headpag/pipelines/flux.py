@@ -31,7 +31,8 @@ class FluxHeadPAGPipeline(HeadPAGMixin, FluxPipeline):
     0-18 are the double-stream blocks of FLUX.1, 19-56 the single-stream ones; the joint order is `[text, image]`.
 
     Args:
-        pag_heads (*optional*): Default head set; all heads of layer 8 when `None` (see README).
+        pag_heads (*optional*): Default head set; all heads of layer 8 when `None` (see docs/scripting.md,
+            "Default heads").
         pag_sequential (`bool`, defaults to `False`): Run the perturbed branch as its own call by default.
         (other arguments): as [`FluxPipeline`].
     """

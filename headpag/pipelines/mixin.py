@@ -163,7 +163,7 @@ class HeadPAGMixin:
 
         Args:
             pag_heads (`HeadSet`, `str`, or list of pairs / layer ints): e.g. `"11.15, 7"`; `None` restores the
-                built-in default (see README).
+                built-in default (see docs/scripting.md).
         """
         if pag_heads is None:
             self._pag_heads = None

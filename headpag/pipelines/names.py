@@ -14,7 +14,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 # name -> diffusers folder, relative to the `headpag` package
 BUILTIN_MODELS = {"headpag-shapes": "testbed/weights/shapes-sd3"}
 DEFAULT_MODEL = "headpag-shapes"
-# what the UI starts with for a built-in model (it was trained at 64x64; CFG measured in docs/testbed.md)
+# what the UI starts with for a built-in model (it was trained at 64x64; CFG measured in docs/testbed-results.md)
 MODEL_DEFAULTS = {
     "headpag-shapes": {
         "steps": 20,

@@ -1,0 +1,52 @@
+"""The documentation: the README is a front page, every link resolves, and every test a page cites exists."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
+CITED_TEST = re.compile(r"tests/(test_\w+\.py)::(test_\w+)")
+
+
+def test_the_readme_is_a_front_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024
+    assert 'pip install -e ".[dev]" && python -m pytest -q' in readme  # the command CI runs
+    for page in ("scripting", "compatibility", "web-ui", "headhunter", "evaluation", "testbed", "architecture"):
+        assert f"docs/{page}.md" in readme
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    for target, _ in LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def _test_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_cited_test_exists(page):
+    for file, name in CITED_TEST.findall(page.read_text()):
+        assert name in _test_names(ROOT / "tests" / file), f"{page.name} cites missing tests/{file}::{name}"
+
+
+def test_the_compatibility_page_backs_every_claim_with_a_test():
+    text = (ROOT / "docs" / "compatibility.md").read_text()
+    sections = re.split(r"\n## ", text)[1:]
+    for section in sections:
+        title = section.splitlines()[0]
+        if title == "diffusers' own tests":
+            continue
+        assert CITED_TEST.search(section), f"section {title!r} cites no test"
