@@ -19,7 +19,7 @@ import torch
 from headpag import HeadSet
 from headpag.guidance import Perturbation
 from headpag.runtime import describe_transformer
-from headpag.runtime.processors import reference_forward
+from headpag.testing.processors import reference_forward
 
 
 def select_rows(value, batch: int, rows: list[int]):

@@ -27,7 +27,7 @@ from headpag import FluxHeadPAGPipeline, HeadSet, StableDiffusion3HeadPAGPipelin
 from headpag.guidance import Perturbation
 from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
 from headpag.runtime import describe_transformer
-from headpag.runtime.processors import reference_forward
+from headpag.testing.processors import reference_forward
 
 
 COMMON = dict(num_inference_steps=3, height=32, width=32, output_type="latent", max_sequence_length=32)

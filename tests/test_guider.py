@@ -17,7 +17,7 @@ from headpag import HeadPerturbedAttentionGuidance, HeadSet, StableDiffusion3Hea
 from headpag.guidance import Perturbation
 from headpag.pipelines.tiny import tiny_sd3_components
 from headpag.runtime import describe_transformer
-from headpag.runtime.processors import reference_forward
+from headpag.testing.processors import reference_forward
 
 
 HEADS, G, S, U, STEPS = "1, 2.0", 4.0, 2.0, 0.7, 4

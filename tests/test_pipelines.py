@@ -15,9 +15,10 @@ from headpag import (
     StableDiffusion3HeadPAGPipeline,
     load_pipeline,
 )
-from headpag.guidance import Perturbation, perturbation_guidance
+from headpag.guidance import Perturbation
 from headpag.runtime import describe_transformer
-from headpag.runtime.processors import reference_forward
+from headpag.testing.combine import perturbation_guidance
+from headpag.testing.processors import reference_forward
 
 
 COMMON = dict(num_inference_steps=3, height=32, width=32, output_type="latent", max_sequence_length=32)

@@ -9,10 +9,11 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0, PAGJoint
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from headpag import HeadSet, Perturbation
-from headpag.guidance import PerturbationPlan, PerturbationState
-from headpag.guidance.reference import ExplicitMapState
+from headpag.guidance import PerturbationPlan
 from headpag.runtime import describe_transformer, perturbed_forward
-from headpag.runtime.processors import HeadPAGFluxAttnProcessor, HeadPAGJointAttnProcessor, reference_forward
+from headpag.testing.explicit import ExplicitMapState
+from headpag.testing.processors import HeadPAGFluxAttnProcessor, HeadPAGJointAttnProcessor, reference_forward
+from headpag.testing.state import PerturbationState
 
 
 ATOL = 1e-5  # float32: the fused and explicit forms reorder the same sums

@@ -448,7 +448,10 @@ def test_successive_halving_schedule_ties_and_degenerate_cases():
     outcome = successive_halving(synthetic(values, asked), heads, 10, 2, min_pairs=1, eta=3)
     # 15 on pair 0; the best 5 on pairs 1-2; the best 2 on pairs 3-8; the 2 left on pair 9; each pair asked once.
     assert [(len(c), p) for c, p in asked] == [(15, [0]), (5, [1, 2]), (2, [3, 4, 5, 6, 7, 8]), (2, [9])]
-    assert halving_schedule(15, 10, 2) == [(15, 1), (5, 3), (2, 9), (2, 10)]
+    assert [(s.candidates, s.pairs[-1] + 1) for s in halving_schedule(15, 10, 2)] == [(15, 1), (5, 3), (2, 9), (2, 10)]
+    proxy = halving_schedule(15, 10, 2, proxy=True)  # the last stage renders all pairs anew at full fidelity
+    assert [(s.candidates, s.pairs, s.proxy) for s in proxy][-1] == (2, list(range(10)), False)
+    assert all(s.proxy for s in proxy[:-1])
     first = {c: values[c][0] for c in heads}
     assert sorted(asked[1][0]) == sorted(sorted(first, key=lambda c: (-first[c], c))[:5])
     assert outcome.chosen == sorted(asked[3][0], key=lambda c: (-np.mean(values[c]), c))

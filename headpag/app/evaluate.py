@@ -238,10 +238,6 @@ def load_eval_report(roots: Roots, name: str) -> tuple[str, list[tuple[Image.Ima
     return text, pictures
 
 
-def prompts_list(text: str) -> list[str] | None:
-    return [line.strip() for line in (text or "").splitlines() if line.strip()] or None
-
-
 __all__ = [
     "evaluate_sets",
     "folder_sets",

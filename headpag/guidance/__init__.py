@@ -1,8 +1,7 @@
-"""Head-level perturbation maths: head sets, the SoftPAG targets, row-wise plans and guidance. No diffusers here."""
+"""Head-level perturbation maths: head sets, the SoftPAG targets, row-wise plans. No diffusers here."""
 
-from .combine import perturbation_guidance
 from .heads import HeadSet
-from .plan import PerturbationPlan, PerturbationState
+from .plan import PerturbationPlan
 from .softpag import SCOPES, TARGETS, Perturbation, softpag
 
 
@@ -12,7 +11,5 @@ __all__ = [
     "HeadSet",
     "Perturbation",
     "PerturbationPlan",
-    "PerturbationState",
-    "perturbation_guidance",
     "softpag",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .heads import HeadSet
-from .softpag import Perturbation, softpag
+from .softpag import Perturbation
 
 
 class PerturbationPlan:
@@ -59,45 +59,3 @@ class PerturbationPlan:
             rows, weights = self._layers[layer]
             self._device_cache[key] = (rows.to(device), weights.to(device))
         return self._device_cache[key]
-
-
-class PerturbationState:
-    """
-    Mutable state shared by the processors of one model: the plan of the current transformer call (or `None`: no
-    row is perturbed, processors compute the stock attention) and the text length of the joint sequence.
-    """
-
-    def __init__(self):
-        self.plan: PerturbationPlan | None = None
-        self.text_len: int | None = None
-
-    def apply(
-        self,
-        layer: int,
-        attention: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        image: slice,
-        text: slice,
-    ) -> torch.Tensor:
-        """
-        Apply the plan of `layer` to an SDPA output in `(B, H, L, D)` layout; returns `attention` itself when the
-        layer is not perturbed in this call, so clean computations stay bit-for-bit identical.
-        """
-        plan = self.plan
-        if plan is None:
-            return attention
-        entry = plan.layer_weights(layer, attention.device)
-        if entry is None:
-            return attention
-        rows, weights = entry
-        if plan.rows and max(plan.rows) >= attention.shape[0]:
-            raise RuntimeError(
-                f"Perturbation plan addresses batch row {max(plan.rows)} but layer {layer} got a batch of "
-                f"{attention.shape[0]}."
-            )
-        blended = softpag(
-            attention[rows], query[rows], key[rows], value[rows], weights, plan.perturbation, image, text
-        )
-        return attention.index_copy(0, rows, blended)

@@ -21,10 +21,9 @@ from ..runtime import describe_transformer
 from .config import SearchConfig
 from .cost import Cost, RowCounter, check_cost
 from .gradient import head_gradients, require_differentiable
-from .journal import CONFIG_NAME, Journal, RunLock, check_head, journal_cost, remove_if_empty
-from .journal import read_round as read_round_file
+from .journal import CONFIG_NAME, Journal, RunLock, check_head, journal_cost, read_round, remove_if_empty
 from .objectives import Objective, load_objective
-from .strategies import RoundOutcome, Stage, head_hunter, make_strategy, rank
+from .strategies import RoundOutcome, Stage, halving_schedule, head_hunter, make_strategy, rank
 
 
 logger = logging.get_logger(__name__)
@@ -503,7 +502,7 @@ class HeadHunter:
         round_file = self.output_dir / "rounds" / f"round_{r}.json"
         if not round_file.exists():
             return None
-        parsed = read_round_file(round_file, r)
+        parsed = read_round(round_file, r)
         if parsed is None:
             return None
         scores, chosen, recorded_selected = parsed
@@ -558,30 +557,17 @@ class HeadHunter:
                 return None, "its stages are malformed"
             stages.append(Stage(pairs, [(h[0], h[1]) for h in heads], proxy=proxy))
         # The schedule the strategy follows: which pairs each stage renders and how many candidates it keeps.
-        done, alive = 0, len(pool)
-        for i, stage in enumerate(stages):
-            if done >= self.num_pairs:
-                return None, f"its stage {i} follows the last stage"
-            if c.strategy == "exhaustive":
-                target = self.num_pairs
-            else:
-                target = min(c.halving_min_pairs if i == 0 else done * c.halving_eta, self.num_pairs)
-            expected = alive if i == 0 else min(alive, max(c.top_k, math.ceil(alive / c.halving_eta)))
-            previous = set(pool) if i == 0 else set(stages[i - 1].candidates)
-            final = target >= self.num_pairs
-            at_proxy = c.has_proxy and not final
-            first = 0 if c.has_proxy and final else done  # with a proxy, the last stage scores all pairs anew
-            if (
-                stage.pairs != list(range(first, target))
-                or len(stage.candidates) != expected
-                or stage.proxy != at_proxy
-            ):
+        min_pairs = self.num_pairs if c.strategy == "exhaustive" else c.halving_min_pairs
+        schedule = halving_schedule(len(pool), self.num_pairs, c.top_k, min_pairs, c.halving_eta, c.has_proxy)
+        if len(stages) != len(schedule):
+            return None, f"its {len(stages)} stage(s) do not follow the {c.strategy} schedule of {len(schedule)}"
+        previous = set(pool)
+        for i, (stage, plan) in enumerate(zip(stages, schedule)):
+            if stage.pairs != plan.pairs or len(stage.candidates) != plan.candidates or stage.proxy != plan.proxy:
                 return None, f"its stage {i} does not follow the {c.strategy} schedule"
-            if len(set(stage.candidates)) != expected or not set(stage.candidates) <= previous:
+            if len(set(stage.candidates)) != plan.candidates or not set(stage.candidates) <= previous:
                 return None, f"its stage {i} holds candidates that were not in play"
-            done, alive = target, expected
-        if done != self.num_pairs or not stages:
-            return None, "its stages do not reach all pairs"
+            previous = set(stage.candidates)
         return stages, None
 
     def _finish_round(self, r: int, selected: list[Head], outcome: RoundOutcome) -> None:
@@ -725,11 +711,3 @@ def process_state():
     world_size = os.environ.get("WORLD_SIZE", "1")
     multi = world_size.isdigit() and int(world_size) > 1
     return PartialState(cpu=True) if multi and not torch.cuda.is_available() else PartialState()
-
-
-def read_round(path: Path) -> tuple[dict[Head, float], list[Head]]:
-    """`(scores, chosen)` of a round file (kept for callers of the old helper; see [`journal.read_round`])."""
-    parsed = read_round_file(path)
-    if parsed is None:
-        raise ValueError(f"{path} is missing or invalid.")
-    return parsed[0], parsed[1]

@@ -250,16 +250,6 @@ def mean_scores(pairs: dict[Head, dict[int, float]]) -> dict[Head, float]:
     return {head: sum(known[j] for j in sorted(known)) / len(known) for head, known in pairs.items() if known}
 
 
-def head_stages(records: Iterable[dict[str, Any]], round_index: int) -> dict[Head, int]:
-    """The last stage each head of a round has a record for."""
-    out: dict[Head, int] = {}
-    for record in records:
-        if record["round"] == round_index:
-            head = (record["layer"], record["head"])
-            out[head] = max(out.get(head, 0), record.get("stage", 0))
-    return out
-
-
 def journal_cost(records: Iterable[dict[str, Any]], round_index: int | None = None) -> Cost:
     """The work journaled in `records` (of one round, or of all)."""
     total = Cost()

@@ -8,6 +8,7 @@ that is replayed from the journal runs the very same code and simply finds every
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -131,14 +132,32 @@ def exhaustive(score: Score, candidates: Sequence[Head], num_pairs: int, top_k: 
     return RoundOutcome(means, chosen, [Stage(pairs, list(candidates), chosen)])
 
 
-def halving_schedule(num_candidates: int, num_pairs: int, top_k: int, min_pairs: int = 1, eta: int = 3):
-    """`[(candidates, cumulative pairs), ...]` of successive halving (for cost estimates; ignores ties)."""
-    out, n, m = [], num_candidates, min(min_pairs, num_pairs)
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One stage of successive halving: the pairs it renders, how many candidates it scores, at which fidelity."""
+
+    pairs: list[int]
+    candidates: int
+    proxy: bool = False
+
+
+def halving_schedule(
+    num_candidates: int, num_pairs: int, top_k: int, min_pairs: int = 1, eta: int = 3, proxy: bool = False
+) -> list[StagePlan]:
+    r"""
+    The stages of [`successive_halving`]: every candidate on the first `min_pairs` pairs, then the top
+    `max(top_k, ceil(n / eta))` of the `n` scored on `eta` times as many pairs (only the new ones rendered), until all
+    `num_pairs`. With a proxy, every stage but the last is at the proxy fidelity and the last renders all pairs anew.
+    The strategy follows it and a replayed round is checked against it; it is the one statement of the schedule.
+    """
+    stages, n, done, target = [], num_candidates, 0, min(min_pairs, num_pairs)
     while True:
-        out.append((n, m))
-        if m >= num_pairs:
-            return out
-        n, m = min(n, max(top_k, math.ceil(n / eta))), min(m * eta, num_pairs)
+        final = target >= num_pairs
+        first = 0 if proxy and final else done
+        stages.append(StagePlan(list(range(first, target)), n, proxy and not final))
+        if final:
+            return stages
+        n, done, target = min(n, max(top_k, math.ceil(n / eta))), target, min(target * eta, num_pairs)
 
 
 def successive_halving(
@@ -170,30 +189,24 @@ def successive_halving(
     """
     if min_pairs < 1 or eta < 2:
         raise ValueError(f"successive halving needs min_pairs >= 1 and eta >= 2, got {min_pairs} and {eta}.")
+    schedule = halving_schedule(len(candidates), num_pairs, top_k, min_pairs, eta, proxy)
     scored: dict[Head, list[float]] = {head: [] for head in candidates}
-    alive, done, target = list(candidates), 0, min(min_pairs, num_pairs)
+    alive = list(candidates)
     stages: list[Stage] = []
-    while True:
-        final = target >= num_pairs
-        at_proxy = proxy and not final
-        if proxy and final and done > 0:  # the survivors start over at full fidelity, on all pairs
-            new = list(range(num_pairs))
+    for plan, following in zip(schedule, [*schedule[1:], None]):
+        if plan.pairs and plan.pairs[0] == 0:  # the first stage, or the proxy run's last: scored anew on all pairs
             for head in alive:
                 scored[head] = []
-        else:
-            new = list(range(done, target))
-        for head, values in _scores_of(score, alive, new, proxy=at_proxy).items():
+        for head, values in _scores_of(score, alive, plan.pairs, proxy=plan.proxy).items():
             scored[head] += values
-        stage = Stage(new, alive, proxy=at_proxy)
+        stage = Stage(plan.pairs, alive, proxy=plan.proxy)
         stages.append(stage)
-        done = target
         means = {head: _mean(scored[head]) for head in alive}
-        if done >= num_pairs:
+        if following is None:
             stage.kept = rank(means, top_k)
-            break
-        alive = sorted(rank(means, max(top_k, math.ceil(len(alive) / eta))))
-        stage.kept = alive
-        target = min(done * eta, num_pairs)
+        else:
+            alive = sorted(rank(means, following.candidates))
+            stage.kept = alive
     return RoundOutcome({head: _mean(v) for head, v in scored.items() if v}, stages[-1].kept, stages)
 
 

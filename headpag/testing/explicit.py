@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .plan import PerturbationState
-from .softpag import Perturbation
+from ..guidance.softpag import Perturbation
+from .state import PerturbationState
 
 
 def target_map(

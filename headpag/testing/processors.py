@@ -18,8 +18,9 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-from ..guidance.plan import PerturbationPlan, PerturbationState
-from .layout import describe_transformer
+from ..guidance.plan import PerturbationPlan
+from ..runtime.layout import describe_transformer
+from .state import PerturbationState
 
 
 class HeadPAGJointAttnProcessor:
