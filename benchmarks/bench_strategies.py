@@ -58,7 +58,7 @@ def main() -> None:
     from headpag import HeadSet, StableDiffusion3HeadPAGPipeline
     from headpag.pipelines.tiny import tiny_sd3_components
     from headpag.search import HeadHunter, SearchConfig
-    from headpag.search.compare import compare_runs
+    from headpag.search.agreement import compare_runs
 
     torch.manual_seed(0)
     pipe = StableDiffusion3HeadPAGPipeline(**tiny_sd3_components(num_layers=8, num_heads=8))

@@ -37,7 +37,7 @@ from headpag.cli import main as headpag  # noqa: E402
 from headpag.eval.paired import paired_difference  # noqa: E402
 from headpag.eval.report import plot_intervals  # noqa: E402
 from headpag.pipelines.names import MODEL_DEFAULTS, builtin_folder  # noqa: E402
-from headpag.search.compare import compare_runs  # noqa: E402
+from headpag.search.agreement import compare_runs  # noqa: E402
 from headpag.search.journal import journal_cost, read_journal  # noqa: E402
 from headpag.testbed import data  # noqa: E402
 

@@ -8,19 +8,16 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import shlex
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .eval.compare import EvalConfig
 from .guidance import HeadSet
 from .guidance.presets import load_preset
 from .pipelines.settings import GenerationSettings
 
 
 DTYPES = ("float16", "bfloat16", "float32")
-IMAGE_TYPES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 # ---------------------------------------------------------------------------------------------------------- limits
@@ -334,138 +331,3 @@ def read_prompts(value: str, limit: int | None = None) -> list[str]:
     if limit is not None and len(prompts) > limit:
         raise ValueError(f"{len(prompts)} prompts is over the limit max_prompts={limit}.")
     return prompts
-
-
-def image_output_type(path: str | Path) -> str:
-    """The image format of an output path from its suffix (PNG, JPEG, WEBP); anything else is refused."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in IMAGE_TYPES:
-        raise ValueError(
-            f"Output {path}: unknown image type {suffix or '(no suffix)'!r}; use one of "
-            f"{', '.join(IMAGE_TYPES)} (or a folder name without a suffix)."
-        )
-    return IMAGE_TYPES[suffix]
-
-
-# ------------------------------------------------------------------------------------------------- eval configs
-class _OptionsParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ValueError(message)
-
-
-NAME_PATTERN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.+-]*)\s*[=:]\s*(.*)$", re.S)
-
-
-def config_options_parser() -> argparse.ArgumentParser:
-    """The generation flags an evaluation configuration may use (those of `headpag generate` that shape an image)."""
-    parser = _OptionsParser(prog="--config NAME=", add_help=False)
-    add_pag_args(parser)
-    parser.add_argument("--negative-prompt", default=None)
-    return parser
-
-
-def parse_eval_config(text: str) -> EvalConfig:
-    """`NAME=OPTIONS` (or `NAME: OPTIONS`) -> [`EvalConfig`]. PAG is on only when the options name heads or a
-    `--pag-scale`."""
-    match = NAME_PATTERN.match(text)
-    if not match:
-        raise ValueError(
-            f"Invalid --config {text!r}: use NAME=OPTIONS with a name of letters, digits, '_', '-', '.', '+', "
-            "e.g. 'cfg=--guidance-scale 5' or 'pag-layer=--pag-heads 7 --guidance-scale 1'."
-        )
-    name, options = match.groups()
-    try:
-        args = config_options_parser().parse_args(shlex.split(options))
-    except ValueError as e:
-        raise ValueError(
-            f"Invalid options for configuration {name!r} ({options!r}): {e}. Allowed: the generation flags of "
-            "`headpag generate` (--pag-heads, --pag-heads-file, --pag-heads-preset, --pag-scale, "
-            "--pag-identity-weight, --pag-identity-scope, --pag-target, --pag-interval, --pag-adaptive-scale, "
-            "--pag-reuse, --guidance-scale, --true-cfg-scale, --steps, --height, --width, --max-sequence-length, "
-            "--negative-prompt)."
-        ) from None
-    pag_on = bool(args.pag_heads or args.pag_heads_file or args.pag_heads_preset) or args.pag_scale is not None
-    settings = settings_from_args(args)
-    if not pag_on:
-        settings.pag_scale = 0.0
-    return EvalConfig(name, options.strip(), settings)
-
-
-# ------------------------------------------------------------------------------------------------------- sweeps
-SWEEPABLE = {
-    "pag_scale": float,
-    "pag_identity_weight": float,
-    "pag_adaptive_scale": float,
-    "pag_reuse": int,
-    "guidance_scale": float,
-    "true_cfg_scale": float,
-    "num_inference_steps": int,
-    "height": int,
-    "width": int,
-    "max_sequence_length": int,
-    "pag_identity_scope": str,
-    "pag_target": str,
-    "pag_heads": str,
-    "top_k": int,
-}
-MAX_SWEEP_CONFIGS = 64
-
-
-def parse_sweep(text: str) -> tuple[str, list[Any]]:
-    """`"pag_scale=1,2,3"` -> `("pag_scale", [1.0, 2.0, 3.0])`; names are generation settings or `top_k`."""
-    name, sep, values = str(text).partition("=")
-    name = name.strip().replace("-", "_")
-    if not sep or name not in SWEEPABLE:
-        raise ValueError(f"Invalid --sweep {text!r}: use NAME=V1,V2,... with NAME one of {', '.join(SWEEPABLE)}.")
-    kind = SWEEPABLE[name]
-    parts = [v.strip() for v in values.split(";" if name == "pag_heads" else ",") if v.strip()]
-    if not parts:
-        raise ValueError(f"--sweep {text!r} has no values.")
-    try:
-        parsed = [kind(v) for v in parts]
-    except ValueError:
-        raise ValueError(f"--sweep {text!r}: every value of {name} must be a {kind.__name__}.") from None
-    if kind is float and not all(math.isfinite(v) for v in parsed):
-        raise ValueError(f"--sweep {text!r}: values must be finite.")
-    return name, list(dict.fromkeys(parsed))
-
-
-def expand_sweeps(
-    base: EvalConfig | None, sweeps: list[tuple[str, list[Any]]], search_run: str | None = None
-) -> tuple[list[EvalConfig], dict[str, dict[str, Any]]]:
-    r"""
-    One configuration per combination of the swept values, on top of `base` (or the defaults with PAG on).
-
-    `top_k=K` takes the K best heads of `search_run` (its round-1 ranking, then its selection order). Returns the
-    configurations and, per configuration name, its swept values (for the report's plots).
-    """
-    import itertools
-
-    from .search.journal import top_k_heads
-
-    if not sweeps:
-        return [], {}
-    names = [name for name, _ in sweeps]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Each parameter may be swept once, got {names}.")
-    if "top_k" in names and not search_run:
-        raise ValueError("--sweep top_k=... takes its heads from a search: add --search-run RUN_DIR.")
-    combos = list(itertools.product(*(values for _, values in sweeps)))
-    if len(combos) > MAX_SWEEP_CONFIGS:
-        raise ValueError(f"{len(combos)} swept configurations is over the limit of {MAX_SWEEP_CONFIGS}.")
-    base_settings = base.settings if base is not None else GenerationSettings()
-    configs, values = [], {}
-    for combo in combos:
-        settings = GenerationSettings(**base_settings.to_dict())
-        label = []
-        for name, value in zip(names, combo):
-            if name == "top_k":
-                settings.pag_heads = str(HeadSet(top_k_heads(search_run, value)))
-            else:
-                setattr(settings, name, value)
-            label.append(f"{name}={value}")
-        settings.check()
-        name = ",".join(label) if base is None else f"{base.name}[{','.join(label)}]"
-        configs.append(EvalConfig(name, " ".join(f"--sweep {x}" for x in label), settings))
-        values[name] = dict(zip(names, combo))
-    return configs, values

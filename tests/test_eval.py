@@ -16,8 +16,8 @@ from test_metrics import _noise_images, _random_inception_file
 
 from headpag._io import save_png
 from headpag.cli import main
+from headpag.cli.evaluate import parse_eval_config
 from headpag.eval import ClipScore
-from headpag.options import parse_eval_config
 from headpag.pipelines.settings import GenerationSettings
 
 
@@ -199,7 +199,7 @@ def test_two_parameter_sweep_writes_plots_and_reuses_images(tmp_path, metric_fil
 
 
 def test_top_k_sweep_takes_heads_from_a_search_run(tmp_path):
-    from headpag.options import expand_sweeps, parse_sweep
+    from headpag.cli.evaluate import expand_sweeps, parse_sweep
 
     run = tmp_path / "run"
     run.mkdir()

@@ -11,7 +11,7 @@ from pathlib import Path
 from diffusers.utils import logging
 from PIL import Image
 
-from ..eval.compare import SET_METRICS, ImageSet, image_sets_from_folder, parse_metrics, score_sets
+from ..eval.scoring import SET_METRICS, ImageSet, image_sets_from_folder, parse_metrics, score_sets
 from ..options import Limits
 from .host import ModelHost
 from .roots import Roots

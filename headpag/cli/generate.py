@@ -11,6 +11,20 @@ from .. import options
 from .._io import atomic_write_bytes, save_png
 
 
+IMAGE_TYPES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_output_type(path: str | Path) -> str:
+    """The image format of an output path from its suffix (PNG, JPEG, WEBP); anything else is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_TYPES:
+        raise ValueError(
+            f"Output {path}: unknown image type {suffix or '(no suffix)'!r}; use one of "
+            f"{', '.join(IMAGE_TYPES)} (or a folder name without a suffix)."
+        )
+    return IMAGE_TYPES[suffix]
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="Generate images with head-level PAG.")
     options.add_model_args(p)
@@ -35,7 +49,7 @@ def output_paths(output: str, count: int, suffix: str = "") -> list[Path]:
     path = Path(output)
     if not path.suffix:
         path = path / "headpag.png"
-    options.image_output_type(path)
+    image_output_type(path)
     if count == 1:
         return [path.with_name(f"{path.stem}{suffix}{path.suffix}")]
     return [path.with_name(f"{path.stem}{suffix}-{i}{path.suffix}") for i in range(count)]
@@ -65,7 +79,7 @@ def read_image(path: str):
 
 def save_image(image, path: Path, metadata: dict[str, str]) -> None:
     """PNG with the settings as text chunks; JPEG / WEBP written atomically (they carry no settings)."""
-    fmt = options.image_output_type(path)
+    fmt = image_output_type(path)
     if fmt == "PNG":
         save_png(image, path, metadata)
         return

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     from ..search.report import describe_cost, write_report
 
     if getattr(args, "compare", None):
-        from ..search.compare import compare_runs, format_comparison
+        from ..search.agreement import compare_runs, format_comparison
 
         run_a, run_b = args.compare
         print(format_comparison(run_a, run_b, compare_runs(run_a, run_b)))

@@ -85,7 +85,7 @@ def paired_difference(
     `other - baseline` on the images both have (matched by prompt and seed).
 
     Args:
-        baseline, other (`dict`): Rows of [`~headpag.eval.compare.score_sets`] with `prompts`, `seeds` and
+        baseline, other (`dict`): Rows of [`~headpag.eval.scoring.score_sets`] with `prompts`, `seeds` and
             `per_image[metric]`.
         metric (`str`): A per-image metric.
         resamples (`int`), seed (`int`): Bootstrap settings.

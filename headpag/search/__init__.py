@@ -1,6 +1,6 @@
 """HeadHunter: greedy search for the attention heads to perturb (arXiv 2506.10978, Algorithm 1)."""
 
-from .compare import compare_runs
+from .agreement import compare_runs
 from .config import SearchConfig, preset, read_prompts
 from .cost import Cost
 from .gradient import head_gradients

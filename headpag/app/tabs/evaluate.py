@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ...eval.compare import METRICS
+from ...eval.scoring import METRICS
 from .. import evaluate as ev
 from .. import inputs, models
 from .common import AppContext, client
