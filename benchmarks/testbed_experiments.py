@@ -38,7 +38,8 @@ from headpag.eval.paired import paired_difference  # noqa: E402
 from headpag.eval.report import plot_intervals  # noqa: E402
 from headpag.pipelines.names import MODEL_DEFAULTS, builtin_folder  # noqa: E402
 from headpag.search.agreement import compare_runs  # noqa: E402
-from headpag.search.journal import journal_cost, read_journal  # noqa: E402
+from headpag.search.records import journal_cost  # noqa: E402
+from headpag.search.rundir import RunDirectory  # noqa: E402
 from headpag.testbed import data  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def evaluate(out: Path, prompts: Path, seeds: str, reference: Path, configs: lis
 
 
 def search(out: Path, prompts: Path, seeds: str, strategy: str, rounds: int, top_k: int) -> Path:
-    if (out / "selected_heads.json").is_file():
+    if RunDirectory(out).selected_heads_path.is_file():
         return out
     cli(
         "hunt", "--model", MODEL, "--objective", "shapes-judge", "--prompts", str(prompts), "--seeds", seeds,
@@ -399,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = {s: search(out / f"search-{s}", search_prompts, search_seeds, s, rounds, top_k) for s in
             ("exhaustive", "halving", "gradient")}  # fmt: skip
     main_run = runs["exhaustive"]
-    selected = json.loads((main_run / "selected_heads.json").read_text())
-    heads_file = main_run / "selected_heads.json"
-    config = json.loads((main_run / "config.json").read_text())["config"]
+    selected = RunDirectory(main_run).read_selected_doc()
+    heads_file = RunDirectory(main_run).selected_heads_path
+    config = RunDirectory(main_run).read_config()["config"]
     num_layers, num_heads = selected.get("num_layers"), selected.get("num_heads")
     if num_layers is None:
         from diffusers import SD3Transformer2DModel
@@ -411,9 +412,9 @@ def main(argv: list[str] | None = None) -> int:
 
     strategies = {}
     for name, run in runs.items():
-        records = read_journal(run / "journal.jsonl")
+        records = RunDirectory(run).read_journal()
         entry = {"row_evals": journal_cost(records).row_evals,
-                 "heads": json.loads((run / "selected_heads.json").read_text())["heads"]}  # fmt: skip
+                 "heads": RunDirectory(run).read_selected_doc()["heads"]}  # fmt: skip
         if name != "exhaustive":
             c = compare_runs(main_run, run)
             entry.update(overlap=c["overlap"], tau=None if np.isnan(c["tau"]) else c["tau"], n_common=c["n_common"])

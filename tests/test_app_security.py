@@ -552,9 +552,9 @@ def test_a_locked_run_is_reported_without_the_owners_pid_or_host():
     import os
     import socket
 
+    from headpag._lock import FolderLocked as RunDirectoryLocked
     from headpag.app.roots import Roots
     from headpag.app.tabs.common import AppContext
-    from headpag.search.journal import RunDirectoryLocked
 
     error = RunDirectoryLocked(f"run is in use: pid {os.getpid()} on {socket.gethostname()} holds /srv/x/.lock")
     context = AppContext.__new__(AppContext)

@@ -123,7 +123,9 @@ def test_user_processor_keeps_running_and_u_zero_is_no_pag(sd3):
         with head_pag(sd3, pag_heads="1", pag_identity_weight=0.0):
             u0 = sd3("a cat", **COMMON, guidance_scale=4.0, generator=gen()).images
         assert mine.rows == [3, 3, 3]  # [uncond, cond, perturbed] every step, through the user's processor
-        torch.testing.assert_close(u0, plain, atol=1e-6, rtol=0)
+        # u=0 is no perturbation; the batch of 3 rows instead of 2 may change float32 rounding (CPU kernels pick
+        # their blocking by batch size): within 1e-5, as the other batched-vs-unbatched equalities.
+        torch.testing.assert_close(u0, plain, atol=1e-5, rtol=0)
         with head_pag(sd3, pag_heads="1", pag_identity_weight=1.0):
             u1 = sd3("a cat", **COMMON, guidance_scale=4.0, generator=gen()).images
         assert not torch.allclose(u1, plain, atol=1e-3)

@@ -15,8 +15,10 @@ import pytest
 from hunt_worker import brightness
 
 from headpag import load_pipeline
+from headpag._lock import FolderLocked as RunDirectoryLocked
 from headpag.search import HeadHunter, SearchConfig, read_journal, write_report
-from headpag.search.journal import Journal, RunDirectoryLocked, RunLock, scan_journal
+from headpag.search.journal import Journal, scan_journal
+from headpag.search.rundir import RunDirectory
 
 
 SMALL = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16)
@@ -258,7 +260,7 @@ def test_second_writer_is_refused_while_a_run_is_in_progress(pipe, tmp_path):
 def test_second_writer_is_refused_at_run(pipe, tmp_path):
     out = tmp_path / "run"
     hunter = HeadHunter(pipe, brightness, settings(), out)
-    with RunLock(out):
+    with _run_lock(out):
         with pytest.raises(RunDirectoryLocked, match=f"pid {os.getpid()}"):
             hunter.run()
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run wrote nothing
@@ -283,24 +285,24 @@ def test_lock_of_a_live_process_then_stale(pipe, tmp_path, warnings_log):
 
 
 def test_stale_locks_of_this_pid_and_unreadable_locks(tmp_path):
-    lock = RunLock(tmp_path)
+    lock = _run_lock(tmp_path)
     # A lock left with this very pid by a previous process (containers reuse pids) but not held here: stale.
     lock.path.write_text(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "token": "old"}))
     with lock:
         assert json.loads(lock.path.read_text())["token"] == lock.token
         with pytest.raises(RunDirectoryLocked, match="this process"):
-            RunLock(tmp_path).acquire()
+            _run_lock(tmp_path).acquire()
     assert not lock.path.exists()
     # An unreadable lock is being written by someone for a few seconds; older, it is stale.
     lock.path.write_text("")
     with pytest.raises(RunDirectoryLocked, match="being written"):
-        RunLock(tmp_path).acquire()
+        _run_lock(tmp_path).acquire()
     os.utime(lock.path, (0, 0))
-    RunLock(tmp_path).acquire().release()
+    _run_lock(tmp_path).acquire().release()
     # Another host's lock cannot be checked: never taken over.
     lock.path.write_text(json.dumps({"pid": 1, "hostname": socket.gethostname() + "-elsewhere"}))
     with pytest.raises(RunDirectoryLocked, match="another host"):
-        RunLock(tmp_path).acquire()
+        _run_lock(tmp_path).acquire()
 
 
 # ---------------------------------------------------------------------------------------------------- failed checks
@@ -373,3 +375,7 @@ def test_search_config_refuses_non_finite_and_out_of_range_values(field, value, 
 
     with pytest.raises(ValueError, match=message):
         SearchConfig(prompts=["a cat"], **{field: value})
+
+
+def _run_lock(folder):
+    return RunDirectory(folder).lock()

@@ -27,7 +27,9 @@ from headpag import HeadSet, load_pipeline
 from headpag.pipelines.sd3 import StableDiffusion3HeadPAGPipeline
 from headpag.pipelines.tiny import tiny_sd3_components
 from headpag.search import HeadHunter, SearchConfig, compare_runs, read_journal, write_report
-from headpag.search.journal import check_record, ranked_heads, scan_journal
+from headpag.search.journal import scan_journal
+from headpag.search.records import check_record
+from headpag.search.rundir import RunDirectory
 from headpag.search.strategies import exhaustive, halving_schedule, head_hunter, successive_halving
 
 
@@ -276,7 +278,7 @@ def test_report_shows_dropped_candidates_per_stage_and_the_cost(runs):
     # Ranked for `top_k` sweeps over a search run: the heads scored on all pairs first, best first.
     final = runs["halving"]["result"].rounds[0]["stages"][-1]["candidates"]
     scores = runs["halving"]["result"].rounds[0]["scores"]
-    assert ranked_heads(runs["halving"]["dir"])[:8] == sorted(final, key=lambda h: (-scores[h], h))
+    assert RunDirectory(runs["halving"]["dir"]).ranked_heads()[:8] == sorted(final, key=lambda h: (-scores[h], h))
     readme = (write_report(runs["exhaustive"]["dir"]) / "README.md").read_text()
     assert "stage 0 (9 pairs): 64 candidates; chosen: 5.3" in readme and "2304 row-evaluations" in readme
 

@@ -5,9 +5,10 @@ at any moment, cancellable between batches by the client that started it, resuma
 
 from __future__ import annotations
 
-import json
 import threading
 import time
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from PIL import Image
 from ..options import Limits
 from ..runtime import TransformerLayout
 from ..search.config import SearchConfig
-from ..search.journal import mean_scores, pair_scores, read_journal
+from ..search.records import mean_scores, pair_scores
+from ..search.rundir import RunDirectory
 from . import inputs
 from .heads_grid import render_grid
 from .host import ModelHost, ModelLock
@@ -27,35 +29,35 @@ from .roots import Roots
 
 logger = logging.get_logger(__name__)
 
-MAX_META_BYTES = 1 << 20  # a run's config.json or round file larger than this is not one the UI wrote
-CONFIG_TYPES: dict[str, tuple[type, ...]] = {
-    "prompts": (list,),
-    "seeds": (list,),
-    "pairing": (str,),
-    "rounds": (int,),
-    "top_k": (int,),
-    "pool": (str, type(None)),
-    "pag_scale": (int, float),
-    "pag_identity_weight": (int, float),
-    "pag_identity_scope": (str,),
-    "pag_reuse": (int,),
-    "guidance_scale": (int, float),
-    "true_cfg_scale": (int, float),
-    "num_inference_steps": (int,),
-    "height": (int,),
-    "width": (int,),
-    "style_prompt": (str, type(None)),
-    "negative_prompt": (str, type(None)),
-    "max_sequence_length": (int, type(None)),
-    "batch_size": (int,),
-    "strategy": (str,),
-    "halving_min_pairs": (int,),
-    "halving_eta": (int,),
-    "proxy_size": (int, type(None)),
-    "proxy_steps": (int, type(None)),
-    "grad_steps": (int,),
-    "prefilter_keep": (int, type(None)),
-}
+
+def meta_bytes(limits: Limits | None = None) -> int:
+    """
+    The largest `config.json` or round file the UI reads: what a run within `limits` can write (every prompt at its
+    longest length, JSON-escaped at up to 6 bytes a character; every seed; every head of the pool), plus 1 MB.
+    """
+    limits = limits or Limits()
+    prompts = (limits.max_prompts + 2) * (6 * limits.max_prompt_chars + 4)
+    return prompts + 24 * limits.max_seeds + 64 * limits.max_pool + (1 << 20)
+
+
+def _json_types(hint: Any) -> tuple[type, ...]:
+    """The JSON value types a `SearchConfig` field of type `hint` reads back from `config.json`."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return tuple(t for arg in typing.get_args(hint) for t in _json_types(arg))
+    origin = typing.get_origin(hint) or hint
+    if origin is type(None):
+        return (type(None),)
+    if origin is float:
+        return (int, float)
+    if origin in (list, tuple):
+        return (list,)
+    return (origin,)
+
+
+def config_types() -> dict[str, tuple[type, ...]]:
+    """`{field: JSON types}` of every [`SearchConfig`] field, derived from its type hints."""
+    hints = typing.get_type_hints(SearchConfig)
+    return {f.name: _json_types(hints[f.name]) for f in fields(SearchConfig)}
 
 
 class SearchCancelled(Exception):
@@ -233,36 +235,30 @@ class SearchJob:
         return line
 
 
-def _read_small_json(path: Path) -> Any:
-    """A small JSON file, or `None` when it is missing, too large, not UTF-8 or not JSON (nothing is quoted)."""
-    try:
-        if path.stat().st_size > MAX_META_BYTES:
-            return None
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return None
-
-
-def read_run_meta(run_dir: Path, name: str) -> dict[str, Any]:
+def read_run_meta(run_dir: Path, name: str, limits: Limits | None = None) -> dict[str, Any]:
     r"""
-    The `config.json` of a run folder, checked field by field; a `ValueError` that quotes nothing from the file
-    when it is not one HeadHunter wrote.
+    The `config.json` of a run folder, checked field by field against [`SearchConfig`]'s fields and types; a
+    `ValueError` that quotes nothing from the file when it is not one HeadHunter wrote.
 
     Args:
         run_dir (`Path`): The (resolved, contained) run folder.
         name (`str`): The run's name, for messages.
+        limits ([`Limits`], *optional*): The server's limits (they bound the file's size, see [`meta_bytes`]).
     """
     invalid = ValueError(
         f"Search run {name!r} is not a valid HeadHunter run folder (its config.json is missing or malformed)."
     )
-    meta = _read_small_json(run_dir / "config.json")
-    if not isinstance(meta, dict) or not isinstance(meta.get("config_hash"), str):
+    try:
+        meta = RunDirectory(run_dir).read_config(max_bytes=meta_bytes(limits))
+    except ValueError:
+        raise invalid from None
+    if meta is None:
         raise invalid
-    config = meta.get("config")
-    if not isinstance(config, dict) or set(config) - set(CONFIG_TYPES):
+    config, allowed = meta.get("config"), config_types()
+    if not isinstance(config, dict) or set(config) - set(allowed):
         raise invalid
     for key, value in config.items():
-        if isinstance(value, bool) or not isinstance(value, CONFIG_TYPES[key]):
+        if isinstance(value, bool) or not isinstance(value, allowed[key]):
             raise invalid
     if not all(isinstance(p, str) for p in config.get("prompts", [])):
         raise invalid
@@ -329,7 +325,7 @@ def config_from_run_dir(
     """
     run_dir = Path(run_dir)
     name = name or run_dir.name
-    meta = read_run_meta(run_dir, name)
+    meta = read_run_meta(run_dir, name, limits)
     if layout is not None:
         check_search(meta["config"], layout.num_layers, layout.num_heads, limits or Limits())
     try:
@@ -343,7 +339,7 @@ def config_from_run_dir(
 
 
 def run_scores(
-    run_dir: str | Path, config_hash: str | None = None, name: str | None = None
+    run_dir: str | Path, config_hash: str | None = None, name: str | None = None, limits: Limits | None = None
 ) -> tuple[int, dict[tuple[int, int], float], list[tuple[int, int]]]:
     r"""
     The latest round of a run directory: `(round, {(layer, head): score} so far, heads selected up to it)`.
@@ -352,15 +348,16 @@ def run_scores(
         run_dir (`str`): A HeadHunter run directory.
         config_hash (`str`, *optional*): Read from its `config.json` when not given.
         name (`str`, *optional*): The run's name, for messages.
+        limits ([`Limits`], *optional*): The server's limits (see [`read_run_meta`]).
     """
-    run = Path(run_dir)
+    run = RunDirectory(run_dir)
     if config_hash is None:
-        config_hash = read_run_meta(run, name or run.name)["config_hash"]
-    records = read_journal(run / "journal.jsonl", config_hash)
+        config_hash = read_run_meta(run.path, name or run.path.name, limits)["config_hash"]
+    records = run.read_journal(config_hash)
     current = max((r["round"] for r in records), default=0)
     selected: list[tuple[int, int]] = []
     for r in range(current + 1):
-        doc = _read_small_json(run / "rounds" / f"round_{r}.json")
+        doc = run.read_round_doc(r, max_bytes=meta_bytes(limits))
         heads = doc.get("selected") if isinstance(doc, dict) else None
         if isinstance(heads, list) and all(
             isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in h)

@@ -337,7 +337,7 @@ def expand_sweeps(
     """
     import itertools
 
-    from ..search.journal import top_k_heads
+    from ..search.rundir import RunDirectory
 
     if not sweeps:
         return [], {}
@@ -356,7 +356,7 @@ def expand_sweeps(
         label = []
         for name, value in zip(names, combo):
             if name == "top_k":
-                settings.pag_heads = str(HeadSet(top_k_heads(search_run, value)))
+                settings.pag_heads = str(HeadSet(RunDirectory(search_run).top_k_heads(value)))
             else:
                 setattr(settings, name, value)
             label.append(f"{name}={value}")

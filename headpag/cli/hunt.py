@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from .. import options
 
@@ -220,6 +219,7 @@ class Progress:
 def run(args: argparse.Namespace) -> int:
     from ..search.cost import Cost
     from ..search.report import describe_cost, write_report
+    from ..search.rundir import RunDirectory
 
     if getattr(args, "compare", None):
         from ..search.agreement import compare_runs, format_comparison
@@ -266,6 +266,6 @@ def run(args: argparse.Namespace) -> int:
         for i, (r, head) in enumerate((r, h) for r, rd in enumerate(result.rounds) for h in rd["chosen"]):
             print(f"  {i + 1:3d}. round {r}: {head[0]}.{head[1]}  score {result.rounds[r]['scores'][head]:.4f}")
         print(f"cost ({config.strategy}, whole run, resumed parts included): {describe_cost(Cost(**result.cost))}")
-        print(f"heads: {Path(args.output_dir) / 'selected_heads.json'}  (use --pag-heads-file)")
+        print(f"heads: {RunDirectory(args.output_dir).selected_heads_path}  (use --pag-heads-file)")
         print(f"report: {report / 'README.md'}")
     return 0

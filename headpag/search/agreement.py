@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .journal import JOURNAL_NAME, mean_scores, pair_scores, read_journal, read_round, read_run_config, run_num_pairs
+from .records import mean_scores, pair_scores
+from .rundir import RunDirectory
 
 
 Head = tuple[int, int]
@@ -15,18 +16,19 @@ Head = tuple[int, int]
 
 def _run(folder: Path) -> tuple[list[Head], dict[Head, float], int | None]:
     """`(selected heads in order, round-1 means of the heads scored on all pairs, M)` of a run folder."""
-    meta = read_run_config(folder)
+    run = RunDirectory(folder)
+    meta = run.read_config()
     if meta is None:
         raise ValueError(f"{folder} holds no HeadHunter run (no config.json).")
     settings = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    num_pairs = run_num_pairs(meta)
+    num_pairs = run.num_pairs(meta)
     if num_pairs is None:
         raise ValueError(f"{folder}/config.json does not describe a search (its settings do not form one).")
-    records = read_journal(folder / JOURNAL_NAME, meta["config_hash"], num_pairs=num_pairs)
+    records = run.read_journal(meta["config_hash"], num_pairs=num_pairs)
     selected: list[Head] = []
     rounds = settings.get("rounds") if isinstance(settings.get("rounds"), int) else 1
     for r in range(rounds):
-        parsed = read_round(folder / "rounds" / f"round_{r}.json", r)
+        parsed = run.read_round(r)
         if parsed is None:
             break
         selected += [h for h in parsed[1] if h not in selected]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -15,14 +14,16 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
-from .._io import atomic_write_json
+from .._lock import FolderLock
 from ..guidance import HeadSet
 from ..runtime import describe_transformer
 from .config import SearchConfig
-from .cost import Cost, RowCounter, check_cost
+from .cost import Cost, RowCounter
 from .gradient import head_gradients, require_differentiable
-from .journal import CONFIG_NAME, Journal, RunLock, check_head, journal_cost, read_round, remove_if_empty
+from .journal import Journal
 from .objectives import Objective, load_objective
+from .records import journal_cost
+from .rundir import RunDirectory
 from .strategies import RoundOutcome, Stage, halving_schedule, head_hunter, make_strategy, rank
 
 
@@ -129,6 +130,7 @@ class HeadHunter:
         if self.family == "sd3" and self.config.true_cfg_scale not in (None, 1.0):
             raise ValueError("true_cfg_scale applies to FLUX only; SD3's CFG scale is guidance_scale.")
         self.output_dir = Path(output_dir)
+        self.run_dir = RunDirectory(self.output_dir)
         self.model_name = model_name
         pool = self.pool()  # a pool outside the model fails here, before anything is written
         self.num_pairs = len(self.config.pairs())
@@ -141,7 +143,7 @@ class HeadHunter:
         )
         # Nothing is written here: config.json is written by run() once every check has passed.
         self.journal = Journal(
-            self.output_dir,
+            self.run_dir,
             self.config.config_hash(model_name),
             self.config.to_dict(),
             rounds=self.config.rounds,
@@ -162,7 +164,7 @@ class HeadHunter:
         self._replayed: set[int] = set()
 
     def _check_unlocked(self) -> None:
-        RunLock(self.output_dir).check()
+        self.run_dir.lock().check()
 
     def _all_agree(self, step: Callable[[], Any]) -> Any:
         """
@@ -356,61 +358,16 @@ class HeadHunter:
         return _RoundScore(self, round_index, selected, known)
 
     # ------------------------------------------------------------------ the gradient prefilter
-    def _gradient_file(self, round_index: int) -> Path:
-        return self.output_dir / "rounds" / f"round_{round_index}_gradients.json"
-
     def _read_gradients(
         self, round_index: int, candidates: Sequence[Head], selected: Sequence[Head]
     ) -> tuple[dict[Head, float], Cost] | None:
-        """
-        A round's journaled gradient ranking (`rounds/round_R_gradients.json`) and its cost, when it is exactly this
-        run's (same round, selected heads, candidates and `grad_steps`, finite values); else `None` (warned when the
-        file exists).
-        """
-        path = self._gradient_file(round_index)
-        if not path.exists():
-            return None
-        problem, values, cost = None, {}, Cost()
-        try:
-            doc = json.loads(path.read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-            doc, problem = None, "it is unreadable"
-        if problem is None and not isinstance(doc, dict):
-            problem = "it is not a JSON object"
-        elif problem is None:
-            rows = doc.get("gradients")
-            if doc.get("round") != round_index:
-                problem = "it belongs to another round"
-            elif doc.get("selected") != [list(h) for h in selected]:
-                problem = "its selected heads are not this round's"
-            elif doc.get("grad_steps") != self.config.grad_steps:
-                problem = "it was made with other grad_steps"
-            elif check_cost(doc.get("cost")) is not None:
-                problem = "its cost is invalid"
-            elif not isinstance(rows, list):
-                problem = "it holds no gradients"
-            else:
-                for row in rows:
-                    ok = (
-                        isinstance(row, list)
-                        and len(row) == 3
-                        and check_head(row[0], row[1]) is None
-                        and not isinstance(row[2], bool)
-                        and isinstance(row[2], (int, float))
-                        and math.isfinite(row[2])
-                    )
-                    if not ok or (row[0], row[1]) in values:
-                        problem = "its gradients are malformed"
-                        break
-                    values[(row[0], row[1])] = float(row[2])
-                if problem is None and set(values) != set(candidates):
-                    problem = "its heads are not this round's candidates"
-                cost = Cost.from_dict(doc.get("cost"))
-        if problem is not None:
+        """A round's gradient ranking and its cost when the run directory holds exactly this run's (else `None`)."""
+        got = self.run_dir.read_gradients(round_index, candidates, selected, self.config.grad_steps)
+        if isinstance(got, str):
             if self.state.is_main_process:
-                logger.warning("%s: %s; the gradients are recomputed.", path, problem)
+                logger.warning("%s: %s; the gradients are recomputed.", self.run_dir.gradients_path(round_index), got)
             return None
-        return values, cost
+        return got
 
     def _gradient_ranking(self, round_index: int, selected: list[Head], candidates: list[Head]) -> dict[Head, float]:
         """
@@ -420,36 +377,18 @@ class HeadHunter:
         """
         if self._read_gradients(round_index, candidates, selected) is None and self.state.is_main_process:
             values, cost = head_gradients(self, selected, candidates, progress=self.progress)
-            atomic_write_json(
-                self._gradient_file(round_index),
-                {
-                    "round": round_index,
-                    "selected": [list(h) for h in selected],
-                    "grad_steps": self.config.grad_steps,
-                    "gradients": [[l, h, g] for (l, h), g in sorted(values.items())],
-                    "cost": cost.to_dict(),
-                },
-            )
+            self.run_dir.write_gradients(round_index, selected, self.config.grad_steps, values, cost)
         self.state.wait_for_everyone()
         got = self._read_gradients(round_index, candidates, selected)
         if got is None:
-            raise RuntimeError(f"{self._gradient_file(round_index)} could not be read back.")
+            raise RuntimeError(f"{self.run_dir.gradients_path(round_index)} could not be read back.")
         return got[0]
 
     def _gradient_cost(self, round_index: int | None = None) -> Cost:
         """The cost of the gradient files of one round (or of all rounds), as written."""
         if self.config.strategy != "gradient":
             return Cost()
-        total = Cost()
-        for r in range(self.config.rounds) if round_index is None else [round_index]:
-            path = self._gradient_file(r)
-            try:
-                doc = json.loads(path.read_bytes().decode("utf-8")) if path.exists() else None
-            except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-                doc = None
-            if isinstance(doc, dict):
-                total = total + Cost.from_dict(doc.get("cost"))
-        return total
+        return self.run_dir.gradients_cost(range(self.config.rounds) if round_index is None else [round_index])
 
     # ------------------------------------------------------------------ the search
     def pool(self) -> list[Head]:
@@ -460,17 +399,18 @@ class HeadHunter:
         """
         Run (or resume) the search; every process returns the same result.
 
-        The run folder is locked for the run ([`RunLock`], `output_dir/.lock`): only the main process takes the lock
-        and writes `config.json`, round files and the selected heads; the other processes of the same run (under
-        `accelerate launch` / `torchrun`) only append their candidates to the journal, serialized with the main
-        process by the journal's `flock`, and stop with the main process's error when it cannot start. The lock is
-        released when `run` returns or raises; a run that fails before journaling anything removes the
+        The run folder is locked for the run ([`~search.rundir.RunDirectory.lock`], `output_dir/.lock`): only the
+        main process takes the lock and writes `config.json`, round files and the selected heads; the other
+        processes of the same run (under `accelerate launch` / `torchrun`) only append their candidates to the
+        journal, serialized with the main process by the journal's `flock`, and stop with the main process's error
+        when it cannot start. The lock is released when `run` returns or raises; a run that fails before journaling
+        anything removes the
         `config.json` it wrote (and the folder, when it created it and left it empty).
 
         Raises:
-            [`RunDirectoryLocked`]: when another live run writes the folder (naming it and the owner's pid).
+            [`~headpag._lock.FolderLocked`]: when another live run writes the folder (naming it and the owner's pid).
         """
-        run_lock = RunLock(self.output_dir)
+        run_lock = self.run_dir.lock()
         created_dir = not self.output_dir.exists()
         wrote_config = self._all_agree(lambda: self._start(run_lock, created_dir))
         finished = False
@@ -481,12 +421,12 @@ class HeadHunter:
         finally:
             if run_lock.held:
                 if not finished and wrote_config and not self.journal.path.exists():
-                    (self.output_dir / CONFIG_NAME).unlink(missing_ok=True)  # nothing journaled: leave nothing
+                    self.run_dir.remove_config()  # nothing journaled: leave nothing
                 run_lock.release()
                 if not finished and created_dir:
-                    remove_if_empty(self.output_dir)
+                    self.run_dir.remove_if_empty()
 
-    def _start(self, run_lock: RunLock, created_dir: bool) -> bool:
+    def _start(self, run_lock: FolderLock, created_dir: bool) -> bool:
         """Main process: take the lock, then write `config.json`; whether it was written now."""
         run_lock.acquire()
         try:
@@ -494,15 +434,15 @@ class HeadHunter:
         except BaseException:
             run_lock.release()
             if created_dir:
-                remove_if_empty(self.output_dir)
+                self.run_dir.remove_if_empty()
             raise
 
     def _replay(self, r: int, pool: list[Head], selected: list[Head]) -> RoundOutcome | None:
         """A round file's outcome when it is exactly what this run would write, else `None` (warned)."""
-        round_file = self.output_dir / "rounds" / f"round_{r}.json"
+        round_file = self.run_dir.round_path(r)
         if not round_file.exists():
             return None
-        parsed = read_round(round_file, r)
+        parsed = self.run_dir.read_round(r)
         if parsed is None:
             return None
         scores, chosen, recorded_selected = parsed
@@ -517,7 +457,7 @@ class HeadHunter:
         if set(scores) != set(pool):
             problem = "its scored heads are not this round's candidates"
         else:
-            stages, problem = self._read_stages(round_file, pool)
+            stages, problem = self._read_stages(r, pool)
         if problem is None and chosen != rank({h: scores[h] for h in stages[-1].candidates}, self.config.top_k):
             problem = "its chosen heads are not the top-k of its scores"
         elif problem is None and recorded_selected != selected + chosen:
@@ -531,31 +471,17 @@ class HeadHunter:
         self._replayed.add(r)
         return RoundOutcome(scores, chosen, stages, prefilter)
 
-    def _read_stages(self, round_file: Path, pool: list[Head]) -> tuple[list[Stage] | None, str | None]:
+    def _read_stages(self, r: int, pool: list[Head]) -> tuple[list[Stage] | None, str | None]:
         """The stages of a round file and `None`, or `None` and why they are not this run's schedule."""
-        try:
-            raw = json.loads(round_file.read_bytes().decode("utf-8")).get("stages")
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
-            return None, "it is unreadable"
+        recorded = self.run_dir.read_stages(r)
         c, all_pairs = self.config, list(range(self.num_pairs))
-        if raw is None:  # written before the strategies existed: one exhaustive stage
+        if isinstance(recorded, str):
+            return None, recorded
+        if recorded is None:  # written before the strategies existed: one exhaustive stage
             if c.strategy != "exhaustive" and c.halving_min_pairs < self.num_pairs:
                 return None, "it records no stages"
             return [Stage(all_pairs, list(pool))], None
-        stages: list[Stage] = []
-        for item in raw if isinstance(raw, list) else [None]:
-            pairs = item.get("pairs") if isinstance(item, dict) else None
-            heads = item.get("candidates") if isinstance(item, dict) else None
-            if (
-                not isinstance(pairs, list)
-                or not isinstance(heads, list)
-                or not all(isinstance(h, list) and len(h) == 2 and check_head(*h) is None for h in heads)
-            ):
-                return None, "its stages are malformed"
-            proxy = item.get("proxy", False)
-            if not isinstance(proxy, bool):
-                return None, "its stages are malformed"
-            stages.append(Stage(pairs, [(h[0], h[1]) for h in heads], proxy=proxy))
+        stages = recorded
         # The schedule the strategy follows: which pairs each stage renders and how many candidates it keeps.
         min_pairs = self.num_pairs if c.strategy == "exhaustive" else c.halving_min_pairs
         schedule = halving_schedule(len(pool), self.num_pairs, c.top_k, min_pairs, c.halving_eta, c.has_proxy)
@@ -575,8 +501,8 @@ class HeadHunter:
         if r in self._replayed:
             return
         if self.state.is_main_process:
-            atomic_write_json(
-                self.output_dir / "rounds" / f"round_{r}.json",
+            self.run_dir.write_round(
+                r,
                 {
                     "round": r,
                     "strategy": self.config.strategy,
@@ -627,14 +553,14 @@ class HeadHunter:
             cost,
         )
         if self.state.is_main_process:
-            result.save_heads(self.output_dir / "selected_heads.json")
+            result.save_heads(self.run_dir.selected_heads_path)
         self.state.wait_for_everyone()
         return result
 
     def validation_images(self, count: int = 4):
         """Baseline (no PAG) and selected-heads images for the first `count` pairs, same seeds."""
         pairs = self.config.pairs()[:count]
-        selected = HeadSet(json.loads((self.output_dir / "selected_heads.json").read_text())["heads"])
+        selected = HeadSet.load(self.run_dir.selected_heads_path)
         baseline = self.generate([(selected, p, s) for p, s in pairs], pag=False)
         guided = self.generate([(selected, p, s) for p, s in pairs])
         return pairs, baseline, guided

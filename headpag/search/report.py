@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,21 +12,8 @@ from .._io import atomic_write_bytes, atomic_write_text, save_png
 from ..eval.grids import image_grid
 from ..guidance import HeadSet
 from .cost import Cost
-from .journal import (
-    CONFIG_NAME,
-    JOURNAL_NAME,
-    MAX_INDEX,
-    check_head,
-    is_proxy,
-    journal_cost,
-    mean_scores,
-    pair_scores,
-    read_journal,
-    read_round,
-    read_run_config,
-    record_pairs,
-    run_num_pairs,
-)
+from .records import MAX_INDEX, check_head, is_proxy, journal_cost, mean_scores, pair_scores, record_pairs
+from .rundir import RunDirectory
 
 
 logger = logging.get_logger(__name__)
@@ -69,17 +55,6 @@ def heatmap_png(
 def _positive_int(value: Any) -> int | None:
     """`value` when it is a plausible count (an int in 1..`MAX_INDEX`), else `None`."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_INDEX else None
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file's content, or `None` (with a warning) when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        logger.warning("%s is unreadable (%s); ignored.", path, e)
-        return None
 
 
 def describe_cost(cost: Cost) -> str:
@@ -146,14 +121,14 @@ def write_report(
         `ValueError`: when the folder has no readable `config.json` (not a HeadHunter run directory).
     """
     out = Path(output_dir)
-    report = out / "report"
-    meta = read_run_config(out)
+    run = RunDirectory(out)
+    report = run.report_dir
+    meta = run.read_config()
     if meta is None:
-        raise ValueError(f"{out} is not a HeadHunter run directory: it has no {CONFIG_NAME}.")
+        raise ValueError(f"{out} is not a HeadHunter run directory: it has no {run.config_path.name}.")
     config_hash = meta["config_hash"]
     settings = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    heads_doc = _read_json(out / "selected_heads.json")
-    heads_doc = heads_doc if isinstance(heads_doc, dict) else {}
+    heads_doc = run.read_selected_doc() or {}
     num_layers = _positive_int(num_layers) or _positive_int(meta.get("num_layers"))
     num_layers = num_layers or _positive_int(heads_doc.get("num_layers"))
     num_heads = _positive_int(num_heads) or _positive_int(meta.get("num_heads"))
@@ -164,9 +139,11 @@ def write_report(
         try:
             pool = HeadSet.parse(settings["pool"])
         except ValueError as e:
-            logger.warning("%s: the pool %r is invalid (%s); not checked.", out / CONFIG_NAME, settings["pool"], e)
-    num_pairs = run_num_pairs(meta)
-    records = read_journal(out / JOURNAL_NAME, config_hash, num_rounds, pool, num_layers, num_heads, num_pairs)
+            logger.warning("%s: the pool %r is invalid (%s); not checked.", run.config_path, settings["pool"], e)
+    num_pairs = run.num_pairs(meta)
+    records = run.read_journal(
+        config_hash, rounds=num_rounds, pool=pool, num_layers=num_layers, num_heads=num_heads, num_pairs=num_pairs
+    )
 
     def valid_head(head: tuple[int, int]) -> bool:
         return check_head(*head, pool, num_layers, num_heads) is None
@@ -176,10 +153,9 @@ def write_report(
     for r in sorted({x["round"] for x in records}):
         rounds[r] = (mean_scores(pair_scores(records, r, num_pairs)), [], False)
     for r in range(num_rounds or (max(rounds, default=-1) + 1)):
-        round_file = out / "rounds" / f"round_{r}.json"
-        parsed = read_round(round_file, r) if round_file.exists() else None
+        parsed = run.read_round(r)
         if parsed is not None and not all(valid_head(h) for h in parsed[0]):
-            logger.warning("%s scores heads outside the model or the pool; ignored.", round_file)
+            logger.warning("%s scores heads outside the model or the pool; ignored.", run.round_path(r))
             parsed = None
         if parsed is not None:
             rounds[r] = (parsed[0], parsed[1], True)

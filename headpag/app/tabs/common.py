@@ -14,10 +14,10 @@ import gradio as gr
 from diffusers.utils import logging
 from PIL import Image
 
+from ..._lock import FolderLocked
 from ...options import Limits
 from ...pipelines.names import MODEL_DEFAULTS, OFFLINE_MODELS
 from ...pipelines.tiny import TINY_MODELS
-from ...search.journal import RunDirectoryLocked
 from ..admission import Admission
 from ..generate import Cancelled
 from ..heads_grid import render_grid, selected_pairs
@@ -76,7 +76,7 @@ class AppContext:
             return self.roots.redact(str(error.message))
         if isinstance(error, UnicodeError):  # its message quotes the bytes it could not decode
             return "A file could not be read as text (not UTF-8); nothing was done."
-        if isinstance(error, RunDirectoryLocked):  # its message names the owner's pid and host: not for clients
+        if isinstance(error, FolderLocked):  # its message names the owner's pid and host: not for clients
             logger.warning(str(error))
             return "This search run is in use by another search; try again when that one has finished."
         if isinstance(error, (ValueError, Cancelled, SearchCancelled)):

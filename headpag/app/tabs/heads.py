@@ -10,6 +10,7 @@ import gradio as gr
 
 from ...guidance import HeadSet
 from ...guidance.presets import list_presets, load_preset
+from ...search.rundir import RunDirectory
 from .. import inputs
 from ..heads_grid import cell_at, selected_pairs, toggle
 from ..search import run_scores
@@ -21,7 +22,7 @@ MAX_HEADSET_FILE_BYTES = 1 << 20  # a head-set file is a few kB; anything larger
 
 def search_runs(ctx: AppContext) -> list[str]:
     """Names of the search runs (folders of the search root with a `config.json`)."""
-    return ctx.roots.names("search", folder=True, predicate=lambda p: (p / "config.json").is_file())
+    return ctx.roots.names("search", folder=True, predicate=lambda p: RunDirectory(p).exists())
 
 
 def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
@@ -153,7 +154,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
     def load_scores(run: str, spec: str):
         folder = roots.path("search", run, "search run", folder=True)
         roots.check_tree("search", folder, f"search run {run!r}")
-        _, scores, _ = run_scores(folder, name=run)
+        _, scores, _ = run_scores(folder, name=run, limits=ctx.limits)
         if not scores:
             raise ValueError(f"Search run {run!r} has no scored candidates yet.")
         state = {f"{layer}.{head}": score for (layer, head), score in scores.items()}

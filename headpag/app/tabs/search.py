@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ...search.config import SearchConfig
+from ...search.rundir import RunDirectory
 from .. import inputs, models
 from ..search import SearchJob, check_search, config_from_run_dir, read_run_meta
 from .common import AppContext, client
@@ -188,8 +189,8 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
         weights = objective_weights(objective, objective_model, objective_arch)
         run, folder = run_folder(run)
         if folder.exists():
-            if (folder / "config.json").exists():
-                meta = read_run_meta(folder, run)
+            if RunDirectory(folder).exists():
+                meta = read_run_meta(folder, run, limits)
                 if meta["config_hash"] != config.config_hash(host.model_name or ""):
                     raise ValueError(
                         f"Search run {run!r} holds a search with other settings (or another model): choose another "
