@@ -161,7 +161,7 @@ def test_huge_ranges_stay_symbolic():
 
 
 def test_spec_limits():
-    from headpag.guidance.heads import MAX_SPEC_CHARS, MAX_SPEC_ENTRIES
+    from headpag.guidance.head_rows import MAX_SPEC_CHARS, MAX_SPEC_ENTRIES
 
     with pytest.raises(ValueError, match=f"at most {MAX_SPEC_CHARS} are allowed"):
         HeadSet.parse("1" + " " * MAX_SPEC_CHARS)

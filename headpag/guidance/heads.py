@@ -13,15 +13,25 @@ from __future__ import annotations
 
 import bisect
 import json
-import operator
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Union
 
 from .._io import atomic_write_json
+from .head_rows import (
+    MAX_EXPANDED,
+    Entry,
+    Row,
+    check_dim,
+    check_index,
+    fmt_range,
+    merge,
+    normalize,
+    parse_spec,
+    subtract,
+)
 
 
 FILE_FORMAT = "headpag.headset"
@@ -37,162 +47,7 @@ METADATA_KEYS = (
     "provenance",
 )
 
-# Bounds on what a spec string may ask for, so that one short request cannot make the parser do much work.
-MAX_SPEC_CHARS = 20_000
-"""Longest accepted spec string (every head of FLUX.1 written out one by one takes about 10,000 characters)."""
-MAX_SPEC_ENTRIES = 2_048
-"""Most comma-separated entries in one spec string (FLUX.1 has 1,368 heads)."""
-MAX_INDEX_DIGITS = 9
-"""Layer and head numbers in a spec have at most this many digits."""
-MAX_EXPANDED = 1 << 20
-"""Most heads that [`HeadSet.pairs`], [`HeadSet.layers`] or a JSON file list one by one."""
-_SPEC_WORK_BUDGET = 1 << 18  # union work allowed for overlapping multi-layer ranges in one spec
-
-# One entry of a spec (already stripped): "L", "L.*", "L.H", "L.H1-H2", "L1-L2", "L1-L2.H", ...
-_RANGE = r"\d+(?:\s*-\s*\d+)?"
-_ENTRY_RE = re.compile(rf"(?P<layers>{_RANGE})\s*(?:\.\s*(?P<heads>\*|{_RANGE}))?")
-
-# `None` as head means "every head of the layer" until the set is resolved against a model.
-Entry = tuple[int, Union[int, None]]
 HeadSetLike = Union["HeadSet", str, Iterable[Any], None]
-# Inclusive `(low, high)` runs; a row is `(first_layer, last_layer, heads)` with `heads` a tuple of disjoint,
-# non-adjacent, sorted head runs, or `None` for every head of those layers.
-Interval = tuple[int, int]
-Heads = Union[tuple[Interval, ...], None]
-Row = tuple[int, int, Heads]
-
-
-class _TooComplex(Exception):
-    pass
-
-
-def _fmt(lo: int, hi: int) -> str:
-    return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
-def _merge(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
-    """Sorted, disjoint, non-adjacent runs covering the same integers as `intervals`."""
-    out: list[list[int]] = []
-    for lo, hi in sorted(intervals):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return tuple((lo, hi) for lo, hi in out)
-
-
-def _cut(rows: list[Row], layers: tuple[Interval, ...]) -> list[Row]:
-    """`rows` (sorted, disjoint) without the layer runs `layers` (sorted, disjoint), in one pass."""
-    out: list[Row] = []
-    j = 0
-    for lo, hi, heads in rows:
-        while j < len(layers) and layers[j][1] < lo:
-            j += 1
-        k, cur = j, lo
-        while k < len(layers) and layers[k][0] <= hi:
-            if layers[k][0] > cur:
-                out.append((cur, layers[k][0] - 1, heads))
-            cur = max(cur, layers[k][1] + 1)
-            k += 1
-        if cur <= hi:
-            out.append((cur, hi, heads))
-    return out
-
-
-def _subtract(a: tuple[Interval, ...], b: tuple[Interval, ...]) -> tuple[Interval, ...]:
-    """The integers of runs `a` that are not in runs `b` (both sorted and disjoint)."""
-    return tuple((lo, hi) for lo, hi, _ in _cut([(lo, hi, None) for lo, hi in a], b))
-
-
-def _normalize(rects: Iterable[Row], budget: int | None = None) -> tuple[Row, ...]:
-    """
-    The canonical rows of a union of rectangles `(first_layer, last_layer, heads)`: sorted, disjoint layer runs,
-    whole-layer rows absorbing explicit heads, and neighbouring rows with equal heads merged.
-
-    `budget` bounds the work spent on overlapping multi-layer rows (raises `_TooComplex`).
-    """
-    rects = list(rects)
-    whole = _merge((lo, hi) for lo, hi, heads in rects if heads is None)
-    # Rows with the same heads first merge their layer runs, so repeating one head over nested ranges stays cheap.
-    groups: dict[tuple[Interval, ...], list[Interval]] = {}
-    for lo, hi, heads in rects:
-        if heads is not None:
-            groups.setdefault(heads, []).append((lo, hi))
-    explicit = sorted(
-        ((lo, hi, heads) for heads, runs in groups.items() for lo, hi in _merge(runs)), key=lambda r: r[0]
-    )
-    rows: list[Row] = []
-    if explicit:
-        points = sorted({r[0] for r in explicit} | {r[1] + 1 for r in explicit})
-        active: list[Row] = []
-        i = work = 0
-        for start, stop in zip(points, points[1:]):
-            while i < len(explicit) and explicit[i][0] == start:
-                active.append(explicit[i])
-                i += 1
-            active = [r for r in active if r[1] >= start]
-            if not active:
-                continue
-            work += len(active) + sum(len(r[2]) for r in active)
-            if budget is not None and work > budget:
-                raise _TooComplex
-            heads = active[0][2] if len(active) == 1 else _merge(iv for r in active for iv in r[2])
-            rows.append((start, stop - 1, heads))
-        # A whole-layer wildcard absorbs explicit heads of the same layer.
-        rows = _cut(rows, whole)
-    rows.extend((lo, hi, None) for lo, hi in whole)
-    rows.sort(key=lambda r: r[0])
-    out: list[Row] = []
-    for row in rows:
-        if out and out[-1][1] + 1 == row[0] and out[-1][2] == row[2]:
-            out[-1] = (out[-1][0], row[1], row[2])
-        else:
-            out.append(row)
-    return tuple(out)
-
-
-def _index(value: Any, what: str, item: Any, allow_none: bool = False) -> int | None:
-    """`value` as a layer/head number: an int (or an integer-like object such as a NumPy int) >= 0."""
-    if value is None and allow_none:
-        return None
-    problem = None
-    if isinstance(value, bool):
-        problem = f"got the bool {value!r}"
-    elif isinstance(value, float):
-        problem = f"got the float {value!r}"
-    else:
-        try:
-            number = operator.index(value)
-        except TypeError:
-            problem = f"got {type(value).__name__} {value!r}"
-        else:
-            if number >= 0:
-                return number
-            problem = f"got {number}"
-    extra = " or None (whole layer)" if allow_none else ""
-    shown = tuple(item) if isinstance(item, list) else item
-    raise ValueError(f"Invalid head {shown!r}: {what} must be an int >= 0{extra}, {problem}.")
-
-
-def _parse_range(text: str, what: str, entry: str) -> Interval:
-    parts = [p.strip() for p in text.split("-")]
-    for part in parts:
-        if len(part) > MAX_INDEX_DIGITS:
-            raise ValueError(
-                f"Invalid head spec entry {entry[:40]!r}: {what} number {part[:12]}... has more than "
-                f"{MAX_INDEX_DIGITS} digits."
-            )
-    lo = int(parts[0])
-    hi = int(parts[-1])
-    if hi < lo:
-        raise ValueError(f"Invalid head spec entry {entry!r}: {what} range {lo}-{hi} is empty (write low-high).")
-    return lo, hi
-
-
-def _check_dim(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    return value
 
 
 def _rects_of(value: Any) -> list[Row]:
@@ -208,7 +63,7 @@ def _rects_of(value: Any) -> list[Row]:
     ):
         raise ValueError(f"Cannot build a head set from {value!r}: pass a spec string, pairs or layer ints.")
     if not isinstance(value, Iterable):
-        layer = _index(value, "layer", value)
+        layer = check_index(value, "layer", value)
         return [(layer, layer, None)]
     rects: list[Row] = []
     by_layer: dict[int, set[int] | None] = {}
@@ -217,14 +72,14 @@ def _rects_of(value: Any) -> list[Row]:
             rects.extend(_rects_of(item))
             continue
         if isinstance(item, (tuple, list)) and len(item) == 2:
-            layer = _index(item[0], "layer", item)
-            head = _index(item[1], "head", item, allow_none=True)
+            layer = check_index(item[0], "layer", item)
+            head = check_index(item[1], "head", item, allow_none=True)
         elif isinstance(item, Iterable):
             raise ValueError(
                 f"Invalid head {item!r}: expected a layer int, a (layer, head) pair, a spec string or a HeadSet."
             )
         else:
-            layer, head = _index(item, "layer", item), None
+            layer, head = check_index(item, "layer", item), None
         if head is None:
             by_layer[layer] = None
         else:
@@ -235,7 +90,7 @@ def _rects_of(value: Any) -> list[Row]:
         if heads is None:
             rects.append((layer, layer, None))
         else:
-            rects.append((layer, layer, _merge((h, h) for h in heads)))
+            rects.append((layer, layer, merge((h, h) for h in heads)))
     return rects
 
 
@@ -273,7 +128,7 @@ class HeadSet:
     __slots__ = ("_rows", "_metadata")
 
     def __init__(self, heads: HeadSetLike | int = (), metadata: Mapping[str, Any] | None = None):
-        self._rows: tuple[Row, ...] = _normalize(_rects_of(heads))
+        self._rows: tuple[Row, ...] = normalize(_rects_of(heads))
         self._metadata = MappingProxyType(dict(metadata or {}))
 
     @classmethod
@@ -297,40 +152,7 @@ class HeadSet:
         Raises:
             `ValueError`: naming the bad entry, or the limit a too long spec exceeds.
         """
-        if not isinstance(spec, str):
-            raise ValueError(f"Head spec must be a string, got {type(spec).__name__}.")
-        if len(spec) > MAX_SPEC_CHARS:
-            raise ValueError(
-                f"Invalid head spec {spec[:40]!r}...: {len(spec)} characters, at most {MAX_SPEC_CHARS} are allowed."
-            )
-        if spec.count(",") >= MAX_SPEC_ENTRIES:
-            raise ValueError(
-                f"Invalid head spec {spec[:40]!r}...: {spec.count(',') + 1} entries, at most {MAX_SPEC_ENTRIES} "
-                "are allowed (use ranges such as '3.0-5' or '7-9')."
-            )
-        rects: list[Row] = []
-        for raw in spec.split(","):
-            entry = raw.strip()
-            if not entry:
-                if spec.strip():
-                    raise ValueError(f"Invalid head spec {spec[:80]!r}: empty entry between commas.")
-                continue
-            m = _ENTRY_RE.fullmatch(entry)
-            if m is None:
-                raise ValueError(
-                    f"Invalid head spec entry {entry[:40]!r} in {spec[:80]!r}: expected 'L', 'L.*', 'L.H', "
-                    "'L.H1-H2' or 'L1-L2' with non-negative integers (e.g. '11.15, 7, 3.0-5')."
-                )
-            lo, hi = _parse_range(m["layers"], "layer", entry)
-            heads = m["heads"]
-            rects.append((lo, hi, None if heads in (None, "*") else (_parse_range(heads, "head", entry),)))
-        try:
-            return cls._from_rows(_normalize(rects, budget=_SPEC_WORK_BUDGET))
-        except _TooComplex:
-            raise ValueError(
-                f"Invalid head spec {spec[:40]!r}...: too many overlapping multi-layer ranges; write the heads "
-                "with fewer overlapping entries."
-            ) from None
+        return cls._from_rows(parse_spec(spec))
 
     @classmethod
     def coerce(cls, value: HeadSetLike | int) -> HeadSet:
@@ -408,19 +230,19 @@ class HeadSet:
             if mine is None:
                 continue
             theirs = other._row_at(start)
-            heads = mine[2] if theirs is None else _subtract(mine[2], theirs[2])
+            heads = mine[2] if theirs is None else subtract(mine[2], theirs[2])
             if heads:
                 rects.append((start, stop - 1, heads))
-        return HeadSet._from_rows(_normalize(rects), metadata=self._metadata)
+        return HeadSet._from_rows(normalize(rects), metadata=self._metadata)
 
     def __str__(self) -> str:
         parts: list[str] = []
         for lo, hi, heads in self._rows:
-            layers = _fmt(lo, hi)
+            layers = fmt_range(lo, hi)
             if heads is None:
                 parts.append(layers)
             else:
-                parts.extend(f"{layers}.{_fmt(a, b)}" for a, b in heads)
+                parts.extend(f"{layers}.{fmt_range(a, b)}" for a, b in heads)
         return ", ".join(parts)
 
     def __repr__(self) -> str:
@@ -484,12 +306,12 @@ class HeadSet:
                 `"Head set entry '0-99999999' is out of range: layers 24-99999999 do not exist; valid layers are
                 0-23."`
         """
-        _check_dim(num_layers, "num_layers")
-        _check_dim(num_heads, "num_heads")
+        check_dim(num_layers, "num_layers")
+        check_dim(num_heads, "num_heads")
         for lo, hi, heads in self._rows:
-            layers = _fmt(lo, hi)
+            layers = fmt_range(lo, hi)
             if hi >= num_layers:
-                entry = layers if heads is None else f"{layers}.{_fmt(*heads[0])}"
+                entry = layers if heads is None else f"{layers}.{fmt_range(*heads[0])}"
                 first = max(lo, num_layers)
                 missing = f"layer {hi} does not exist" if first == hi else f"layers {first}-{hi} do not exist"
                 raise ValueError(
@@ -500,7 +322,7 @@ class HeadSet:
                 first = max(a, num_heads)
                 missing = f"head {b} does not exist" if first == b else f"heads {first}-{b} do not exist"
                 raise ValueError(
-                    f"Head set entry '{layers}.{_fmt(a, b)}' is out of range: {missing}; "
+                    f"Head set entry '{layers}.{fmt_range(a, b)}' is out of range: {missing}; "
                     f"valid heads are 0-{num_heads - 1}."
                 )
         return self
@@ -518,7 +340,7 @@ class HeadSet:
         """
         self.check(num_layers, num_heads)
         every = ((0, num_heads - 1),)
-        rows = _normalize((lo, hi, every if heads is None else heads) for lo, hi, heads in self._rows)
+        rows = normalize((lo, hi, every if heads is None else heads) for lo, hi, heads in self._rows)
         return HeadSet._from_rows(rows, metadata=self._metadata)
 
     def with_metadata(self, **metadata: Any) -> HeadSet:
