@@ -238,7 +238,7 @@ def test_cli_flags_build_the_gradient_strategy():
 )
 def test_the_differentiable_render_is_the_pipelines_and_flux_gradients_match(model, extra, tmp_path):
     from headpag import load_pipeline
-    from headpag.search.gradient import RENDERERS, weight_matrix
+    from headpag.search.gradient import render, weight_matrix
 
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -248,7 +248,7 @@ def test_the_differentiable_render_is_the_pipelines_and_flux_gradients_match(mod
     image = hunter.generate([(HeadSet(selected), "a cat", 1)])[0]
     matrix = weight_matrix(layout.num_layers, layout.num_heads, selected, config.pag_identity_weight)
     with torch.no_grad():
-        tensor = RENDERERS[hunter.family](hunter, matrix, HeadSet(selected), "a cat", 1, 2)
+        tensor = render(hunter, matrix, HeadSet(selected), "a cat", 1, 2)
     # The same image as the pipeline's, up to its uint8 rounding.
     assert np.abs(tensor[0].permute(1, 2, 0).numpy() * 255 - np.asarray(image, np.float32)).max() <= 0.51
     if model != "tiny-flux":

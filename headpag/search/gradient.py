@@ -19,19 +19,22 @@ checkpointed step activates its own plan again when it is recomputed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from diffusers.utils import logging
 
 from ..guidance import HeadSet
 from ..guidance.plan import PerturbationPlan
 from ..guidance.softpag import Perturbation
+from ..pipelines.policy import cfg_scale, conditional_rows, sampling
 from ..runtime import CallPlan, CallState, PerturbedCall, activated, ensure_hooks
 from .cost import Cost
 
+
+logger = logging.get_logger(__name__)
 
 Head = tuple[int, int]
 # Backward is counted as two forward passes: the gradient pass costs three times its forward row-evaluations.
@@ -110,7 +113,7 @@ def _frozen(*modules: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def render_sd3(
+def render(
     hunter,
     matrix: torch.Tensor,
     heads: HeadSet,
@@ -120,9 +123,10 @@ def render_sd3(
     checkpoint: bool = False,
 ) -> torch.Tensor:
     r"""
-    One SD3 image, differentiable in `matrix`: the pipeline's latents (same generator), timesteps (dynamic shift
-    included), CFG and PAG (`v + s (v_c - v_p)` at every step) over `steps` Euler steps, decoded to `(1, 3, H, W)`
-    in [0, 1].
+    One image, differentiable in `matrix`: the pipeline's latents (same generator) and timesteps, its CFG
+    (`v_u + g (v_c - v_u)`, the unconditional prediction unperturbed) and PAG (`+ s (v_c - v_p)`) over `steps` Euler
+    steps, decoded to `(1, 3, H, W)` in [0, 1]. The per-family parts (latents, timesteps, the guided transformer
+    calls, decoding) are [`~headpag.pipelines.policy.sampling`]'s.
 
     Args:
         hunter ([`HeadHunter`]): Its pipeline, settings and text embeddings.
@@ -131,63 +135,34 @@ def render_sd3(
         prompt (`str`), seed (`int`): The pair. steps (`int`): Sampling steps.
         checkpoint (`bool`, defaults to `False`): Checkpoint each sampling step (see [`head_gradients`]).
     """
-    pipe, c = hunter.pipe, hunter.config
-    transformer = pipe.transformer
-    cfg = hunter._cfg()
-    emb = hunter._embed(prompt)
-    pe, pp = emb["prompt_embeds"], emb["pooled_prompt_embeds"]
-    if cfg:
-        pe = torch.cat([emb["negative_prompt_embeds"], pe])
-        pp = torch.cat([emb["negative_pooled_prompt_embeds"], pp])
-    device = pipe._execution_device
-    generator = torch.Generator().manual_seed(seed)
-    latents = pipe.prepare_latents(
-        1, transformer.config.in_channels, c.height, c.width, pe.dtype, device, [generator], None
-    )
-    scheduler = copy.deepcopy(pipe.scheduler)
-    kwargs: dict[str, Any] = {}
-    if scheduler.config.get("use_dynamic_shifting", None):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        patch = transformer.config.patch_size
-        kwargs["mu"] = calculate_shift(
-            (latents.shape[2] // patch) * (latents.shape[3] // patch),
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.16),
-        )
-    scheduler.set_timesteps(steps, device=device, **kwargs)
+    pipe, c, family = hunter.pipe, hunter.config, hunter.family
+    cfg, emb = hunter._cfg(), hunter._embed(prompt)
+    run = sampling(pipe, family, c.height, c.width, seed, steps, c.guidance_scale, emb["prompt_embeds"].dtype)
+    g = cfg_scale(family, c.guidance_scale, c.true_cfg_scale)
     perturbation = Perturbation(c.pag_identity_weight, c.pag_identity_scope)
 
-    def decide(call_kwargs: dict[str, Any], state: CallState) -> PerturbedCall:
-        n = call_kwargs["hidden_states"].shape[0]
-        return PerturbedCall(list(range(n // 2, n)) if cfg else list(range(n)), c.pag_scale)
+    def decide(call_kwargs: dict[str, Any], state: CallState) -> PerturbedCall | None:
+        if not state.begin_conditional(call_kwargs.get("timestep")):
+            return None  # FLUX's negative-prompt call
+        return PerturbedCall(conditional_rows(family, call_kwargs["hidden_states"].shape[0], cfg), c.pag_scale)
 
     def velocity(latents: torch.Tensor, matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         plan = WeightedCallPlan(hunter.layout, heads, matrix, perturbation, decide)
         ensure_hooks(plan)
-        x = torch.cat([latents] * 2) if cfg else latents
         with activated(plan) as state:
-            v = transformer(
-                hidden_states=x,
-                timestep=t.expand(x.shape[0]),
-                encoder_hidden_states=pe,
-                pooled_projections=pp,
-                return_dict=False,
-            )[0]
-            if cfg:
-                v_u, v_c = v.chunk(2)
-                v = v_u + c.guidance_scale * (v_c - v_u)
-            return state.add_pending(v)
+            v_u, v_c = run.predict(latents, t, emb, cfg)
+            return state.add_pending(v_c if v_u is None else v_u + g * (v_c - v_u))
 
+    return run.decode(sample_euler(velocity, run.latents, matrix, run.scheduler, checkpoint))
+
+
+def sample_euler(
+    velocity: Callable[..., torch.Tensor], x: torch.Tensor, matrix: torch.Tensor, scheduler, checkpoint=False
+):
+    """Euler sampling over the scheduler's timesteps with the guided `velocity(x, matrix, t)`."""
     for i, t in enumerate(scheduler.timesteps):
-        v = _step(velocity, checkpoint, latents, matrix, t)
-        latents = euler_step(scheduler, i, v, t, latents)
-    latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-    image = image.to(torch.promote_types(image.dtype, torch.float32))  # float32 at least (float64 stays)
-    return (image / 2 + 0.5).clamp(0, 1)
+        x = euler_step(scheduler, i, _step(velocity, checkpoint, x, matrix, t), t, x)
+    return x
 
 
 def _step(velocity: Callable[..., torch.Tensor], checkpoint: bool, *args: torch.Tensor) -> torch.Tensor:
@@ -215,93 +190,6 @@ def euler_step(scheduler, i: int, v: torch.Tensor, t: torch.Tensor, latents: tor
     dtype = torch.promote_types(latents.dtype, torch.float32)
     dt = (sigmas[i + 1] - sigmas[i]).to(latents.device, dtype)
     return (latents.to(dtype) + dt * v.to(dtype)).to(latents.dtype)
-
-
-def render_flux(
-    hunter,
-    matrix: torch.Tensor,
-    heads: HeadSet,
-    prompt: str,
-    seed: int,
-    steps: int,
-    checkpoint: bool = False,
-) -> torch.Tensor:
-    r"""
-    One FLUX image, differentiable in `matrix`: the pipeline's packed latents (same generator), sigmas and shift,
-    distilled guidance, true CFG (`v_u + g (v_c - v_u)`, the unconditional call unperturbed) and PAG
-    (`+ s (v_c - v_p)`) over `steps` Euler steps, unpacked and decoded to `(1, 3, H, W)` in [0, 1].
-
-    Args: as [`render_sd3`].
-    """
-    import numpy as np
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    pipe, c = hunter.pipe, hunter.config
-    transformer = pipe.transformer
-    cfg = hunter._cfg()
-    emb = hunter._embed(prompt)
-    pe, pp = emb["prompt_embeds"], emb["pooled_prompt_embeds"]
-    device = pipe._execution_device
-    generator = torch.Generator().manual_seed(seed)
-    latents, image_ids = pipe.prepare_latents(
-        1, transformer.config.in_channels // 4, c.height, c.width, pe.dtype, device, [generator], None
-    )
-    scheduler = copy.deepcopy(pipe.scheduler)
-    sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
-    mu = calculate_shift(
-        latents.shape[1],
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", 1.15),
-    )
-    if sigmas is None:
-        scheduler.set_timesteps(steps, device=device, mu=mu)
-    else:
-        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-    guidance = None
-    if transformer.config.guidance_embeds:
-        guidance = torch.full([1], c.guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
-    perturbation = Perturbation(c.pag_identity_weight, c.pag_identity_scope)
-
-    def decide(call_kwargs: dict[str, Any], state: CallState) -> PerturbedCall:
-        return PerturbedCall(list(range(call_kwargs["hidden_states"].shape[0])), c.pag_scale)
-
-    def call(latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return transformer(
-            hidden_states=latents,
-            timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
-            guidance=guidance,
-            pooled_projections=pooled,
-            encoder_hidden_states=embeds,
-            txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype),
-            img_ids=image_ids,
-            return_dict=False,
-        )[0]
-
-    def velocity(latents: torch.Tensor, matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        plan = WeightedCallPlan(hunter.layout, heads, matrix, perturbation, decide)
-        ensure_hooks(plan)
-        v_u = None
-        if cfg:  # the unconditional call is not perturbed (the pipeline's policy)
-            v_u = call(latents, emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], t)
-        with activated(plan) as state:
-            v = call(latents, pe, pp, t)
-            if cfg:
-                v = v_u + c.true_cfg_scale * (v - v_u)
-            return state.add_pending(v)
-
-    for i, t in enumerate(scheduler.timesteps):
-        v = _step(velocity, checkpoint, latents, matrix, t)
-        latents = euler_step(scheduler, i, v, t, latents)
-    latents = pipe._unpack_latents(latents, c.height, c.width, pipe.vae_scale_factor)
-    latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-    image = image.to(torch.promote_types(image.dtype, torch.float32))
-    return (image / 2 + 0.5).clamp(0, 1)
-
-
-RENDERERS = {"sd3": render_sd3, "flux": render_flux}
 
 
 def weight_matrix(
@@ -334,7 +222,7 @@ def objective_value(
         mask[layer, head] = 1.0
     matrix = fixed + mask * u
     heads = HeadSet([*selected, *candidates])
-    image = RENDERERS[hunter.family](hunter, matrix, heads, prompt, seed, c.grad_steps, checkpoint)
+    image = render(hunter, matrix, heads, prompt, seed, c.grad_steps, checkpoint)
     score = hunter.objective(image, [prompt])
     if not isinstance(score, torch.Tensor) or score.shape != (1,):
         raise ValueError(f"A differentiable objective must return a (B,) tensor; got {score!r} for one image.")
@@ -389,3 +277,31 @@ def head_gradients(
     cost = Cost(forward_rows * (1.0 + BACKWARD_FORWARDS), float(len(pairs)), time.perf_counter() - began)
     mean = total / len(pairs)
     return {(layer, head): float(mean[layer, head]) for layer, head in candidates}, cost
+
+
+def read_gradients(
+    hunter, round_index: int, candidates: Sequence[Head], selected: Sequence[Head]
+) -> tuple[dict[Head, float], Cost] | None:
+    """A round's gradient ranking and its cost when the run directory holds exactly this run's (else `None`)."""
+    got = hunter.run_dir.read_gradients(round_index, candidates, selected, hunter.config.grad_steps)
+    if isinstance(got, str):
+        if hunter.state.is_main_process:
+            logger.warning("%s: %s; the gradients are recomputed.", hunter.run_dir.gradients_path(round_index), got)
+        return None
+    return got
+
+
+def gradient_ranking(hunter, round_index: int, selected: list[Head], candidates: list[Head]) -> dict[Head, float]:
+    """
+    The prefilter of the gradient strategy: every candidate's mean d objective / d identity weight, read back
+    from the round's gradient file, or computed by the main process and written there first (so a resumed run
+    keeps the very same prefilter and does not pay for it again).
+    """
+    if read_gradients(hunter, round_index, candidates, selected) is None and hunter.state.is_main_process:
+        values, cost = head_gradients(hunter, selected, candidates, progress=hunter.progress)
+        hunter.run_dir.write_gradients(round_index, selected, hunter.config.grad_steps, values, cost)
+    hunter.state.wait_for_everyone()
+    got = read_gradients(hunter, round_index, candidates, selected)
+    if got is None:
+        raise RuntimeError(f"{hunter.run_dir.gradients_path(round_index)} could not be read back.")
+    return got[0]

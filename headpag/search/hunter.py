@@ -7,7 +7,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,61 +15,22 @@ from diffusers.utils import logging
 
 from .._lock import FolderLock
 from ..guidance import HeadSet
+from ..pipelines.policy import encode_prompt, uses_cfg
 from ..runtime import describe_transformer
 from .config import SearchConfig
 from .cost import Cost, RowCounter
-from .gradient import head_gradients, require_differentiable
+from .gradient import gradient_ranking, require_differentiable
 from .journal import Journal
 from .objectives import Objective, load_objective
 from .records import journal_cost
+from .replay import replay_round
+from .result import SearchResult, stage_summary
 from .rundir import RunDirectory
-from .strategies import RoundOutcome, Stage, halving_schedule, head_hunter, make_strategy, rank
+from .strategies import RoundOutcome, head_hunter, make_strategy
 
 
 logger = logging.get_logger(__name__)
 Head = tuple[int, int]
-
-
-@dataclass
-class SearchResult:
-    r"""
-    Args:
-        order (`list[tuple[int, int]]`): Heads in the order they were added.
-        rounds (`list[dict]`): Per round: `{"scores": {(layer, head): mean score over the pairs it was scored on},
-            "chosen": [...], "pairs_scored": {(layer, head): pairs}, "stages": [{"pairs": [...], "candidates":
-            [...], "dropped": [...]}], "cost": {...}}` (one stage for the exhaustive strategy); the gradient
-            strategy adds `"prefilter": {(layer, head): mean gradient}` over the whole pool.
-        family, num_layers, num_heads: The model's.
-        config ([`SearchConfig`]): The settings.
-        provenance (`dict`): Output folder and model name.
-        cost (`dict`): The work of the whole run, resumed parts included (what its journal holds):
-            `{"row_evals", "images", "seconds"}` (see [`~search.cost.Cost`]).
-    """
-
-    order: list[Head]
-    rounds: list[dict[str, Any]]
-    family: str
-    num_layers: int
-    num_heads: int
-    config: SearchConfig
-    provenance: dict[str, Any] = field(default_factory=dict)
-    cost: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def selected(self) -> HeadSet:
-        return HeadSet(self.order)
-
-    def save_heads(self, path: str | os.PathLike) -> Path:
-        """Save the selected heads as a head-set JSON file with the search settings as metadata."""
-        return self.selected.save(
-            path,
-            model_family=self.family,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            recommended_scale=self.config.pag_scale,
-            identity_weight=self.config.pag_identity_weight,
-            provenance={"method": "HeadHunter", "order": [list(h) for h in self.order], **self.provenance},
-        )
 
 
 class HeadHunter:
@@ -192,35 +152,16 @@ class HeadHunter:
     # ------------------------------------------------------------------ generation
     def _cfg(self) -> bool:
         c = self.config
-        return (
-            c.guidance_scale > 1 if self.family == "sd3" else (c.true_cfg_scale > 1 and c.negative_prompt is not None)
-        )
+        return uses_cfg(self.family, c.guidance_scale, c.true_cfg_scale, c.negative_prompt)
 
     def _embed(self, prompt: str) -> dict[str, torch.Tensor]:
         """Text embeddings of one prompt, computed once per prompt."""
         if prompt not in self._embeddings:
-            pipe, c, cfg = self.pipe, self.config, self._cfg()
-            msl = {"max_sequence_length": c.max_sequence_length} if c.max_sequence_length else {}
+            c = self.config
             with torch.no_grad():
-                if self.family == "sd3":
-                    pe, npe, pp, npp = pipe.encode_prompt(
-                        prompt,
-                        prompt,
-                        prompt,
-                        negative_prompt=c.negative_prompt or "",
-                        do_classifier_free_guidance=cfg,
-                        **msl,
-                    )
-                    emb = {"prompt_embeds": pe, "pooled_prompt_embeds": pp}
-                    if cfg:
-                        emb.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npp)
-                else:
-                    pe, pp, _ = pipe.encode_prompt(prompt, prompt, **msl)
-                    emb = {"prompt_embeds": pe, "pooled_prompt_embeds": pp}
-                    if cfg:
-                        npe, npp, _ = pipe.encode_prompt(c.negative_prompt, c.negative_prompt, **msl)
-                        emb.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npp)
-            self._embeddings[prompt] = emb
+                self._embeddings[prompt] = encode_prompt(
+                    self.pipe, self.family, prompt, c.negative_prompt, self._cfg(), c.max_sequence_length
+                )
         return self._embeddings[prompt]
 
     def generate(
@@ -357,33 +298,6 @@ class HeadHunter:
             self.state.wait_for_everyone()  # every process has read the journal before any appends to it
         return _RoundScore(self, round_index, selected, known)
 
-    # ------------------------------------------------------------------ the gradient prefilter
-    def _read_gradients(
-        self, round_index: int, candidates: Sequence[Head], selected: Sequence[Head]
-    ) -> tuple[dict[Head, float], Cost] | None:
-        """A round's gradient ranking and its cost when the run directory holds exactly this run's (else `None`)."""
-        got = self.run_dir.read_gradients(round_index, candidates, selected, self.config.grad_steps)
-        if isinstance(got, str):
-            if self.state.is_main_process:
-                logger.warning("%s: %s; the gradients are recomputed.", self.run_dir.gradients_path(round_index), got)
-            return None
-        return got
-
-    def _gradient_ranking(self, round_index: int, selected: list[Head], candidates: list[Head]) -> dict[Head, float]:
-        """
-        The prefilter of the gradient strategy: every candidate's mean d objective / d identity weight, read back
-        from the round's gradient file, or computed by the main process and written there first (so a resumed run
-        keeps the very same prefilter and does not pay for it again).
-        """
-        if self._read_gradients(round_index, candidates, selected) is None and self.state.is_main_process:
-            values, cost = head_gradients(self, selected, candidates, progress=self.progress)
-            self.run_dir.write_gradients(round_index, selected, self.config.grad_steps, values, cost)
-        self.state.wait_for_everyone()
-        got = self._read_gradients(round_index, candidates, selected)
-        if got is None:
-            raise RuntimeError(f"{self.run_dir.gradients_path(round_index)} could not be read back.")
-        return got[0]
-
     def _gradient_cost(self, round_index: int | None = None) -> Cost:
         """The cost of the gradient files of one round (or of all rounds), as written."""
         if self.config.strategy != "gradient":
@@ -438,63 +352,11 @@ class HeadHunter:
             raise
 
     def _replay(self, r: int, pool: list[Head], selected: list[Head]) -> RoundOutcome | None:
-        """A round file's outcome when it is exactly what this run would write, else `None` (warned)."""
-        round_file = self.run_dir.round_path(r)
-        if not round_file.exists():
-            return None
-        parsed = self.run_dir.read_round(r)
-        if parsed is None:
-            return None
-        scores, chosen, recorded_selected = parsed
-        stages, problem = None, None
-        prefilter = None
-        if self.config.strategy == "gradient":
-            gradients = self._read_gradients(r, pool, selected)
-            if gradients is None:
-                return None
-            prefilter = gradients[0]
-            pool = sorted(rank(prefilter, min(self.config.kept_by_prefilter, len(pool))))
-        if set(scores) != set(pool):
-            problem = "its scored heads are not this round's candidates"
-        else:
-            stages, problem = self._read_stages(r, pool)
-        if problem is None and chosen != rank({h: scores[h] for h in stages[-1].candidates}, self.config.top_k):
-            problem = "its chosen heads are not the top-k of its scores"
-        elif problem is None and recorded_selected != selected + chosen:
-            problem = "its selected heads do not follow the earlier rounds"
-        if problem:
-            logger.warning("%s: %s; the round is recomputed from the journal.", round_file, problem)
-            return None
-        for stage, following in zip(stages, stages[1:]):
-            stage.kept = list(following.candidates)
-        stages[-1].kept = list(chosen)
-        self._replayed.add(r)
-        return RoundOutcome(scores, chosen, stages, prefilter)
-
-    def _read_stages(self, r: int, pool: list[Head]) -> tuple[list[Stage] | None, str | None]:
-        """The stages of a round file and `None`, or `None` and why they are not this run's schedule."""
-        recorded = self.run_dir.read_stages(r)
-        c, all_pairs = self.config, list(range(self.num_pairs))
-        if isinstance(recorded, str):
-            return None, recorded
-        if recorded is None:  # written before the strategies existed: one exhaustive stage
-            if c.strategy != "exhaustive" and c.halving_min_pairs < self.num_pairs:
-                return None, "it records no stages"
-            return [Stage(all_pairs, list(pool))], None
-        stages = recorded
-        # The schedule the strategy follows: which pairs each stage renders and how many candidates it keeps.
-        min_pairs = self.num_pairs if c.strategy == "exhaustive" else c.halving_min_pairs
-        schedule = halving_schedule(len(pool), self.num_pairs, c.top_k, min_pairs, c.halving_eta, c.has_proxy)
-        if len(stages) != len(schedule):
-            return None, f"its {len(stages)} stage(s) do not follow the {c.strategy} schedule of {len(schedule)}"
-        previous = set(pool)
-        for i, (stage, plan) in enumerate(zip(stages, schedule)):
-            if stage.pairs != plan.pairs or len(stage.candidates) != plan.candidates or stage.proxy != plan.proxy:
-                return None, f"its stage {i} does not follow the {c.strategy} schedule"
-            if len(set(stage.candidates)) != plan.candidates or not set(stage.candidates) <= previous:
-                return None, f"its stage {i} holds candidates that were not in play"
-            previous = set(stage.candidates)
-        return stages, None
+        """A round file's outcome when it is exactly what this run would write, else `None` (see [`replay_round`])."""
+        outcome = replay_round(self, r, pool, selected)
+        if outcome is not None:
+            self._replayed.add(r)
+        return outcome
 
     def _finish_round(self, r: int, selected: list[Head], outcome: RoundOutcome) -> None:
         """Main process: write the round file (unless it was replayed); then every process waits for it."""
@@ -534,7 +396,7 @@ class HeadHunter:
                 "scores": outcome.scores,
                 "chosen": outcome.chosen,
                 "pairs_scored": outcome.pairs_scored(),
-                "stages": _stage_summary(outcome),
+                "stages": stage_summary(outcome),
                 "cost": (journal_cost(records, r) + self._gradient_cost(r)).to_dict(),
                 **({"prefilter": outcome.prefilter} if outcome.prefilter is not None else {}),
             }
@@ -564,15 +426,6 @@ class HeadHunter:
         baseline = self.generate([(selected, p, s) for p, s in pairs], pag=False)
         guided = self.generate([(selected, p, s) for p, s in pairs])
         return pairs, baseline, guided
-
-
-def _stage_summary(outcome: RoundOutcome) -> list[dict[str, Any]]:
-    """`[{"pairs", "candidates", "dropped"}]` per stage; the last stage drops nobody (its candidates are ranked)."""
-    last = len(outcome.stages) - 1
-    return [
-        {"pairs": stage.pairs, "candidates": stage.candidates, "dropped": stage.dropped if s < last else []}
-        for s, stage in enumerate(outcome.stages)
-    ]
 
 
 class _RoundScore:
@@ -621,8 +474,8 @@ class _RoundScore:
         return {cand: [known[cand][j] for j in pairs] for cand in candidates}
 
     def prefilter(self, candidates: Sequence[Head]) -> dict[Head, float]:
-        """The gradient strategy's ranking values of `candidates` (see [`HeadHunter._gradient_ranking`])."""
-        return self.hunter._gradient_ranking(self.round, self.selected, list(candidates))
+        """The gradient strategy's ranking values of `candidates` (see [`~search.gradient.gradient_ranking`])."""
+        return gradient_ranking(self.hunter, self.round, self.selected, list(candidates))
 
 
 def process_state():
