@@ -50,7 +50,7 @@ def build(config: str, sd3_size: bool, tiny: bool, device: str, dtype):
     from diffusers import FluxPipeline, StableDiffusion3PAGPipeline, StableDiffusion3Pipeline
 
     from headpag import FluxHeadPAGPipeline, StableDiffusion3HeadPAGPipeline
-    from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
+    from headpag.models.tiny import tiny_flux_components, tiny_sd3_components
 
     if config.startswith("flux"):
         if tiny:

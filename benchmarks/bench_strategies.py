@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from headpag import HeadSet, StableDiffusion3HeadPAGPipeline
-    from headpag.pipelines.tiny import tiny_sd3_components
+    from headpag.models.tiny import tiny_sd3_components
     from headpag.search import HeadHunter, SearchConfig
     from headpag.search.agreement import compare_runs
 

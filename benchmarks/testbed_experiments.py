@@ -36,7 +36,7 @@ from diffusers.utils import logging  # noqa: E402
 from headpag.cli import main as headpag  # noqa: E402
 from headpag.eval.paired import paired_difference  # noqa: E402
 from headpag.eval.report import plot_intervals  # noqa: E402
-from headpag.pipelines.names import MODEL_DEFAULTS, builtin_folder  # noqa: E402
+from headpag.models.catalog import builtin_folder, model_defaults  # noqa: E402
 from headpag.search.agreement import compare_runs  # noqa: E402
 from headpag.search.records import journal_cost  # noqa: E402
 from headpag.search.rundir import RunDirectory  # noqa: E402
@@ -47,7 +47,7 @@ logging.set_verbosity_error()  # one zero T5 token: the pipeline warns about tru
 
 
 MODEL = "headpag-shapes"
-GUIDANCE = MODEL_DEFAULTS[MODEL]["guidance"]
+GUIDANCE = model_defaults(MODEL)["guidance"]
 PAG_SCALE = 3.0
 STEPS = 20
 METRICS = ("shapes-correct", "shapes-judge")

@@ -2,6 +2,7 @@
 
 from .guidance import HeadSet, Perturbation
 from .guidance.presets import list_presets, load_preset
+from .models import load_pipeline
 from .pipelines import (
     FluxHeadPAGImg2ImgPipeline,
     FluxHeadPAGPipeline,
@@ -9,7 +10,6 @@ from .pipelines import (
     StableDiffusion3HeadPAGImg2ImgPipeline,
     StableDiffusion3HeadPAGPipeline,
     head_pag,
-    load_pipeline,
 )
 
 

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-from headpag.pipelines.tiny import tiny_flux_transformer, tiny_sd3_transformer  # noqa: E402
+from headpag.models.tiny import tiny_flux_transformer, tiny_sd3_transformer  # noqa: E402
 
 
 MODELS = ("sd3", "sd35", "flux")

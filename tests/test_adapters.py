@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from headpag import head_pag
-from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
+from headpag.models.tiny import tiny_flux_components, tiny_sd3_components
 
 
 HEADS, S, U = "1, 2.0", 2.0, 0.7

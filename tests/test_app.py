@@ -213,6 +213,12 @@ def test_evaluate_endpoint(client, server):
     with pytest.raises(AppError, match="Cannot pair the 3 images") as info:
         client.predict(source="folder", folder="images", prompts="one", **tiny_clip, api_name="/evaluate")
     assert str(server[1]) not in str(info.value)
+    (folder / "more").mkdir()  # images beside a sub-folder of images: refused, none silently left out
+    Image.new("RGB", (32, 32)).save(folder / "more" / "0.png")
+    with pytest.raises(AppError, match="holds images beside sub-folders of images"):
+        client.predict(source="folder", folder="images", prompts="one\ntwo\nthree", **tiny_clip, api_name="/evaluate")
+    (folder / "more" / "0.png").unlink()
+    (folder / "more").rmdir()
 
     fresh = Client(server[0], verbose=False)  # a new session: its gallery is empty
     with pytest.raises(AppError, match="gallery is empty"):
@@ -341,3 +347,21 @@ def test_search_with_a_preference_objective_and_no_weights_fails_clearly(client,
             api_name="/search",
         )  # fmt: skip
     assert str(server[1]) not in str(error.value)
+
+
+def test_endpoint_inputs_are_declared_by_parameter_name():
+    """`by_name` returns components in the handler's order and refuses a missing or unknown name."""
+    import gradio as gr
+
+    from headpag.app.tabs.common import by_name
+
+    def handler(prompt: str, width: int = 64, height: int = 64, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
+        return prompt
+
+    with gr.Blocks():
+        prompt, width, height = gr.Textbox(), gr.Number(), gr.Number()
+    assert by_name(handler, height=height, prompt=prompt, width=width) == [prompt, width, height]
+    with pytest.raises(TypeError, match=r"none for \['height'\]"):
+        by_name(handler, prompt=prompt, width=width)
+    with pytest.raises(TypeError, match=r"unknown parameters \['hieght'\]"):
+        by_name(handler, prompt=prompt, width=width, height=height, hieght=height)

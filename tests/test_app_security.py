@@ -504,8 +504,14 @@ def test_an_image_is_decoded_only_after_the_client_is_admitted(secure, tmp_path,
     original = generate_tab.decode_image
     monkeypatch.setattr(generate_tab, "decode_image", lambda path: decoded.append(path) or original(path))
     big = tmp_path / "big.png"
-    Image.new("RGB", (4096, 4096)).save(big, optimize=True)
-    assert big.stat().st_size < 200_000
+    image = Image.new("RGB", (4096, 4096))  # 50 MB decoded; some noise keeps it under the decompression-ratio cap
+    image.paste(Image.fromarray(__import__("numpy").random.default_rng(0).integers(0, 256, (320, 320, 3), "uint8")))
+    image.save(big, optimize=True)
+    assert 200_000 < big.stat().st_size < 1_000_000
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (4096, 4096)).save(flat, optimize=True)  # a few kB that decode to 50 MB: refused from its header
+    with pytest.raises(AppError, match="would decode to .* times its file size"):
+        login(secure, "bob").predict(prompt="a cat", image=handle_file(str(flat)), api_name="/generate")
     ctx = secure[0].headpag
     alice = login(secure, "alice")
     ctx.host.lock.acquire("test")
@@ -584,5 +590,51 @@ def test_forged_forwarded_headers_do_not_make_new_clients(tmp_path):
             ctx.host.lock.release()
         with pytest.raises(Exception):  # noqa: B017 - cancelled while waiting
             job.result(timeout=120)
+    finally:
+        demo.close()
+
+
+# ---------------------------------------------------------------------------------------------------- login throttling
+def test_login_throttle_backs_off_per_user_and_address():
+    from headpag.app.security import LoginThrottle
+
+    now = [0.0]
+    throttle = LoginThrottle(free=3, base_delay=1.0, max_delay=8.0, window=100.0, max_keys=50, clock=lambda: now[0])
+    keys = ["user:alice", "ip:1.2.3.4"]
+    for _ in range(3):
+        assert throttle.retry_after(keys) == 0
+        throttle.failed(keys)
+    assert throttle.retry_after(keys) == 1.0  # 3 free failures, then 1 s, 2 s, 4 s, ... at most 8 s
+    assert throttle.retry_after(["user:bob", "ip:1.2.3.4"]) == 1.0  # the address waits for every user
+    assert throttle.retry_after(["user:alice", "ip:5.6.7.8"]) == 1.0  # and the user from every address
+    assert throttle.retry_after(["user:bob", "ip:5.6.7.8"]) == 0
+    for _ in range(5):
+        throttle.failed(keys)
+    assert throttle.retry_after(keys) == 8.0
+    now[0] = 7.5
+    assert throttle.retry_after(keys) == pytest.approx(0.5)
+    throttle.succeeded(keys)
+    assert throttle.retry_after(keys) == 0
+    for i in range(200):  # invented names cannot grow the table past max_keys
+        throttle.failed([f"user:u{i}"])
+    assert len(throttle._failures) == 50
+    throttle.failed(keys)
+    now[0] = 200.0  # failures older than the window are forgotten
+    assert throttle.retry_after(keys) == 0
+
+
+def test_wrong_passwords_are_answered_429_with_retry_after(tmp_path):
+    demo, url = serve("tiny-sd3", tmp_path / "ui", auth=list(USERS.items()))
+    try:
+        h = httpx.Client(base_url=url, timeout=60)
+        codes = [h.post("login", data={"username": "alice", "password": f"wrong-{i}"}).status_code for i in range(5)]
+        assert codes == [400] * 5
+        refused = h.post("login", data={"username": "alice", "password": USERS["alice"]})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert "Too many failed logins" in refused.json()["detail"]
+        assert h.post("login", data={"username": "bob", "password": USERS["bob"]}).status_code == 429  # same address
+        time.sleep(float(refused.headers["retry-after"]) + 0.2)
+        assert h.post("login", data={"username": "alice", "password": USERS["alice"]}).status_code == 200
+        assert h.post("login", data={"username": "alice", "password": "wrong"}).status_code == 400  # counts anew
     finally:
         demo.close()

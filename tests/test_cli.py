@@ -186,7 +186,7 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path, capsys, extra, code, 
 
 
 def test_cli_runtime_error_exit_1_and_debug_traceback(tmp_path, capsys, monkeypatch):
-    import headpag.pipelines as pipelines
+    import headpag.models as pipelines
 
     def broken(*args, **kwargs):
         raise RuntimeError("the model exploded")

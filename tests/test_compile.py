@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from headpag import HeadSet, head_pag
 from headpag.guidance import Perturbation
-from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
+from headpag.models.tiny import tiny_flux_components, tiny_sd3_components
 from headpag.runtime import CallPlan, PerturbedCall, activated, describe_transformer, ensure_hooks
 
 

@@ -25,7 +25,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from headpag import FluxHeadPAGPipeline, HeadSet, StableDiffusion3HeadPAGPipeline, head_pag
 from headpag.guidance import Perturbation
-from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
+from headpag.models.tiny import tiny_flux_components, tiny_sd3_components
 from headpag.runtime import describe_transformer
 from headpag.testing.processors import reference_forward
 

@@ -6,6 +6,7 @@ No code the library never runs: every module-level function and class under `hea
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 
@@ -84,6 +85,12 @@ def unused_symbols() -> list[tuple[str, str]]:
             module, name = imports[(module, name)]
         return module, name
 
+    # Entry points (pyproject.toml) name their objects as "module:attribute".
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    for group in project["project"].get("entry-points", {}).values():
+        for target in group.values():
+            module, _, name = target.partition(":")
+            used.add((module, name))
     for module, names in referenced.items():
         for name in names:
             used.add((module, name))
@@ -106,6 +113,7 @@ def test_the_check_finds_an_unused_function(tmp_path, monkeypatch):
 
     copy = tmp_path / "headpag"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("weights", "__pycache__", "*.json", "*.txt"))
+    shutil.copy(PACKAGE.parent / "pyproject.toml", tmp_path / "pyproject.toml")
     (copy / "guidance" / "orphan.py").write_text("def orphan():\n    return 1\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", copy)
     assert unused_symbols() == [("headpag.guidance.orphan", "orphan")]

@@ -142,6 +142,11 @@ def test_scoring_existing_images(tmp_path, metric_files, capsys):
     (tmp_path / "prompts.txt").write_text("one\ntwo\n")
     assert main(argv) == 2
     assert "Cannot pair the 3 images" in capsys.readouterr().err
+    (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\n")
+    (folder / "sub").mkdir()  # images beside a sub-folder of images: refused, none silently left out
+    _noise_images(5, 1)[0].save(folder / "sub" / "0.png")
+    assert main(argv) == 2
+    assert "holds 3 image(s) beside 1 sub-folder(s) of images" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from diffusers import FluxControlNetModel, SD3ControlNetModel
 from PIL import Image
 
 from headpag import head_pag
-from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
+from headpag.models.tiny import tiny_flux_components, tiny_sd3_components
 
 
 IMAGE = Image.new("RGB", (32, 32), (200, 60, 40))

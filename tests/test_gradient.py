@@ -41,8 +41,8 @@ def test_clip_score_tensor_path_matches_the_pil_path_and_is_differentiable(tmp_p
 import json  # noqa: E402
 
 from headpag import HeadSet  # noqa: E402
+from headpag.models.tiny import tiny_sd3_components  # noqa: E402
 from headpag.pipelines.sd3 import StableDiffusion3HeadPAGPipeline  # noqa: E402
-from headpag.pipelines.tiny import tiny_sd3_components  # noqa: E402
 from headpag.search import HeadHunter, SearchConfig  # noqa: E402
 from headpag.search.gradient import head_gradients, objective_value  # noqa: E402
 from headpag.search.strategies import rank  # noqa: E402

@@ -15,7 +15,7 @@ from diffusers.modular_pipelines.stable_diffusion_3 import StableDiffusion3AutoB
 
 from headpag import HeadPerturbedAttentionGuidance, HeadSet, StableDiffusion3HeadPAGPipeline
 from headpag.guidance import Perturbation
-from headpag.pipelines.tiny import tiny_sd3_components
+from headpag.models.tiny import tiny_sd3_components
 from headpag.runtime import describe_transformer
 from headpag.testing.processors import reference_forward
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-from headpag.pipelines.tiny import tiny_flux_transformer, tiny_sd3_transformer
+from headpag.models.tiny import tiny_flux_transformer, tiny_sd3_transformer
 from headpag.runtime.layout import BLOCKS, TRANSFORMER_ARGUMENTS, TRANSFORMER_BATCH_ARGUMENTS
 
 

@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from pag_reference import positive_embeds, reference_pag
 
 from headpag import HeadSet, StableDiffusion3HeadPAGPipeline, head_pag
-from headpag.pipelines.tiny import tiny_sd3_components
+from headpag.models.tiny import tiny_sd3_components
 
 
 HEADS, S, U = "1.0, 2", 2.0, 0.7

@@ -9,7 +9,7 @@ from conftest import TINY_CLIP, write_tiny_clip_checkpoint, write_tiny_clip_conf
 from PIL import Image
 
 from headpag.eval import ClipScore, PickScore
-from headpag.pipelines.tiny import _clip_tokenizer
+from headpag.models.tiny import _clip_tokenizer
 
 
 IMAGES = [Image.new("RGB", (40, 40), (i * 60, 20, 200 - i * 50)) for i in range(3)]
@@ -259,3 +259,30 @@ def test_cmmd_and_prdc_against_their_definitions():
     assert result["precision"] == pytest.approx(precision) and result["coverage"] == pytest.approx(coverage)
     with pytest.raises(ValueError, match="need more than 5 images per set"):
         precision_recall_density_coverage(x[:4], y)
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_the_model_is_built(tmp_path):
+    """The checkpoint's header is compared with the model built on the meta device: a 2.5-billion-parameter model
+    named with any file is refused without allocating it."""
+    import resource
+
+    from safetensors.torch import load_file, save_file
+
+    from headpag.eval import ClipScore
+    from headpag.eval.clip_score import checkpoint_shapes
+
+    config, checkpoint = write_tiny_clip_checkpoint(tmp_path, "tiny-clip-fit")
+    assert checkpoint_shapes(checkpoint) == {k: tuple(v.shape) for k, v in load_file(checkpoint).items()}
+    ClipScore(str(config), checkpoint=checkpoint, device="cpu")  # the right file loads
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="does not fit the CLIP model 'ViT-bigG-14'.*nothing was built"):
+        ClipScore("ViT-bigG-14", checkpoint=checkpoint, device="cpu")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 500_000  # kB: far below its 10 GB
+    state = load_file(checkpoint)
+    state.pop(next(iter(state)))
+    save_file(state, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match="1 parameter\\(s\\) missing"):
+        ClipScore(str(config), checkpoint=tmp_path / "partial.safetensors", device="cpu")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable checkpoint"):
+        ClipScore(str(config), checkpoint=tmp_path / "junk.safetensors", device="cpu")

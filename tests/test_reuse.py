@@ -12,7 +12,7 @@ from diffusers import FirstBlockCacheConfig, FluxPipeline, StableDiffusion3Pipel
 from pag_reference import positive_embeds, reference_pag
 
 from headpag import HeadPerturbedAttentionGuidance, StableDiffusion3HeadPAGPipeline, head_pag
-from headpag.pipelines.tiny import tiny_flux_components, tiny_sd3_components
+from headpag.models.tiny import tiny_flux_components, tiny_sd3_components
 
 
 HEADS, S, U = "1.0, 2", 2.0, 0.7

@@ -96,3 +96,24 @@ def test_the_ui_reads_back_every_run_it_accepts(tmp_path):
     assert run.config_path.stat().st_size > 1 << 20
     assert run.config_path.stat().st_size <= meta_bytes(limits)
     assert len(read_run_meta(run.path, "run", limits)["config"]["prompts"]) == 600
+
+
+def test_links_planted_in_a_run_folder_are_not_followed_out_of_it(tmp_path):
+    from headpag.search.journal import Journal
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / "rounds").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="a link leads it out of the run folder"):
+        run.write_round(0, {"round": 0})
+    with pytest.raises(ValueError, match="a link leads it out"):
+        run.write_gradients(0, [], 2, {}, __import__("headpag.search.cost", fromlist=["Cost"]).Cost())
+    (outside / "journal.jsonl").write_text("")
+    run.journal_path.symlink_to(outside / "journal.jsonl")
+    journal = Journal(run, "abc")
+    with pytest.raises(ValueError, match="a link leads it out"):
+        journal.append({"round": 0, "layer": 0, "head": 0, "score": 1.0, "scores": [1.0]})
+    assert list(outside.iterdir()) == [outside / "journal.jsonl"]
+    assert (outside / "journal.jsonl").read_text() == ""

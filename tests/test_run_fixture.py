@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from headpag.models.tiny import tiny_sd3_components
 from headpag.pipelines.sd3 import StableDiffusion3HeadPAGPipeline
-from headpag.pipelines.tiny import tiny_sd3_components
 from headpag.search import HeadHunter, SearchConfig, compare_runs, write_report
 
 

@@ -24,8 +24,8 @@ import torch
 from hunt_worker import brightness
 
 from headpag import HeadSet, load_pipeline
+from headpag.models.tiny import tiny_sd3_components
 from headpag.pipelines.sd3 import StableDiffusion3HeadPAGPipeline
-from headpag.pipelines.tiny import tiny_sd3_components
 from headpag.search import HeadHunter, SearchConfig, compare_runs, read_journal, write_report
 from headpag.search.journal import scan_journal
 from headpag.search.records import check_record

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headpag import FluxHeadPAGPipeline, HeadSet
-from headpag.pipelines.tiny import tiny_flux_components
+from headpag.models.tiny import tiny_flux_components
 from headpag.search import HeadHunter, SearchConfig
 
 

@@ -11,8 +11,8 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
-from headpag.pipelines import load_pipeline
-from headpag.pipelines.names import DEFAULT_MODEL, MODEL_DEFAULTS, builtin_folder
+from headpag.models import load_pipeline
+from headpag.models.catalog import DEFAULT_MODEL, builtin_folder, model_defaults
 from headpag.testbed import data
 from headpag.testbed.judge import ShapesJudgeFeatures, ShapesJudgeScore, all_correct
 from headpag.testbed.train import judge_accuracy
@@ -126,7 +126,7 @@ def test_weights_fit_the_size_budget():
 
 def test_baseline_draws_what_it_is_told(pipe, judge):
     """CFG, 20 steps, the pipeline's default 256 zero T5 tokens: every attribute right in >= 80% of the pairs."""
-    guidance = MODEL_DEFAULTS["headpag-shapes"]["guidance"]
+    guidance = model_defaults("headpag-shapes")["guidance"]
     images = pipe(
         HELD_IN,
         num_inference_steps=20,
@@ -182,7 +182,7 @@ def test_ui_starts_on_the_testbed_with_an_example_prompt():
     assert DEFAULT_MODEL == "headpag-shapes"
     args = parser.parse_args(["ui"])
     assert args.model == "headpag-shapes"
-    data.parse_prompt(MODEL_DEFAULTS["headpag-shapes"]["prompt"])
+    data.parse_prompt(model_defaults("headpag-shapes")["prompt"])
 
 
 # ------------------------------------------------------------------------------------------------------- training
@@ -218,7 +218,7 @@ def test_ui_serves_the_testbed_with_its_example_prompt(tmp_path, judge):
     try:
         config = requests.get(url.rstrip("/") + "/config", timeout=30).json()
         values = {c.get("props", {}).get("elem_id"): c.get("props", {}).get("value") for c in config["components"]}
-        prompt = MODEL_DEFAULTS["headpag-shapes"]["prompt"]
+        prompt = model_defaults("headpag-shapes")["prompt"]
         assert values["prompt"] == prompt
         pag, nopag, settings, *_ = Client(url, verbose=False).predict(
             prompt=prompt, seed=0, num_inference_steps=20, api_name="/generate"

@@ -52,8 +52,8 @@ def evaluate_sets(
     Args:
         host ([`ModelHost`]): Holds the metric models.
         sets (`list[ImageSet]`): What to score.
-        metrics (`list[str]`): Any of `compare.METRICS` (`aesthetic` and `hpsv2` take their weights from the
-            server's `$HEADPAG_AESTHETIC_HEAD` / `$HEADPAG_HPS_CHECKPOINT`).
+        metrics (`list[str]`): Any of [`~eval.scoring.metric_names`] (`aesthetic` and `hpsv2` take their weights
+            from the server's `$HEADPAG_AESTHETIC_HEAD` / `$HEADPAG_HPS_CHECKPOINT`).
         clip_model, clip_checkpoint, pickscore_model, reference_images, inception_weights (`str`, *optional*):
             Already resolved by the caller (names checked against the server's roots).
     """
@@ -92,9 +92,9 @@ def evaluate_sets(
         pair["imagereward"] = host.metric(
             ("imagereward",), lambda: _load("ImageReward model", lambda: ImageRewardScore(device=host.device))
         )
-    from ..eval.registry import NAMED_PAIR_METRICS, load_pair_metric
+    from ..eval.registry import load_pair_metric, pair_metric_names
 
-    for name in NAMED_PAIR_METRICS:
+    for name in pair_metric_names():
         if name in metrics:
             pair[name] = host.metric(
                 (name,), lambda name=name: _load(name, lambda: load_pair_metric(name, host.device))
@@ -177,6 +177,11 @@ def folder_sets(roots: Roots, name: str, prompts: Sequence[str] | None, limits: 
     folder = roots.path("eval", name, "image folder", folder=True)
     roots.check_tree("eval", folder, f"image folder {name!r}")
     subdirs = [d for d in sorted(folder.iterdir()) if d.is_dir() and _images(d)]
+    if subdirs and _images(folder):
+        raise ValueError(
+            f"Image folder {name!r} holds images beside sub-folders of images; score a folder of images or a folder "
+            "of sub-folders (one set each): move the top-level images into a sub-folder."
+        )
     for d in subdirs or [folder]:
         count = len(_images(d))
         if not count:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from diffusers.utils import logging
 
-from ..pipelines.names import DEFAULT_MODEL, OFFLINE_MODELS
+from ..models.catalog import DEFAULT_MODEL, offline_models
 from ..runtime import TransformerLayout, describe_transformer
 
 
@@ -114,7 +114,7 @@ class ModelHost:
         return (
             f"Could not load the start-up model {_shown(model)!r} ({type(error).__name__}; the server log has the "
             "details). Fix: log in with `hf auth login` (gated models) or give the server a local diffusers "
-            f"folder; or load an offline model ({', '.join(OFFLINE_MODELS)}) to try the interface."
+            f"folder; or load an offline model ({', '.join(offline_models())}) to try the interface."
         )
 
     def load(self, model: str, name: str | None = None) -> None:
@@ -125,11 +125,11 @@ class ModelHost:
             model (`str`): What `load_pipeline` gets (hub id, local folder or tiny name).
             name (`str`, *optional*): The name clients see and PNGs record (default `model`).
         """
-        from ..pipelines import load_pipeline
+        from ..models import load_pipeline
 
         model = (model or "").strip()
         if not model:
-            raise ValueError(f"Give a model: a hub id, a local diffusers folder, or {', '.join(OFFLINE_MODELS)}.")
+            raise ValueError(f"Give a model: a hub id, a local diffusers folder, or {', '.join(offline_models())}.")
         with self.lock.held_by("load"):
             pipe = load_pipeline(model, torch_dtype=self.dtype, device=self.device)
             pipe.set_progress_bar_config(disable=True)  # the UI shows its own progress
@@ -148,7 +148,7 @@ class ModelHost:
 
     def img2img(self):
         """The img2img variant of the loaded pipeline (same components, no second copy of the weights)."""
-        from ..pipelines import PIPELINES
+        from ..models import PIPELINES
 
         pipe = self.require()
         if self._img2img is None:

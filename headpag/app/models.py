@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..pipelines.names import OFFLINE_MODELS
+from ..models.catalog import offline_models
 from .roots import Roots, check_name, is_hub_id
 
 
@@ -48,9 +48,11 @@ def resolve_pipeline(name: object, roots: Roots) -> ModelChoice:
         diffusers pipeline), without quoting any file.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"Give a model: a hub id (owner/name), a models-folder name, or {', '.join(OFFLINE_MODELS)}.")
+        raise ValueError(
+            f"Give a model: a hub id (owner/name), a models-folder name, or {', '.join(offline_models())}."
+        )
     name = name.strip()
-    if name in OFFLINE_MODELS:
+    if name in offline_models():
         return ModelChoice(name, name)
     if is_hub_id(name):
         _not_local_path(name, "Hub id")
@@ -58,7 +60,7 @@ def resolve_pipeline(name: object, roots: Roots) -> ModelChoice:
     if "/" in name or "\\" in name:
         raise ValueError(
             "Invalid model: give a hub id (owner/name), the name of a folder in the server's models folder, or one "
-            f"of {', '.join(OFFLINE_MODELS)}; paths are not accepted."
+            f"of {', '.join(offline_models())}; paths are not accepted."
         )
     check_name(name, "model folder name")
     folder = roots.path("models", name, "model folder", folder=True)

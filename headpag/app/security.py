@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from diffusers.utils import logging
 
@@ -22,6 +27,8 @@ LOOPBACK_NAMES = ("localhost",)
 # Gradio's named-call routes: /gradio_api/call/NAME, /call/v2/NAME, /run/NAME, /api/NAME (with or without prefix).
 NAMED_ROUTE = re.compile(r"/(?:call/v2|call|run|api)/(?P<name>[^/]+)/?$")
 BODY_SLACK = 1 << 20  # multipart framing and JSON around an upload of the largest allowed size
+LOGIN_ROUTES = ("/login", "/login/")
+MAX_LOGIN_BODY = 64 << 10  # a login form is a user name and a password
 
 
 # ---------------------------------------------------------------------------------------------------- credentials
@@ -166,6 +173,65 @@ def client_id(request) -> str:
     return f"ip:{host or 'unknown'}"
 
 
+# ---------------------------------------------------------------------------------------------------- logins
+class LoginThrottle:
+    r"""
+    Failed logins counted per user name and per client address. After `free` failures of a key within `window`
+    seconds, every login attempt of that user or from that address is refused (HTTP 429, `Retry-After`) until
+    `base_delay * 2 ** (failures - free)` seconds (at most `max_delay`) have passed since its last failure; a
+    successful login clears the user's and the address's counts. At most `max_keys` keys are kept (the oldest are
+    forgotten), so a flood of invented names cannot grow memory.
+
+    Args:
+        free (`int`, defaults to 5): Failures allowed before the delays start.
+        base_delay (`float`, defaults to 1.0), max_delay (`float`, defaults to 300.0): The backoff, in seconds.
+        window (`float`, defaults to 900.0): Failures older than this are forgotten.
+        max_keys (`int`, defaults to 10000): Keys kept.
+        clock (`Callable[[], float]`, defaults to `time.monotonic`).
+    """
+
+    def __init__(
+        self,
+        free: int = 5,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        window: float = 900.0,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.free, self.base_delay, self.max_delay, self.window = free, base_delay, max_delay, window
+        self.max_keys, self.clock = max_keys, clock
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (count, last failure)
+        self._lock = threading.Lock()
+
+    def retry_after(self, keys: Iterable[str]) -> float:
+        """Seconds until a login for `keys` is accepted again (0: now)."""
+        now, wait = self.clock(), 0.0
+        with self._lock:
+            for key in keys:
+                count, last = self._failures.get(key, (0, now))
+                if now - last > self.window:
+                    self._failures.pop(key, None)
+                elif count >= self.free:
+                    delay = min(self.max_delay, self.base_delay * 2.0 ** (count - self.free))
+                    wait = max(wait, last + delay - now)
+        return max(0.0, wait)
+
+    def failed(self, keys: Iterable[str]) -> None:
+        now = self.clock()
+        with self._lock:
+            for key in keys:
+                count, last = self._failures.pop(key, (0, now))
+                self._failures[key] = (0 if now - last > self.window else count) + 1, now
+            while len(self._failures) > self.max_keys:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
+
+
 # ---------------------------------------------------------------------------------------------------- ASGI guard
 class BodyTooLarge(Exception):
     """A request body went past the limit while it streamed in."""
@@ -182,10 +248,12 @@ class RequestGuard:
         max_body (`int`): Largest request body in bytes. A larger declared `Content-Length` gets 413 before anything
             is read; every body (chunked or not) is also counted as it streams in, and the request is answered 413
             as soon as the count passes the limit, without reading (or buffering) the rest.
+        throttle ([`LoginThrottle`], *optional*): Failed logins per user and per address (`POST /login`), answered
+            429 while their backoff lasts.
     """
 
-    def __init__(self, app, public: Callable[[], Sequence[str]], max_body: int):
-        self.app, self.public, self.max_body = app, public, max_body
+    def __init__(self, app, public: Callable[[], Sequence[str]], max_body: int, throttle: LoginThrottle | None = None):
+        self.app, self.public, self.max_body, self.throttle = app, public, max_body, throttle
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":
@@ -194,6 +262,9 @@ class RequestGuard:
         refusal = self._refusal(scope)
         if refusal is not None:
             await self._answer(send, *refusal)
+            return
+        if self.throttle is not None and scope.get("method") == "POST" and scope.get("path") in LOGIN_ROUTES:
+            await self._login(scope, receive, send)
             return
         received = 0
         started = answered = False
@@ -224,10 +295,58 @@ class RequestGuard:
         except BodyTooLarge:
             pass
 
+    async def _login(self, scope, receive, send) -> None:
+        """A login attempt: read its small form, refuse it while the user or the address waits, count the result."""
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message.get("type") != "http.request":
+                return  # the client left
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_LOGIN_BODY:
+                await self._answer(send, 413, f"A login form is at most {MAX_LOGIN_BODY} bytes.")
+                return
+        try:
+            fields = parse_qs(body.decode("latin-1"), max_num_fields=8)
+        except ValueError:
+            fields = {}
+        user = (fields.get("username") or [""])[0].strip()
+        address = (scope.get("client") or ("unknown", 0))[0]
+        keys = [f"user:{user}", f"ip:{address}"]
+        wait = self.throttle.retry_after(keys)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            await self._answer(
+                send, 429, f"Too many failed logins; try again in {seconds} s.", [(b"retry-after", b"%d" % seconds)]
+            )
+            return
+        status = 0
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def watch(message):
+            nonlocal status
+            if message.get("type") == "http.response.start":
+                status = message.get("status", 0)
+            await send(message)
+
+        await self.app(scope, replay, watch)
+        if status == 200:
+            self.throttle.succeeded(keys)
+        elif status in (400, 401, 403):
+            self.throttle.failed(keys)
+
     @staticmethod
-    async def _answer(send, status: int, message: str) -> None:
+    async def _answer(send, status: int, message: str, headers: list | None = None) -> None:
         body = json.dumps({"detail": message}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *(headers or [])]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

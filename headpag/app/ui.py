@@ -18,7 +18,7 @@ from diffusers.utils import logging
 from ..options import Limits
 from .host import ModelHost
 from .roots import Roots
-from .security import BODY_SLACK, RequestGuard, check_exposure, check_passwords, collect_auth
+from .security import BODY_SLACK, LoginThrottle, RequestGuard, check_exposure, check_passwords, collect_auth
 from .tabs import evaluate as evaluate_tab
 from .tabs import generate as generate_tab
 from .tabs import heads as heads_tab
@@ -179,7 +179,11 @@ def launch(
         max_file_size=int(limits.max_upload_mb * (1 << 20)),
         max_threads=max(40, limits.max_queue + 16),
         show_error=False,
-        app_kwargs={"middleware": [Middleware(RequestGuard, public=lambda: public, max_body=max_body)]},
+        app_kwargs={
+            "middleware": [
+                Middleware(RequestGuard, public=lambda: public, max_body=max_body, throttle=LoginThrottle())
+            ]
+        },
         css=CSS,
         footer_links=["api"],
         quiet=not block,

@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import options
 from ..eval.generation import EvalConfig
+from ..eval.registry import feature_names
 from ..guidance import HeadSet
 from ..pipelines.settings import GenerationSettings
 
@@ -85,7 +86,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--fid-features",
-        choices=["inception", "clip", "shapes-judge"],
+        choices=["inception", "clip", *feature_names()],
         default="inception",
         help="Features for FID/KID/PRDC: the standard FID Inception, the --clip-model image encoder, or the shapes "
         "testbed's judge (for headpag-shapes images).",
@@ -139,9 +140,9 @@ def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | No
         from ..eval.preference import ImageRewardScore
 
         pair["imagereward"] = ImageRewardScore(args.imagereward_checkpoint, args.imagereward_tokenizer, device=device)
-    from ..eval.registry import NAMED_PAIR_METRICS, load_features, load_pair_metric
+    from ..eval.registry import load_features, load_pair_metric, pair_metric_names
 
-    for name in NAMED_PAIR_METRICS:
+    for name in pair_metric_names():
         if name in metrics:
             pair[name] = load_pair_metric(name, device=device)
     features = None
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 "headpag eval needs --model, --prompts and at least one --config or --sweep (or --images DIR)."
             )
-        from ..pipelines import load_pipeline
+        from ..models import load_pipeline
 
         configs = [parse_eval_config(text) for text in args.config]
         sweeps = [parse_sweep(text) for text in args.sweep]

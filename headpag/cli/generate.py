@@ -91,7 +91,7 @@ def save_image(image, path: Path, metadata: dict[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines import load_pipeline
+    from ..models import load_pipeline
     from ..runtime import describe_transformer
 
     if not 0 < args.strength <= 1:

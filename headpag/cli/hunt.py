@@ -7,6 +7,7 @@ import sys
 import time
 
 from .. import options
+from ..eval.registry import pair_metric_names
 
 
 def add_parser(sub) -> None:
@@ -42,7 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--pool", default=None, help="Restrict candidates to a head spec, e.g. '0-11'.")
     p.add_argument(
         "--objective",
-        choices=["clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "shapes-judge"],
+        choices=["clip", "pickscore", "aesthetic", "hpsv2", "imagereward", *pair_metric_names()],
         default="pickscore",
     )
     p.add_argument(
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise ValueError("headpag hunt needs --model (or --report DIR, or --compare RUN_A RUN_B).")
-    from ..pipelines import load_pipeline
+    from ..models import load_pipeline
     from ..runtime import describe_transformer
     from ..search.hunter import HeadHunter, process_state
 

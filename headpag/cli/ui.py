@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import options
-from ..pipelines.names import DEFAULT_MODEL
+from ..models.catalog import DEFAULT_MODEL
 
 
 def add_parser(sub) -> None:

@@ -35,6 +35,50 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The parameter names and shapes of a checkpoint, read without loading its tensors (a safetensors header, or a
+    torch file memory-mapped with `weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Checkpoint file {path} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = state["state_dict"] if isinstance(state, dict) and "state_dict" in state else state
+            shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is "not a checkpoint"
+        raise ValueError(f"{path.name} is not a readable checkpoint ({type(e).__name__}).") from None
+    return {k.removeprefix("module."): v for k, v in shapes.items()}
+
+
+def check_checkpoint_fits(model_name: str, checkpoint: str | os.PathLike) -> None:
+    """
+    Refuse a checkpoint whose parameter names or shapes are not those of the open_clip model `model_name`, before
+    any parameter is allocated: the model is built on the meta device and compared with the checkpoint's header.
+    """
+    import open_clip
+
+    with torch.device("meta"):
+        expected = {
+            k: tuple(v.shape) for k, v in open_clip.create_model(model_name, device="meta").state_dict().items()
+        }
+    got = checkpoint_shapes(checkpoint)
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        examples = (missing + unexpected + wrong)[:3]
+        raise ValueError(
+            f"The checkpoint {Path(checkpoint).name} does not fit the CLIP model {model_name!r}: {len(missing)} "
+            f"parameter(s) missing, {len(unexpected)} unexpected, {len(wrong)} of another shape (e.g. "
+            f"{', '.join(examples)}); nothing was built. Use the checkpoint of that model."
+        )
+
+
 def load_open_clip(
     model_name: str,
     checkpoint: str | os.PathLike | None = None,
@@ -72,6 +116,8 @@ def load_open_clip(
         json.loads(config_path.read_text())  # validate early
         open_clip.add_model_config(config_path)
         model_name = config_path.stem
+    if checkpoint is not None:  # names and shapes checked against the model built on the meta device: no allocation
+        check_checkpoint_fits(model_name, checkpoint)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     if checkpoint is not None:
         model.load_state_dict(load_state_dict(checkpoint))

@@ -28,23 +28,29 @@ from .distribution import (
 )
 from .distribution import kid_subset_size as resolve_kid_subset_size
 from .paired import clustered_mean_ci
+from .registry import pair_metric_names
 
 
 logger = logging.get_logger(__name__)
 
 
-PAIR_METRICS = ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "shapes-judge", "shapes-correct")
+BUILTIN_PAIR_METRICS = ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward")
 SET_METRICS = ("fid", "kid", "prdc", "cmmd")
-METRICS = PAIR_METRICS + SET_METRICS
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every metric `headpag eval` and the UI offer: the built-in ones and those registered by name."""
+    return (*BUILTIN_PAIR_METRICS, *pair_metric_names(), *SET_METRICS)
 
 
 def parse_metrics(names: str | Sequence[str]) -> list[str]:
-    """Metric names (`"clip,fid"` or a list), checked against [`METRICS`], duplicates dropped."""
+    """Metric names (`"clip,fid"` or a list), checked against [`metric_names`], duplicates dropped."""
     items = names.split(",") if isinstance(names, str) else list(names)
     cleaned = [m.strip().lower() for m in items if m.strip()]
-    unknown = [m for m in cleaned if m not in METRICS]
+    allowed = metric_names()
+    unknown = [m for m in cleaned if m not in allowed]
     if unknown or not cleaned:
-        raise ValueError(f"Unknown metric(s) {unknown or [names]}; allowed: {', '.join(METRICS)}.")
+        raise ValueError(f"Unknown metric(s) {unknown or [names]}; allowed: {', '.join(allowed)}.")
     return list(dict.fromkeys(cleaned))
 
 
@@ -65,7 +71,7 @@ class ImageSet:
 def image_sets_from_folder(folder: str | os.PathLike, prompts: Sequence[str] | None = None) -> list[ImageSet]:
     r"""
     Existing images to score: a folder of images (one set), or a folder of sub-folders (one set each, e.g. the
-    `images/` folder of an `headpag eval` run).
+    `images/` folder of an `headpag eval` run); a folder with both is refused (no image is silently left out).
 
     An image's prompt is its PNG `prompt` text (written by headpag) or else, in name order, the matching line of
     `prompts` (then the counts must agree).
@@ -74,6 +80,12 @@ def image_sets_from_folder(folder: str | os.PathLike, prompts: Sequence[str] | N
     if not folder.is_dir():
         raise ValueError(f"Image folder {folder} does not exist.")
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and any(is_image(p) for p in d.iterdir()))
+    loose = [p for p in folder.iterdir() if is_image(p)]
+    if subdirs and loose:
+        raise ValueError(
+            f"{folder} holds {len(loose)} image(s) beside {len(subdirs)} sub-folder(s) of images; score a folder of "
+            "images or a folder of sub-folders (one set each): move the top-level images into a sub-folder."
+        )
     sets = []
     for d in subdirs or [folder]:
         paths = image_files(d)

@@ -3,7 +3,6 @@
 from .attach import DEFAULT_LAYER, default_pag_heads, head_pag
 from .flux import FluxHeadPAGImg2ImgPipeline, FluxHeadPAGPipeline
 from .guider import HeadPerturbedAttentionGuidance
-from .loading import PIPELINES, detect_family, load_pipeline
 from .mixin import HeadPAGMixin
 from .policy import PAGOptions
 from .sd3 import StableDiffusion3HeadPAGImg2ImgPipeline, StableDiffusion3HeadPAGPipeline
@@ -11,7 +10,6 @@ from .sd3 import StableDiffusion3HeadPAGImg2ImgPipeline, StableDiffusion3HeadPAG
 
 __all__ = [
     "DEFAULT_LAYER",
-    "PIPELINES",
     "FluxHeadPAGImg2ImgPipeline",
     "FluxHeadPAGPipeline",
     "HeadPAGMixin",
@@ -20,7 +18,5 @@ __all__ = [
     "StableDiffusion3HeadPAGImg2ImgPipeline",
     "StableDiffusion3HeadPAGPipeline",
     "default_pag_heads",
-    "detect_family",
     "head_pag",
-    "load_pipeline",
 ]

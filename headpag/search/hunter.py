@@ -415,7 +415,7 @@ class HeadHunter:
             cost,
         )
         if self.state.is_main_process:
-            result.save_heads(self.run_dir.selected_heads_path)
+            result.save_heads(self.run_dir.confined(self.run_dir.selected_heads_path))
         self.state.wait_for_everyone()
         return result
 

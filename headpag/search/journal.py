@@ -238,7 +238,8 @@ class Journal:
             raise ValueError(f"Refusing to journal an invalid record ({problem}): {record!r}")
         self.start()
         data = (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        nofollow = getattr(os, "O_NOFOLLOW", 0)  # a link planted at the journal's name is not followed
+        fd = os.open(self.run.confined(self.path), os.O_RDWR | os.O_APPEND | os.O_CREAT | nofollow, 0o644)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)

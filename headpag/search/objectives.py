@@ -45,11 +45,11 @@ def load_objective(
         from ..eval.preference import ImageRewardScore
 
         return ImageRewardScore(model, arch or "bert-base-uncased", device=device)
-    from ..eval.registry import NAMED_PAIR_METRICS, load_pair_metric
+    from ..eval.registry import load_pair_metric, pair_metric_names
 
-    if objective in NAMED_PAIR_METRICS:
+    if objective in pair_metric_names():
         return load_pair_metric(objective, device=device)
     allowed = ", ".join(
-        repr(n) for n in ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", *NAMED_PAIR_METRICS)
+        repr(n) for n in ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", *pair_metric_names())
     )
     raise ValueError(f"Unknown objective {objective!r}; allowed: {allowed}, or a callable.")

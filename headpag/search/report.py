@@ -122,7 +122,7 @@ def write_report(
     """
     out = Path(output_dir)
     run = RunDirectory(out)
-    report = run.report_dir
+    report = run.confined(run.report_dir / "README.md").parent
     meta = run.read_config()
     if meta is None:
         raise ValueError(f"{out} is not a HeadHunter run directory: it has no {run.config_path.name}.")

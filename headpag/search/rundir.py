@@ -78,6 +78,22 @@ class RunDirectory:
     def gradients_path(self, round_index: int) -> Path:
         return self.path / ROUNDS_DIR / f"round_{round_index}_gradients.json"
 
+    def confined(self, path: Path) -> Path:
+        r"""
+        `path`, a file of this run, after checking (before every write) that no link leads it out of the run folder:
+        its folder must resolve inside the resolved run folder and the file itself must not be a link.
+
+        Raises:
+            `ValueError`: naming the run folder's name (not the path a link points to).
+        """
+        root, parent = self.path.resolve(), path.parent.resolve()
+        if (parent != root and root not in parent.parents) or path.is_symlink():
+            raise ValueError(
+                f"Refusing to write {path.relative_to(self.path).as_posix()} of search run {self.path.name!r}: a link "
+                "leads it out of the run folder. Remove the link (or use another run folder)."
+            )
+        return path
+
     def lock(self) -> FolderLock:
         """The lock that keeps the folder to one writing run."""
         return FolderLock(
@@ -114,7 +130,7 @@ class RunDirectory:
         return doc
 
     def write_config(self, meta: dict[str, Any]) -> None:
-        atomic_write_json(self.config_path, meta)
+        atomic_write_json(self.confined(self.config_path), meta)
 
     def remove_config(self) -> None:
         self.config_path.unlink(missing_ok=True)
@@ -175,14 +191,14 @@ class RunDirectory:
         return stages
 
     def write_round(self, round_index: int, doc: dict[str, Any]) -> None:
-        atomic_write_json(self.round_path(round_index), doc)
+        atomic_write_json(self.confined(self.round_path(round_index)), doc)
 
     # ------------------------------------------------------------------ the gradient strategy's rankings
     def write_gradients(
         self, round_index: int, selected: Sequence[Head], grad_steps: int, values: dict[Head, float], cost: Cost
     ) -> None:
         atomic_write_json(
-            self.gradients_path(round_index),
+            self.confined(self.gradients_path(round_index)),
             {
                 "round": round_index,
                 "selected": [list(h) for h in selected],

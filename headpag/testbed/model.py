@@ -29,7 +29,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from ..pipelines.tiny import tiny_t5_tokenizer
+from ..models.tiny import tiny_t5_tokenizer
 from .data import ATTRIBUTES, all_prompts
 
 

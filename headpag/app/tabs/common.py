@@ -15,9 +15,9 @@ from diffusers.utils import logging
 from PIL import Image
 
 from ..._lock import FolderLocked
+from ...models.catalog import model_defaults, offline_models
+from ...models.tiny import TINY_MODELS
 from ...options import Limits
-from ...pipelines.names import MODEL_DEFAULTS, OFFLINE_MODELS
-from ...pipelines.tiny import TINY_MODELS
 from ..admission import Admission
 from ..generate import Cancelled
 from ..heads_grid import render_grid, selected_pairs
@@ -35,7 +35,7 @@ KNOWN_MODELS = [
     "stabilityai/stable-diffusion-3.5-large",
     "black-forest-labs/FLUX.1-dev",
     "black-forest-labs/FLUX.1-schnell",
-    *OFFLINE_MODELS,
+    *offline_models(),
 ]
 CSS = """
 #head-grid img { image-rendering: pixelated; cursor: pointer; }
@@ -121,7 +121,7 @@ class AppContext:
         steps = (4 if flux else 8) if tiny else 28
         size = 64 if tiny else 1024
         guidance = 3.5 if flux else 7.0
-        builtin = MODEL_DEFAULTS.get(host.model_name or "", {})
+        builtin = model_defaults(host.model_name)
         steps, size, guidance = (
             builtin.get("steps", steps),
             builtin.get("size", size),
@@ -162,6 +162,31 @@ class AppContext:
         return render_grid(layout.num_layers, layout.num_heads, chosen, scores, layout.num_double_blocks)
 
 
+INJECTED = (gr.Request, gr.Progress, gr.SelectData)  # parameters Gradio fills itself
+
+
+def by_name(handler, **components: gr.components.Component) -> list[gr.components.Component]:
+    r"""
+    A handler's input components in its parameter order, each given by the parameter's name: the one place an
+    endpoint's inputs are declared (`width=s_width, height=s_height` cannot be swapped silently as in a list).
+
+    Raises:
+        `TypeError`: when a name is not a parameter of `handler`, or a parameter (other than the ones Gradio injects:
+            request, progress, select data) has no component.
+    """
+    parameters = [
+        p
+        for p in inspect.signature(handler).parameters.values()
+        if not (isinstance(p.default, INJECTED) or p.annotation in INJECTED or p.annotation in ("gr.Request",))
+        and p.name not in ("request", "progress", "evt")
+    ]
+    names = [p.name for p in parameters]
+    unknown, missing = sorted(set(components) - set(names)), [n for n in names if n not in components]
+    if unknown or missing:
+        raise TypeError(f"{handler.__name__}: components for unknown parameters {unknown}, none for {missing}.")
+    return [components[name] for name in names]
+
+
 def scores_from_state(state) -> dict | None:
     return None if not state else {tuple(map(int, k.split("."))): v for k, v in state.items()}
 
@@ -174,10 +199,16 @@ def client(request: gr.Request | None) -> str:
     return client_id(request)
 
 
+# An image that decodes to far more than its file (a flat plane stored in a few kB) is refused before decoding.
+MAX_DECOMPRESSION_RATIO = 256
+MIN_RATIO_CHECKED_BYTES = 16 << 20
+
+
 def check_uploaded_image(payload: Any, limits: Limits) -> Path | None:
     r"""
     The path of an uploaded image file (an `image` input that skipped Gradio's preprocessing), checked from its
-    header only: nothing is decoded, so it is cheap enough to run before the client is admitted.
+    header only: nothing is decoded, so it is cheap enough to run before the client is admitted. Each side is bounded,
+    and so is the decompression ratio of large images (decoded bytes per file byte).
 
     Gradio has already checked that the file is one uploaded to this server; it is checked again here to lie in
     Gradio's upload folder, and its size is read from its header.
@@ -201,8 +232,16 @@ def check_uploaded_image(payload: Any, limits: Limits) -> Path | None:
     try:
         with Image.open(resolved) as im:
             width, height = im.size
+            bands = len(im.getbands())
     except (OSError, Image.DecompressionBombError):
         raise ValueError("The input image is not a readable image file.") from None
+    decoded, stored = width * height * bands, max(1, resolved.stat().st_size)
+    if decoded > MIN_RATIO_CHECKED_BYTES and decoded / stored > MAX_DECOMPRESSION_RATIO:
+        raise ValueError(
+            f"The input image would decode to {decoded / stored:.0f} times its file size ({width}x{height} from "
+            f"{stored} bytes); at most {MAX_DECOMPRESSION_RATIO} times is accepted for images over "
+            f"{MIN_RATIO_CHECKED_BYTES >> 20} MB decoded."
+        )
     if max(width, height) > bound:
         raise ValueError(
             f"The input image is {width}x{height}; each side may be at most {bound} "

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ...eval.scoring import METRICS
+from ...eval.scoring import metric_names
 from .. import evaluate as ev
 from .. import inputs, models
-from .common import AppContext, client
+from .common import AppContext, by_name, client
 
 
 SOURCES = ("gallery", "folder")
@@ -36,7 +36,7 @@ def build(ctx: AppContext, gallery_state: gr.State) -> SimpleNamespace:
                     label="Image folder (in the eval folder; a folder of images or of sub-folders)",
                 )
                 e_prompts = gr.Textbox(value="", label="Prompts for images without metadata (one per line)", lines=2)
-                e_metrics = gr.CheckboxGroup(list(METRICS), value=["clip"], label="Metrics")
+                e_metrics = gr.CheckboxGroup(list(metric_names()), value=["clip"], label="Metrics")
                 e_clip_model = gr.Textbox(
                     label="CLIP model (open_clip name, or a config .json in the models folder)", value="ViT-L-14"
                 )
@@ -83,8 +83,9 @@ def build(ctx: AppContext, gallery_state: gr.State) -> SimpleNamespace:
     ):
         source = inputs.choice(source or "gallery", "source", SOURCES)
         metrics = metrics if metrics else ["clip"]
-        if not isinstance(metrics, list) or not all(isinstance(m, str) and m in METRICS for m in metrics):
-            raise ValueError(f"metrics must be a list of {', '.join(METRICS)}.")
+        allowed = metric_names()
+        if not isinstance(metrics, list) or not all(isinstance(m, str) and m in allowed for m in metrics):
+            raise ValueError(f"metrics must be a list of {', '.join(allowed)}.")
         prompt_lines = inputs.lines(prompts, "prompts", limits)
         if source == "folder":
             if not folder:
@@ -108,18 +109,19 @@ def build(ctx: AppContext, gallery_state: gr.State) -> SimpleNamespace:
         details = [{k: r[k] for k in ("name", "count", "metrics")} for r in rows]
         return gr.update(value=[r + [""] * (width - len(r)) for r in table], headers=headers), details
 
-    e_inputs = [
-        e_source,
-        e_folder,
-        e_prompts,
-        e_metrics,
-        e_clip_model,
-        e_clip_checkpoint,
-        e_pickscore,
-        e_reference,
-        e_inception,
-        gallery_state,
-    ]
+    e_inputs = by_name(
+        evaluate,
+        source=e_source,
+        folder=e_folder,
+        prompts=e_prompts,
+        metrics=e_metrics,
+        clip_model=e_clip_model,
+        clip_checkpoint=e_clip_checkpoint,
+        pickscore_model=e_pickscore,
+        reference_images=e_reference,
+        inception_weights=e_inception,
+        gallery_entries=gallery_state,
+    )
     e_btn.click(evaluate, e_inputs, [e_table, e_json], api_name="evaluate", preprocess=False, concurrency_limit=None)
 
     @ctx.readable

@@ -10,7 +10,7 @@ import gradio as gr
 from ...pipelines.settings import GenerationSettings
 from .. import inputs
 from ..generate import check_settings, generate_pair
-from .common import AppContext, check_uploaded_image, client, decode_image
+from .common import AppContext, by_name, check_uploaded_image, client, decode_image
 
 
 SCOPES = ("joint", "image")
@@ -169,28 +169,29 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         settings_text = json.dumps(entries[-1]["settings"], indent=2)
         return str(result.pag_path), str(result.nopag_path), settings_text, items, all_files, entries, settings.seed
 
-    gen_inputs = [
-        prompt,
-        negative_prompt,
-        seed,
-        randomize,
-        steps,
-        width,
-        height,
-        guidance,
-        true_cfg,
-        pag_scale,
-        identity_weight,
-        scope,
-        target,
-        interval_start,
-        interval_stop,
-        reuse,
-        pag_heads,
-        input_image,
-        strength,
-        gallery_state,
-    ]
+    gen_inputs = by_name(
+        generate,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        randomize_seed=randomize,
+        num_inference_steps=steps,
+        width=width,
+        height=height,
+        guidance_scale=guidance,
+        true_cfg_scale=true_cfg,
+        pag_scale=pag_scale,
+        pag_identity_weight=identity_weight,
+        pag_identity_scope=scope,
+        pag_target=target,
+        pag_interval_start=interval_start,
+        pag_interval_stop=interval_stop,
+        pag_reuse=reuse,
+        pag_heads=pag_heads,
+        image=input_image,
+        strength=strength,
+        gallery_entries=gallery_state,
+    )
     gen_outputs = [out_pag, out_nopag, settings_box, gallery, files, gallery_state, seed]
     # preprocess=False: the handler reads every raw value itself, so that limits and non-finite numbers are refused
     # with messages that name them; concurrency_limit=None: admission is bounded by the handler (max_queue...).

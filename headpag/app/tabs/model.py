@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 from diffusers.utils import logging
 
-from ...pipelines.names import DEFAULT_MODEL
+from ...models.catalog import DEFAULT_MODEL
 from .. import inputs
 from ..heads_grid import selected_pairs
 from ..models import pipeline_folders, resolve_pipeline

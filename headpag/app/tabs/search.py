@@ -7,15 +7,16 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from ...eval.registry import pair_metric_names
 from ...search.config import SearchConfig
 from ...search.rundir import RunDirectory
 from .. import inputs, models
 from ..search import SearchJob, check_search, config_from_run_dir, read_run_meta
-from .common import AppContext, client
+from .common import AppContext, by_name, client
 from .heads import search_runs
 
 
-OBJECTIVES = ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "shapes-judge")
+OBJECTIVES = ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", *pair_metric_names())
 
 
 def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: str = "") -> SimpleNamespace:
@@ -87,7 +88,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
         if objective == "clip":
             arch = models.clip_model(objective_arch, roots)
             return objective, models.weights_file(objective_model, roots, "CLIP weights file"), arch
-        if objective == "shapes-judge":  # its weights ship with headpag
+        if objective in pair_metric_names():  # a registered metric ships its weights
             return objective, None, None
         if objective in ("aesthetic", "hpsv2", "imagereward"):  # a file of the models folder, else the server's env
             weights = models.weights_file(objective_model, roots, f"{objective} weights file")
@@ -201,23 +202,24 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
         job = start_job(config, folder, run, weights, request)
         yield from follow(job)
 
-    s_inputs = [
-        s_prompts,
-        s_seeds,
-        s_style,
-        s_rounds,
-        s_top_k,
-        s_pool,
-        s_objective,
-        s_objective_model,
-        s_objective_arch,
-        s_steps,
-        s_size,
-        s_pag_scale,
-        s_u,
-        s_batch,
-        s_run,
-    ]
+    s_inputs = by_name(
+        search,
+        prompts=s_prompts,
+        seeds=s_seeds,
+        style_prompt=s_style,
+        rounds=s_rounds,
+        top_k=s_top_k,
+        pool=s_pool,
+        objective=s_objective,
+        objective_model=s_objective_model,
+        objective_arch=s_objective_arch,
+        num_inference_steps=s_steps,
+        size=s_size,
+        pag_scale=s_pag_scale,
+        pag_identity_weight=s_u,
+        batch_size=s_batch,
+        run=s_run,
+    )
     s_outputs = [s_status, s_heatmap, s_selected]
     common = dict(preprocess=False, concurrency_limit=None)
     s_start.click(search, s_inputs, s_outputs, api_name="search", **common)
@@ -240,7 +242,13 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
 
     s_resume.click(
         resume_search,
-        [s_run, s_objective, s_objective_model, s_objective_arch],
+        by_name(
+            resume_search,
+            run=s_run,
+            objective=s_objective,
+            objective_model=s_objective_model,
+            objective_arch=s_objective_arch,
+        ),  # fmt: skip
         s_outputs,
         api_name="resume_search",
         **common,

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging
 
-from .flux import FluxHeadPAGImg2ImgPipeline, FluxHeadPAGPipeline
-from .names import BUILTIN_MODELS, OFFLINE_MODELS, builtin_folder
-from .sd3 import StableDiffusion3HeadPAGImg2ImgPipeline, StableDiffusion3HeadPAGPipeline
+from ..pipelines.flux import FluxHeadPAGImg2ImgPipeline, FluxHeadPAGPipeline
+from ..pipelines.sd3 import StableDiffusion3HeadPAGImg2ImgPipeline, StableDiffusion3HeadPAGPipeline
+from .catalog import builtin_folder, builtin_models, offline_models
 from .tiny import TINY_MODELS, tiny_components
 
 
@@ -34,7 +34,7 @@ def family_of_class_name(class_name: str, source: str) -> str:
         return "flux"
     raise ValueError(
         f"Unknown model family: {source} is a {class_name!r}; head-level PAG supports Stable Diffusion 3 / 3.5 "
-        f"and FLUX.1 pipelines (or the offline models {', '.join(OFFLINE_MODELS)})."
+        f"and FLUX.1 pipelines (or the offline models {', '.join(offline_models())})."
     )
 
 
@@ -57,7 +57,7 @@ def detect_family(model: str) -> str:
             f"Cannot load {model!r}: it is not a local folder and the Hugging Face Hub could not be reached or "
             f"refused it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download the model and "
             "pass its local folder, log in with `hf auth login` for gated repos, or try an offline model: "
-            f"{', '.join(OFFLINE_MODELS)}."
+            f"{', '.join(offline_models())}."
         ) from e
     return family_of_class_name(config["_class_name"], model)
 
@@ -94,7 +94,7 @@ def load_pipeline(
         if torch_dtype is not None and torch_dtype != torch.float32:
             pipe = pipe.to(dtype=torch_dtype)
     else:
-        if model in BUILTIN_MODELS:
+        if model in builtin_models():
             model = str(builtin_folder(model))
         family = detect_family(model)
         cls = PIPELINES[(family, img2img)]

@@ -1,0 +1,74 @@
+"""
+Models and metrics that load by name, registered through entry points so that a package (this one's testbed, or a
+third party's) adds names without the loaders knowing it:
+
+- `headpag.models`: a name -> a mapping `{"folder": Path, "defaults": {...}, "missing": str}` (a diffusers folder,
+  the sampler settings the CLI and UI start from, what to do when the folder is absent);
+- `headpag.pair_metrics`: a name -> a per-image metric class (`Class(device=None)`, `score(images, prompts)`);
+- `headpag.features`: a name -> a feature model class for FID / KID / PRDC (`Class(device=None)(images)`).
+
+The tiny random-weight models (`tiny-sd3`, `tiny-sd35`, `tiny-flux`) are built in memory by [`~models.tiny`].
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .tiny import TINY_MODELS
+
+
+GROUPS = ("headpag.models", "headpag.pair_metrics", "headpag.features")
+DEFAULT_MODEL = "headpag-shapes"
+
+
+@functools.cache
+def _entries(group: str) -> dict[str, Any]:
+    return {ep.name: ep for ep in sorted(entry_points(group=group), key=lambda ep: ep.name)}
+
+
+def registered(group: str) -> list[str]:
+    """The names registered in an entry-point group (see the module docstring)."""
+    if group not in GROUPS:
+        raise ValueError(f"Unknown registry {group!r}; allowed: {', '.join(GROUPS)}.")
+    return list(_entries(group))
+
+
+def load_registered(group: str, name: str, what: str) -> Any:
+    """The object registered as `name` in `group`; a `ValueError` naming the registered ones otherwise."""
+    entries = _entries(group)
+    if name not in entries:
+        allowed = ", ".join(entries) or "none registered"
+        raise ValueError(f"Unknown {what} {name!r}; allowed: {allowed}.")
+    return entries[name].load()
+
+
+def builtin_models() -> list[str]:
+    """Models registered by name (`headpag.models` entry points), e.g. `headpag-shapes`."""
+    return registered("headpag.models")
+
+
+def offline_models() -> list[str]:
+    """Every model that loads by name without a download: the registered ones and the tiny random-weight ones."""
+    return [*builtin_models(), *TINY_MODELS]
+
+
+def model_defaults(name: str | None) -> dict[str, Any]:
+    """The sampler settings a registered model recommends to the CLI and the UI (`{}` for any other model)."""
+    if name not in _entries("headpag.models"):
+        return {}
+    return dict(load_registered("headpag.models", name, "model").get("defaults", {}))
+
+
+def builtin_folder(name: str) -> Path:
+    """The folder of a registered model; `FileNotFoundError` (naming it and how to make it) when it is missing."""
+    entry = load_registered("headpag.models", name, "model")
+    folder = Path(entry["folder"])
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"The built-in model {name!r} is not installed ({folder} has no model_index.json). Reinstall headpag"
+            + (f", or {entry['missing']}." if entry.get("missing") else ".")
+        )
+    return folder
