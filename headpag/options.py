@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,9 @@ class Limits:
 
     def refuse(self, what: str, value: Any, name: str) -> None:
         raise ValueError(
-            f"{what} {value} is over the limit {name}={getattr(self, name)}; the server's operator can raise it with "
-            f"{self.flag(name)}."
+            f"{what} {value} is over the limit {name}={getattr(self, name)}; it is raised with {self.flag(name)} "
+            f"(`headpag {'generate/hunt/eval' if name in WORK_LIMITS else 'ui'} {self.flag(name)} N`; on a web UI, by "
+            "the server's operator)."
         )
 
     def check_count(self, what: str, value: int, name: str) -> None:
@@ -88,16 +90,35 @@ class Limits:
             if value is not None and abs(value) > self.max_scale:
                 self.refuse(name, value, "max_scale")
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """One start-up flag per limit (for servers)."""
+    def add_arguments(self, parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+        """One flag per limit (`names`, default all: the server's; the commands take the work limits)."""
         group = parser.add_argument_group("limits (each request is refused before any work when over one)")
         for f in fields(self):
-            kind = float if isinstance(getattr(self, f.name), float) else int
-            group.add_argument(self.flag(f.name), type=positive(kind), default=getattr(self, f.name))
+            if names is None or f.name in names:
+                kind = float if isinstance(getattr(self, f.name), float) else int
+                group.add_argument(self.flag(f.name), type=positive(kind), default=getattr(self, f.name))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Limits:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        """The limits a command was given (defaults for the flags it does not have)."""
+        defaults = cls()
+        return cls(**{f.name: getattr(args, f.name, getattr(defaults, f.name)) for f in fields(cls)})
+
+
+# The limits of the work itself, which the commands (`generate`, `hunt`, `eval`) take as flags too; the others bound
+# what a server accepts from its clients.
+WORK_LIMITS = (
+    "max_size",
+    "max_steps",
+    "max_images",
+    "max_prompt_chars",
+    "max_scale",
+    "max_seeds",
+    "max_prompts",
+    "max_pairs",
+    "max_pool",
+    "max_rounds",
+)
 
 
 # ----------------------------------------------------------------------------------------------------- arg types

@@ -12,6 +12,7 @@ from PIL import Image
 
 from headpag import HeadSet
 from headpag.cli import main
+from headpag.options import Limits
 
 
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--no-progress"]
@@ -311,3 +312,22 @@ def test_flux_true_cfg_needs_a_negative_prompt_and_head_files_must_fit(tmp_path,
     assert run_main([*flux, "--pag-heads-file", str(heads)]) == 2
     assert "was made for another model: model_family 'sd3' (the model's: 'flux')" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "hunt", "eval"])
+def test_every_command_takes_the_work_limits_its_messages_name(tmp_path, capsys, command):
+    """A limit message names a flag the command has: `--max-steps` lowers (or raises) the limit for this run."""
+    argv = {
+        "generate": [*GEN, "--output", str(tmp_path / "o.png")],
+        "hunt": ["hunt", "--model", "tiny-sd3", "--prompts", "a cat", "--output-dir", str(tmp_path / "out")],
+        "eval": ["eval", "--model", "tiny-sd3", "--prompts", "a cat", "--config", "c=--steps 3", "--output-dir",
+                 str(tmp_path / "out")],
+    }[command]  # fmt: skip
+    steps = [] if command == "eval" else ["--steps", "3"]
+    assert run_main([*argv, *steps, "--max-steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "over the limit max_steps=2; it is raised with --max-steps" in err
+    args = (
+        __import__("headpag.cli", fromlist=["build_parser"]).build_parser().parse_args([*argv, "--max-steps", "500"])
+    )
+    assert Limits.from_args(args).max_steps == 500 and Limits.from_args(args).max_queue == Limits().max_queue

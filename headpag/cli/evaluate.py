@@ -113,6 +113,7 @@ def add_parser(sub) -> None:
     p.add_argument("--grid-rows", type=options.positive(int), default=8, help="Prompt-seed pairs per grid image.")
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--no-progress", action="store_true")
+    options.Limits().add_arguments(p, options.WORK_LIMITS)
 
 
 def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | None):
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = parse_metrics(args.metrics)
     if any(m in metrics for m in SET_METRICS) and args.reference_images is None:
         raise ValueError("FID/KID need --reference-images DIR (the images to compare against).")
-    limits = options.Limits()
+    limits = options.Limits.from_args(args)
     prompts = options.read_prompts(args.prompts, limits.max_prompts) if args.prompts else None
     settings = {"metrics": metrics, "reference_images": args.reference_images}
     if args.images:

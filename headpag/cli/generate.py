@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--strength", type=options.finite_float, default=0.6, help="img2img strength in (0, 1].")
     p.add_argument("--compare", action="store_true", help="Also write the same seed without PAG beside it.")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    options.Limits().add_arguments(p, options.WORK_LIMITS)
 
 
 def output_paths(output: str, count: int, suffix: str = "") -> list[Path]:
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         strength=args.strength if args.image else None,
     )
     settings.check()
-    options.Limits().check_settings(settings)
+    options.Limits.from_args(args).check_settings(settings)
     runs = [("", settings)] + ([("-nopag", settings.without_pag())] if args.compare else [])
     paths = {suffix: output_paths(args.output, args.num_images, suffix) for suffix, _ in runs}
     check_writable(paths[""][0].parent)

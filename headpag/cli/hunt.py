@@ -128,12 +128,13 @@ def add_parser(sub) -> None:
         "--validation-images", type=options.positive(int), default=4, help="Pairs in the report's validation grid."
     )
     p.add_argument("--no-progress", action="store_true")
+    options.Limits().add_arguments(p, options.WORK_LIMITS)
 
 
 def build_config(args: argparse.Namespace, family: str, limits: options.Limits | None = None):
     from ..search.config import SearchConfig, preset
 
-    limits = limits or options.Limits()
+    limits = limits or options.Limits.from_args(args)
     values = preset(args.preset, family) if args.preset else {}
     explicit = {
         "prompts": options.read_prompts(args.prompts, limits.max_prompts) if args.prompts else None,
