@@ -42,6 +42,11 @@ class Limits:
         max_queue_per_client (`int`): Requests one client may have waiting or running.
         max_queue (`int`): Requests waiting or running in total.
         max_upload_mb (`float`): Largest uploaded file.
+        max_uploads_mb_per_client (`float`): Most upload bytes one client may send per hour.
+        max_output_mb_per_client (`float`): Most disk one client's generated and saved files may take.
+        max_output_mb (`float`): Most disk the output folder may take.
+        max_output_age_h (`float`): Files of the output folder older than this are removed.
+        max_output_files (`int`): Most files in the output folder (the oldest beyond it are removed).
     """
 
     max_size: int = 2048
@@ -57,6 +62,11 @@ class Limits:
     max_queue_per_client: int = 2
     max_queue: int = 16
     max_upload_mb: float = 20.0
+    max_uploads_mb_per_client: float = 200.0
+    max_output_mb_per_client: float = 500.0
+    max_output_mb: float = 5000.0
+    max_output_age_h: float = 24.0
+    max_output_files: int = 10000
 
     @staticmethod
     def flag(name: str) -> str:

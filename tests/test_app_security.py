@@ -7,6 +7,7 @@ exposure, limits refused before any work (non-finite numbers included), search c
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -636,5 +637,62 @@ def test_wrong_passwords_are_answered_429_with_retry_after(tmp_path):
         time.sleep(float(refused.headers["retry-after"]) + 0.2)
         assert h.post("login", data={"username": "alice", "password": USERS["alice"]}).status_code == 200
         assert h.post("login", data={"username": "alice", "password": "wrong"}).status_code == 400  # counts anew
+    finally:
+        demo.close()
+
+
+# ---------------------------------------------------------------------------------------------------- disk
+def test_output_store_quotas_and_cleanup(tmp_path):
+    from headpag.app.storage import MB, OutputStore
+
+    now = [1_000_000.0]
+    limits = Limits(max_output_mb_per_client=1.0, max_output_mb=2.5, max_output_age_h=1.0, max_output_files=4)
+    store = OutputStore(tmp_path, limits, clock=lambda: now[0])
+
+    def write(name: str, size: int, client: str, age_s: float = 0.0):
+        store.reserve(client, size)
+        path = tmp_path / name
+        path.write_bytes(b"x" * size)
+        os.utime(path, (now[0] - age_s, now[0] - age_s))
+        store.record(client, [path])
+
+    write("a1", int(0.6 * MB), "ip:a", age_s=30)
+    quota = r"your files .* take 0\.6 MB.*max_output_mb_per_client=1 MB.*--max-output-mb-per-client"
+    with pytest.raises(ValueError, match=quota):
+        store.reserve("ip:a", int(0.5 * MB))
+    write("b1", int(0.9 * MB), "ip:b", age_s=20)  # another client has its own quota
+    write("c1", int(0.9 * MB), "ip:c", age_s=10)
+    with pytest.raises(ValueError, match=r"the output folder take 2\.4 MB.*max_output_mb=2\.5 MB"):
+        store.reserve("ip:d", int(0.2 * MB))
+    assert store.usage() == int(0.6 * MB) + 2 * int(0.9 * MB)
+    now[0] += 3600 - 25  # a1 (30 s old at write) is now over an hour old, b1 not: removed by the next check
+    store.reserve("ip:d", int(0.2 * MB))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b1", "c1"] and store.usage("ip:a") == 0
+    for i in range(4):  # at most max_output_files: the oldest go first
+        write(f"d{i}", 10, "ip:d")
+    store.cleanup()
+    assert len(list(tmp_path.iterdir())) == 4 and not (tmp_path / "b1").exists()
+
+
+def test_generation_over_the_disk_quota_is_refused_before_any_work(tmp_path):
+    demo, url = serve("tiny-sd3", tmp_path / "ui", limits=Limits(max_output_mb_per_client=0.1))
+    try:
+        with pytest.raises(AppError, match="Disk quota: .*max_output_mb_per_client=0.1 MB"):
+            Client(url, verbose=False).predict(prompt="a cat", num_inference_steps=1, api_name="/generate")
+        assert list((tmp_path / "ui" / "output").glob("*.png")) == []
+    finally:
+        demo.close()
+
+
+def test_uploads_are_bounded_per_client_per_hour(tmp_path):
+    demo, url = serve("tiny-sd3", tmp_path / "ui", limits=Limits(max_uploads_mb_per_client=1.0, max_upload_mb=1.0))
+    try:
+        h = httpx.Client(base_url=url, timeout=60)
+        blob = os.urandom(600 * 1024)
+        first = h.post("gradio_api/upload", files={"files": ("a.bin", blob)})
+        assert first.status_code == 200
+        second = h.post("gradio_api/upload", files={"files": ("b.bin", blob)})
+        assert second.status_code == 429 and "Upload quota" in second.json()["detail"]
+        assert h.post("gradio_api/upload", files={"files": ("c.bin", b"x")}).status_code == 429
     finally:
         demo.close()

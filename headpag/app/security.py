@@ -232,6 +232,48 @@ class LoginThrottle:
                 self._failures.pop(key, None)
 
 
+class UploadQuota:
+    r"""
+    Upload bytes per client address within the last `window` seconds (Gradio keeps uploads that long, see
+    `delete_cache` in [`~app.ui.build_app`]), refused past `max_bytes`.
+
+    Args:
+        max_bytes (`int`): Bytes one address may upload per window.
+        window (`float`, defaults to 3600.0): Seconds.
+        max_keys (`int`, defaults to 10000): Addresses kept (the oldest are forgotten).
+        clock (`Callable[[], float]`, defaults to `time.monotonic`).
+    """
+
+    def __init__(
+        self,
+        max_bytes: int,
+        window: float = 3600.0,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.max_bytes, self.window, self.max_keys, self.clock = max_bytes, window, max_keys, clock
+        self._sent: OrderedDict[str, list[tuple[float, int]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def used(self, key: str) -> int:
+        """Bytes `key` uploaded within the window."""
+        now = self.clock()
+        with self._lock:
+            entries = [(t, n) for t, n in self._sent.get(key, []) if now - t <= self.window]
+            if entries:
+                self._sent[key] = entries
+            else:
+                self._sent.pop(key, None)
+            return sum(n for _, n in entries)
+
+    def add(self, key: str, nbytes: int) -> None:
+        with self._lock:
+            self._sent.setdefault(key, []).append((self.clock(), nbytes))
+            self._sent.move_to_end(key)
+            while len(self._sent) > self.max_keys:
+                self._sent.popitem(last=False)
+
+
 # ---------------------------------------------------------------------------------------------------- ASGI guard
 class BodyTooLarge(Exception):
     """A request body went past the limit while it streamed in."""
@@ -250,10 +292,18 @@ class RequestGuard:
             as soon as the count passes the limit, without reading (or buffering) the rest.
         throttle ([`LoginThrottle`], *optional*): Failed logins per user and per address (`POST /login`), answered
             429 while their backoff lasts.
+        uploads ([`UploadQuota`], *optional*): Upload bytes per address (`POST .../upload`), answered 429 past it.
     """
 
-    def __init__(self, app, public: Callable[[], Sequence[str]], max_body: int, throttle: LoginThrottle | None = None):
-        self.app, self.public, self.max_body, self.throttle = app, public, max_body, throttle
+    def __init__(
+        self,
+        app,
+        public: Callable[[], Sequence[str]],
+        max_body: int,
+        throttle: LoginThrottle | None = None,
+        uploads: UploadQuota | None = None,
+    ):
+        self.app, self.public, self.max_body, self.throttle, self.uploads = app, public, max_body, throttle, uploads
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":
@@ -268,16 +318,27 @@ class RequestGuard:
             return
         received = 0
         started = answered = False
+        upload_key = None
+        if self.uploads is not None and scope.get("method") == "POST" and scope.get("path", "").endswith("/upload"):
+            upload_key = f"ip:{(scope.get('client') or ('unknown', 0))[0]}"
+            if self.uploads.used(upload_key) >= self.uploads.max_bytes:
+                await self._answer(send, 429, self._upload_message())
+                return
+        before = 0 if upload_key is None else self.uploads.used(upload_key)
 
         async def counted_receive():
             nonlocal received, started, answered
             message = await receive()
             if message.get("type") == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                over_quota = upload_key is not None and before + received > self.uploads.max_bytes
+                if received > self.max_body or over_quota:
                     # Answer now: the app may turn the error below into a response of its own (FastAPI: a 400).
                     if not started:
-                        await self._answer(send, 413, f"Request body is over the limit of {self.max_body} bytes.")
+                        if over_quota:
+                            await self._answer(send, 429, self._upload_message())
+                        else:
+                            await self._answer(send, 413, f"Request body is over the limit of {self.max_body} bytes.")
                         started = answered = True
                     raise BodyTooLarge()
             return message
@@ -294,6 +355,15 @@ class RequestGuard:
             await self.app(scope, counted_receive, tracked_send)
         except BodyTooLarge:
             pass
+        finally:
+            if upload_key is not None:
+                self.uploads.add(upload_key, received)
+
+    def _upload_message(self) -> str:
+        return (
+            f"Upload quota: this address sent {self.uploads.max_bytes >> 20} MB within the last "
+            f"{self.uploads.window / 3600:g} h (max_uploads_mb_per_client); try again later."
+        )
 
     async def _login(self, scope, receive, send) -> None:
         """A login attempt: read its small form, refuse it while the user or the address waits, count the result."""

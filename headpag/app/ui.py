@@ -18,7 +18,15 @@ from diffusers.utils import logging
 from ..options import Limits
 from .host import ModelHost
 from .roots import Roots
-from .security import BODY_SLACK, LoginThrottle, RequestGuard, check_exposure, check_passwords, collect_auth
+from .security import (
+    BODY_SLACK,
+    LoginThrottle,
+    RequestGuard,
+    UploadQuota,
+    check_exposure,
+    check_passwords,
+    collect_auth,
+)
 from .tabs import evaluate as evaluate_tab
 from .tabs import generate as generate_tab
 from .tabs import heads as heads_tab
@@ -28,6 +36,8 @@ from .tabs.common import CSS, AppContext
 
 
 logger = logging.get_logger(__name__)
+
+UPLOAD_CACHE_S = 3600  # how long Gradio keeps an upload (and the window of the per-client upload quota)
 
 PUBLIC_ENDPOINTS = (
     "generate",
@@ -68,7 +78,8 @@ def build_app(
     roots = roots or Roots.create(output_dir=host.output_dir)
     ctx = AppContext(host, roots, limits or Limits(), model_switch=model_switch)
 
-    with gr.Blocks(title="headpag", analytics_enabled=False) as demo:
+    # Gradio's cache of uploads and outputs: every 10 minutes, files older than an hour are deleted.
+    with gr.Blocks(title="headpag", analytics_enabled=False, delete_cache=(600, UPLOAD_CACHE_S)) as demo:
         gr.Markdown(
             "## headpag: head-level perturbed-attention guidance\n"
             "Pick attention heads to perturb (SoftPAG `A ← (1−u)A + uI`), compare with the same seed without PAG, "
@@ -181,7 +192,13 @@ def launch(
         show_error=False,
         app_kwargs={
             "middleware": [
-                Middleware(RequestGuard, public=lambda: public, max_body=max_body, throttle=LoginThrottle())
+                Middleware(
+                    RequestGuard,
+                    public=lambda: public,
+                    max_body=max_body,
+                    throttle=LoginThrottle(),
+                    uploads=UploadQuota(int(limits.max_uploads_mb_per_client * (1 << 20)), window=UPLOAD_CACHE_S),
+                )
             ]
         },
         css=CSS,

@@ -25,6 +25,7 @@ from ..host import ModelHost
 from ..roots import Roots
 from ..search import SearchCancelled, SearchJob
 from ..security import client_id
+from ..storage import OutputStore
 
 
 logger = logging.get_logger(__name__)
@@ -62,12 +63,15 @@ class AppContext:
     limits: Limits
     model_switch: bool = True
     admission: Admission = None
+    store: OutputStore = None
     jobs: dict[str, SearchJob] = field(default_factory=dict)
     search_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         if self.admission is None:
             self.admission = Admission(self.limits)
+        if self.store is None:
+            self.store = OutputStore(self.roots.output, self.limits)
 
     # ------------------------------------------------------------------ errors
     def message(self, error: BaseException) -> str:

@@ -10,6 +10,7 @@ import gradio as gr
 from ...pipelines.settings import GenerationSettings
 from .. import inputs
 from ..generate import check_settings, generate_pair
+from ..storage import png_bound
 from .common import AppContext, by_name, check_uploaded_image, client, decode_image
 
 
@@ -144,7 +145,9 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         check_settings(host, settings, limits)
         session = (request.session_hash if request is not None else "") or ""
         host.clear_cancel(session)  # a cancel from now on (even while waiting for the model) stops this call
-        with ctx.admission.enter(client(request), "generation"):
+        who = client(request)
+        ctx.store.reserve(who, png_bound(settings.width or 1024, settings.height or 1024, 2))
+        with ctx.admission.enter(who, "generation"):
             result = generate_pair(
                 host,
                 settings,
@@ -154,6 +157,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
                 progress=lambda fraction, text: progress(fraction, desc=text),
                 limits=limits,
             )
+        ctx.store.record(who, [result.pag_path, result.nopag_path])
         entries = list(gallery_entries or []) + [
             {
                 "pag_path": str(result.pag_path),

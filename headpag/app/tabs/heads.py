@@ -14,7 +14,7 @@ from ...search.rundir import RunDirectory
 from .. import inputs
 from ..heads_grid import cell_at, selected_pairs, toggle
 from ..search import run_scores
-from .common import AppContext, scores_from_state
+from .common import AppContext, client, scores_from_state
 
 
 MAX_HEADSET_FILE_BYTES = 1 << 20  # a head-set file is a few kB; anything larger is not one
@@ -130,13 +130,15 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
     preset_btn.click(use_preset, presets, [pag_heads, grid], api_visibility="private")
 
     @ctx.readable
-    def save_heads(spec: str):
+    def save_heads(spec: str, request: gr.Request = None):
         layout = host.layout
         if layout is None:
             raise ValueError("Load a model first.")
         heads = HeadSet(sorted(selected_pairs(spec, layout.num_layers, layout.num_heads, limits)))
         if not len(heads.pairs()):
             raise ValueError("The head set is empty: click cells in the grid or type a spec.")
+        who = client(request)
+        ctx.store.reserve(who, 64 * 1024)  # a head-set file is a few kB
         path = roots.output / f"heads-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(6).hex()}.json"
         heads.save(
             path,
@@ -146,6 +148,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
             num_heads=layout.num_heads,
             provenance={"method": "headpag ui"},
         )
+        ctx.store.record(who, [path])
         return str(path)
 
     save_btn.click(save_heads, pag_heads, saved_file, api_visibility="private")
