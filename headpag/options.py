@@ -47,6 +47,9 @@ class Limits:
         max_output_mb (`float`): Most disk the output folder may take.
         max_output_age_h (`float`): Files of the output folder older than this are removed.
         max_output_files (`int`): Most files in the output folder (the oldest beyond it are removed).
+        max_search_image_steps (`int`): Most denoising steps one search may render (its projected images x steps).
+        max_search_hours (`float`): A search still running after this long stops before its next batch.
+        search_grace_min (`float`): A search nobody follows (its client left) for this long is cancelled.
     """
 
     max_size: int = 2048
@@ -67,6 +70,9 @@ class Limits:
     max_output_mb: float = 5000.0
     max_output_age_h: float = 24.0
     max_output_files: int = 10000
+    max_search_image_steps: int = 2_000_000
+    max_search_hours: float = 24.0
+    search_grace_min: float = 10.0
 
     @staticmethod
     def flag(name: str) -> str:
@@ -83,6 +89,16 @@ class Limits:
     def check_count(self, what: str, value: int, name: str) -> None:
         if value > getattr(self, name):
             self.refuse(what, value, name)
+
+    def check_search_budget(self, images: int, steps: int) -> None:
+        """Refuse a search whose projected images times steps pass `max_search_image_steps`, before any work."""
+        if images * steps > self.max_search_image_steps:
+            raise ValueError(
+                f"This search would render up to {images} images x {steps} steps = {images * steps} denoising steps, "
+                f"over the limit max_search_image_steps={self.max_search_image_steps}; use fewer prompt-seed pairs, "
+                f"rounds, candidate heads or steps, the halving strategy, or raise it with "
+                f"{self.flag('max_search_image_steps')}."
+            )
 
     def check_settings(self, settings: GenerationSettings) -> None:
         """Refuse a generation over a limit, before any work, naming the limit and its flag."""
@@ -128,6 +144,7 @@ WORK_LIMITS = (
     "max_pairs",
     "max_pool",
     "max_rounds",
+    "max_search_image_steps",
 )
 
 

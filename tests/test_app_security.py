@@ -696,3 +696,108 @@ def test_uploads_are_bounded_per_client_per_hour(tmp_path):
         assert h.post("gradio_api/upload", files={"files": ("c.bin", b"x")}).status_code == 429
     finally:
         demo.close()
+
+
+# ---------------------------------------------------------------------------------------------------- time
+def test_search_budget_is_projected_from_the_strategy_and_refused_before_work():
+    from headpag.app.search import check_search
+    from headpag.search.config import SearchConfig
+    from headpag.search.strategies import projected_images
+
+    pairs = dict(prompts=[f"p{i}" for i in range(10)], seeds=[0], top_k=2)
+    assert projected_images(SearchConfig(**pairs), 15) == 150  # every candidate on every pair
+    assert projected_images(SearchConfig(**pairs, strategy="halving"), 15) == 15 * 1 + 5 * 2 + 2 * 6 + 2 * 1
+    gradient = SearchConfig(**pairs, strategy="gradient")  # 3 x 10 differentiable renders, then halving over 8
+    assert projected_images(gradient, 15) == 30 + 8 * 1 + 3 * 2 + 2 * 6 + 2 * 1
+    assert projected_images(SearchConfig(**pairs, rounds=3), 15) == 150 + 130 + 110
+    values = dict(prompts=["a cat"], seeds=[0], num_inference_steps=8)
+    check_search(values, 4, 4, Limits(max_search_image_steps=128))  # 16 heads x 1 pair x 8 steps
+    with pytest.raises(ValueError, match=r"16 images x 8 steps = 128.*max_search_image_steps=127.*--max-search"):
+        check_search(values, 4, 4, Limits(max_search_image_steps=127))
+
+
+def test_hunt_refuses_a_search_over_its_budget(tmp_path, capsys):
+    from headpag.cli import main
+
+    out = tmp_path / "run"
+    argv = ["hunt", "--model", "tiny-sd3", "--prompts", "a cat", "--steps", "2", "--output-dir", str(out)]
+    assert main([*argv, "--max-search-image-steps", "10", "--no-progress"]) == 2
+    assert "over the limit max_search_image_steps=10" in capsys.readouterr().err and not out.exists()
+
+
+class _Job:
+    """Stands in for a running SearchJob in the handlers (`summary`, `cancel`, `stop`)."""
+
+    running, owner, name = True, "user:alice", "long-run"
+
+    def __init__(self):
+        self.cancelled, self.reason = False, None
+
+    def summary(self):
+        return {"run": self.name, "owner": self.owner, "status": "running"}
+
+    def cancel(self):
+        self.cancelled = True
+
+    def stop(self, reason):
+        self.reason = reason
+        self.cancel()
+
+
+def test_admins_list_jobs_and_cancel_any_search(tmp_path):
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from headpag.app.host import ModelHost
+    from headpag.app.roots import Roots
+    from headpag.app.ui import build_app
+
+    demo = build_app(ModelHost(None), Roots.create(workdir=str(tmp_path)), admins=["carol"])
+    handlers = {fn.name: fn.fn for fn in demo.fns.values()}
+    as_user = lambda name: SimpleNamespace(username=name, client=None)  # noqa: E731
+    job = _Job()
+    demo.headpag.jobs["current"] = job
+    with demo.headpag.admission.enter("user:bob", "generation"):
+        listed = handlers["jobs"](request=as_user("carol"))
+    assert listed == {"search": job.summary(), "requests": {"user:bob": 1}}
+    with pytest.raises(gr.Error, match="Only an admin"):
+        handlers["jobs"](request=as_user("alice"))
+    with pytest.raises(gr.Error, match="only that client \\(or an admin\\) can cancel it"):
+        handlers["cancel_search"](request=as_user("bob"))
+    assert not job.cancelled
+    handlers["cancel_search"](request=as_user("carol"))
+    assert job.cancelled and job.reason == "cancelled by the admin carol"
+    with pytest.raises(ValueError, match="--admin names users without a login: dave"):
+        __import__("headpag.app.ui", fromlist=["launch"]).launch(
+            None, workdir=str(tmp_path / "x"), auth=["alice:pw-lantern-harbor"], admins=["dave"], block=False
+        )
+
+
+def test_a_search_stops_at_its_time_limit_and_when_nobody_follows_it(tmp_path, monkeypatch):
+    import threading
+
+    from headpag.app.host import ModelLock
+    from headpag.app.search import SearchCancelled, SearchJob, _CancellableHold
+
+    class Running(SearchJob):
+        running = True
+
+    job = Running.__new__(Running)  # the watch and time logic only (no model, no thread)
+    job.name, job.reason, job.status, job.watchers = "r", None, "running", 0
+    job.cancelled, job._watch_lock, job.grace_s, job.deadline = threading.Event(), threading.Lock(), 0.05, None
+    job.watched()
+    job.watched()
+    job.unwatched()  # someone still follows: nothing happens
+    time.sleep(0.15)
+    assert not job.cancelled.is_set()
+    job.unwatched()  # the last follower left: cancelled after the grace period
+    time.sleep(0.3)
+    assert job.cancelled.is_set() and "nobody followed it for" in job.reason
+    late = Running.__new__(Running)
+    late.name, late.reason, late.status, late.cancelled = "t", None, "running", threading.Event()
+    late.deadline = time.monotonic() - 1
+    with pytest.raises(SearchCancelled):
+        with _CancellableHold(ModelLock(), late.cancelled, late):
+            pass
+    assert "max_search_hours" in late.reason

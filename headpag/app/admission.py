@@ -28,6 +28,11 @@ class Admission:
     def total(self) -> int:
         return sum(self._by_client.values())
 
+    def clients(self) -> dict[str, int]:
+        """Requests waiting or running, per client."""
+        with self._lock:
+            return dict(self._by_client)
+
     def count(self, client: str) -> int:
         return self._by_client[client]
 

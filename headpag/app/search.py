@@ -21,6 +21,7 @@ from ..runtime import TransformerLayout
 from ..search.config import SearchConfig
 from ..search.records import mean_scores, pair_scores
 from ..search.rundir import RunDirectory
+from ..search.strategies import projected_images
 from . import inputs
 from .heads_grid import render_grid
 from .host import ModelHost, ModelLock
@@ -65,12 +66,15 @@ class SearchCancelled(Exception):
 
 
 class _CancellableHold:
-    """The model lock for HeadHunter's batches: refuses to start another batch once `cancelled` is set."""
+    """The model lock for HeadHunter's batches: refuses to start another batch once `cancelled` is set or the job's
+    time is up."""
 
-    def __init__(self, lock: ModelLock, cancelled: threading.Event):
-        self.lock, self.cancelled = lock, cancelled
+    def __init__(self, lock: ModelLock, cancelled: threading.Event, job: SearchJob | None = None):
+        self.lock, self.cancelled, self.job = lock, cancelled, job
 
     def __enter__(self):
+        if self.job is not None and self.job.deadline is not None and time.monotonic() > self.job.deadline:
+            self.job.stop("its time limit (max_search_hours) passed")
         if self.cancelled.is_set():
             raise SearchCancelled("Search cancelled.")
         self.lock.acquire("search")
@@ -99,6 +103,9 @@ class SearchJob:
         owner (`str`, *optional*): The client that started it (only it may cancel).
         on_end (`Callable[[], None]`, *optional*): Called once when the thread ends (releases the admission ticket).
         roots ([`Roots`], *optional*): Server paths in error messages are replaced by their root's name.
+        max_hours (`float`, *optional*): Stop before the first batch after this long.
+        grace_s (`float`, *optional*): Cancel the job when nobody has followed it for this long (see
+            [`~SearchJob.unwatched`]).
     """
 
     def __init__(
@@ -113,6 +120,8 @@ class SearchJob:
         owner: str | None = None,
         on_end=None,
         roots: Roots | None = None,
+        max_hours: float | None = None,
+        grace_s: float | None = None,
     ):
         self.host, self.config, self.output_dir = host, config, Path(output_dir)
         self.objective, self.objective_model, self.objective_arch = objective, objective_model, objective_arch
@@ -125,6 +134,11 @@ class SearchJob:
         self.config_hash = config.config_hash(host.model_name or "")
         self.layout = host.layout
         self.cancelled = threading.Event()
+        self.reason: str | None = None  # why it stopped, when not by its owner
+        self.deadline = None if max_hours is None else self.started + max_hours * 3600
+        self.grace_s = grace_s
+        self.watchers = 0
+        self._watch_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="headpag-search", daemon=True)
 
     def start(self) -> SearchJob:
@@ -143,6 +157,32 @@ class SearchJob:
         self.cancelled.set()
         if self.status == "running":
             self.status = "cancelling"
+
+    def stop(self, reason: str) -> None:
+        """Cancel for `reason` (a time limit, an operator, a client that left), which the status then shows."""
+        self.reason = self.reason or reason
+        logger.warning("search %s stopped: %s", self.name, reason)
+        self.cancel()
+
+    def watched(self) -> None:
+        """A client follows the job's progress."""
+        with self._watch_lock:
+            self.watchers += 1
+
+    def unwatched(self) -> None:
+        """A client stopped following (it left, or the job ended); with nobody left, the grace period starts."""
+        with self._watch_lock:
+            self.watchers -= 1
+            if self.watchers > 0 or not self.running or self.grace_s is None:
+                return
+        timer = threading.Timer(self.grace_s, self._cancel_if_unwatched)
+        timer.daemon = True
+        timer.start()
+
+    def _cancel_if_unwatched(self) -> None:
+        with self._watch_lock:
+            if self.watchers == 0 and self.running:
+                self.stop(f"nobody followed it for {self.grace_s / 60:g} min (search_grace_min)")
 
     def _progress(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -170,7 +210,7 @@ class SearchJob:
                 objective_arch=self.objective_arch,
                 model_name=self.host.model_name or "",
                 progress=self._progress,
-                lock=_CancellableHold(self.host.lock, self.cancelled),
+                lock=_CancellableHold(self.host.lock, self.cancelled, self),
             )
             if self.cancelled.is_set():
                 raise SearchCancelled("Search cancelled.")
@@ -213,6 +253,9 @@ class SearchJob:
             "selected": "" if not selected else ", ".join(f"{l}.{h}" for l, h in selected),
             "error": self.error,
             "run": self.name,
+            "owner": self.owner,
+            "reason": self.reason,
+            "elapsed_s": round(elapsed, 1),
         }
 
     def markdown(self) -> str:
@@ -228,6 +271,8 @@ class SearchJob:
         if waiting:
             line += f" · waiting for the {self.host.lock.holder} job"
         if s["status"] == "cancelled":
+            if s["reason"]:
+                line += f" · stopped: {s['reason']}"
             line += " · every finished candidate is in the journal; *Resume run* continues it"
         if s["selected"]:
             line += f"\n\nSelected so far: `{s['selected']}`"
@@ -307,6 +352,9 @@ def check_search(values: dict[str, Any], num_layers: int, num_heads: int, limits
     inputs.text(get("negative_prompt"), "negative_prompt", limits)
     if get("max_sequence_length") is not None:
         inputs.integer(get("max_sequence_length"), "max_sequence_length", minimum=1, maximum=512)
+    config = SearchConfig(**{f.name: values[f.name] for f in fields(SearchConfig) if f.name in values})
+    _, pool_size = inputs.pool(get("pool") or "", num_layers, num_heads, limits)
+    limits.check_search_budget(projected_images(config, pool_size), config.num_inference_steps)
 
 
 def config_from_run_dir(

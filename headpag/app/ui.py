@@ -48,6 +48,7 @@ PUBLIC_ENDPOINTS = (
     "evaluate",
     "eval_report",
     "load_model",
+    "jobs",
 )
 
 
@@ -57,6 +58,7 @@ def build_app(
     limits: Limits | None = None,
     model_switch: bool = True,
     default_run: str = "",
+    admins: Sequence[str] = (),
 ) -> gr.Blocks:
     r"""
     Build the app around a [`ModelHost`].
@@ -68,6 +70,7 @@ def build_app(
         limits ([`~headpag.options.Limits`], *optional*): What one request may cost (default: `Limits()`).
         model_switch (`bool`): Whether clients may load another model (`--no-model-switch` sets it off).
         default_run (`str`): The search run name offered at start.
+        admins (`list[str]`): User names who may list every job (`/jobs`) and cancel any search.
         trusted_proxies (`str`, defaults to `""`): Comma-separated addresses or networks of reverse proxies whose
             `X-Forwarded-For` / `Forwarded` headers name the client. By default no one's are trusted (uvicorn would
             trust 127.0.0.1's, so a local client could forge one address per request and dodge the per-client caps).
@@ -76,7 +79,9 @@ def build_app(
         `gr.Blocks`, with the [`AppContext`] as `demo.headpag`.
     """
     roots = roots or Roots.create(output_dir=host.output_dir)
-    ctx = AppContext(host, roots, limits or Limits(), model_switch=model_switch)
+    ctx = AppContext(
+        host, roots, limits or Limits(), model_switch=model_switch, admins=frozenset(f"user:{a}" for a in admins)
+    )
 
     # Gradio's cache of uploads and outputs: every 10 minutes, files older than an hour are deleted.
     with gr.Blocks(title="headpag", analytics_enabled=False, delete_cache=(600, UPLOAD_CACHE_S)) as demo:
@@ -134,6 +139,7 @@ def launch(
     limits: Limits | None = None,
     default_run: str = "",
     trusted_proxies: str = "",
+    admins: Sequence[str] = (),
     block: bool = True,
 ):
     r"""
@@ -153,6 +159,9 @@ def launch(
         model_switch (`bool`): Whether clients may load another model.
         limits ([`~headpag.options.Limits`], *optional*): What one request may cost.
         default_run (`str`): The search run name offered at start.
+        trusted_proxies (`str`): Reverse proxies whose forwarded-client headers are trusted (see [`build_app`]).
+        admins (`list[str]`): Logged-in users who may list every job and cancel any search (must be among the
+            logins).
         block (`bool`): Block the calling thread (the CLI) or return at once (tests).
 
     Returns:
@@ -171,9 +180,12 @@ def launch(
     for warning in (check_passwords(credentials, insecure), check_exposure(host, share, bool(credentials), insecure)):
         if warning:
             logger.warning(warning)
+    unknown = sorted(set(admins) - {user for user, _ in credentials or ()})
+    if unknown:
+        raise ValueError(f"--admin names users without a login: {', '.join(unknown)}; give them --auth first.")
     roots = Roots.create(workdir, output_dir, search_dir, models_dir, eval_dir)
     model_host = ModelHost(model, device=device, dtype=dtype, output_dir=str(roots.output))
-    demo = build_app(model_host, roots, limits, model_switch=model_switch, default_run=default_run)
+    demo = build_app(model_host, roots, limits, model_switch=model_switch, default_run=default_run, admins=admins)
     demo.queue(default_concurrency_limit=1, max_size=max(64, 4 * limits.max_queue), api_open=False)
     public = public_endpoints(demo)
     max_body = int(limits.max_upload_mb * (1 << 20)) + BODY_SLACK

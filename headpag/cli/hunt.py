@@ -235,15 +235,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise ValueError("headpag hunt needs --model (or --report DIR, or --compare RUN_A RUN_B).")
+    from ..guidance import HeadSet
     from ..models import load_pipeline
     from ..runtime import describe_transformer
     from ..search.hunter import HeadHunter, process_state
+    from ..search.strategies import projected_images
 
     state = process_state()
     device, dtype = options.resolve_device_dtype(args.device or str(state.device), args.dtype)
     pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    config = build_config(args, describe_transformer(pipe.transformer).family)
+    layout = describe_transformer(pipe.transformer)
+    config = build_config(args, layout.family)
+    pool = HeadSet.parse(config.pool) if config.pool else HeadSet(range(layout.num_layers))
+    pool_size = len(pool.resolve(layout.num_layers, layout.num_heads).pairs())
+    options.Limits.from_args(args).check_search_budget(projected_images(config, pool_size), config.num_inference_steps)
     progress = Progress(enabled=not args.no_progress and state.is_main_process)
     hunter = HeadHunter(
         pipe,

@@ -54,6 +54,13 @@ def add_parser(sub) -> None:
     )
     access.add_argument("--auth-file", default=None, help="A file of 'user:password' lines ('#' comments).")
     access.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="A logged-in user who may list every job (/jobs) and cancel any search (repeatable).",
+    )
+    access.add_argument(
         "--insecure",
         action="store_true",
         help="Serve on a non-loopback --host or with --share without authentication (refused otherwise).",
@@ -92,5 +99,6 @@ def run(args: argparse.Namespace) -> int:
         limits=options.Limits.from_args(args),
         default_run=args.default_run,
         trusted_proxies=args.trusted_proxies,
+        admins=args.admin,
     )
     return 0

@@ -316,3 +316,27 @@ def head_hunter(
         chosen = set(outcome.chosen)
         pool = [h for h in pool if h not in chosen]
     return outcomes
+
+
+def projected_images(config, pool_size: int) -> int:
+    r"""
+    The images a search renders at most (the cost it is refused beyond before it starts): per round, every stage of
+    its strategy's schedule over the candidates left (proxy stages counted at full size), the gradient prefilter's
+    differentiable renders counted three times (backward as two forwards).
+
+    Args:
+        config ([`SearchConfig`]): The settings. pool_size (`int`): The candidate heads.
+    """
+    pairs, total, left = len(config.pairs()), 0, pool_size
+    for _ in range(config.rounds):
+        if left <= 0:
+            break
+        candidates = left
+        if config.strategy == "gradient":
+            total += 3 * pairs
+            candidates = min(left, config.kept_by_prefilter)
+        min_pairs = pairs if config.strategy == "exhaustive" else config.halving_min_pairs
+        schedule = halving_schedule(candidates, pairs, config.top_k, min_pairs, config.halving_eta, config.has_proxy)
+        total += sum(stage.candidates * len(stage.pairs) for stage in schedule)
+        left -= config.top_k
+    return total

@@ -56,12 +56,14 @@ class AppContext:
         roots ([`Roots`]): The folders the UI may read or write.
         limits ([`~headpag.options.Limits`]): What one request may cost.
         model_switch (`bool`): Whether clients may load another model.
+        admins (`frozenset[str]`): Clients (`"user:NAME"`) who may list every job and cancel any search.
     """
 
     host: ModelHost
     roots: Roots
     limits: Limits
     model_switch: bool = True
+    admins: frozenset[str] = frozenset()
     admission: Admission = None
     store: OutputStore = None
     jobs: dict[str, SearchJob] = field(default_factory=dict)

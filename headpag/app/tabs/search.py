@@ -127,6 +127,8 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
                     owner=client(request),
                     on_end=ticket.release,
                     roots=roots,
+                    max_hours=limits.max_search_hours,
+                    grace_s=limits.search_grace_min * 60,
                 )
                 ctx.jobs["current"] = job
                 job.start()
@@ -136,9 +138,13 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
         return job
 
     def follow(job: SearchJob):
-        while job.running:
-            yield job_view(job)
-            time.sleep(0.5)
+        job.watched()
+        try:  # a client that leaves closes this generator: the job's grace period starts when nobody follows it
+            while job.running:
+                yield job_view(job)
+                time.sleep(0.5)
+        finally:
+            job.unwatched()
         yield job_view(job)
         if job.status == "failed":
             raise ValueError(f"Search failed: {job.error}")
@@ -259,12 +265,29 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
         job = ctx.jobs.get("current")
         if job is None or not job.running:
             raise ValueError("No search is running.")
-        if job.owner != client(request):
-            raise ValueError("The running search was started by another client; only that client can cancel it.")
-        job.cancel()
+        who = client(request)
+        if job.owner != who and who not in ctx.admins:
+            raise ValueError(
+                "The running search was started by another client; only that client (or an admin) can cancel it."
+            )
+        if job.owner == who:
+            job.cancel()
+        else:
+            job.stop(f"cancelled by the admin {who.removeprefix('user:')}")
         return f"Cancelling search run {job.name!r} after its current batch (finished candidates stay journaled)."
 
     s_cancel.click(cancel_search, None, s_status, api_name="cancel_search")
+
+    @ctx.readable
+    def jobs(request: gr.Request = None):
+        """Admins only: the current search (owner, status, progress) and the requests each client has admitted."""
+        if client(request) not in ctx.admins:
+            raise ValueError("Only an admin (headpag ui --admin USER) may list the jobs.")
+        job = ctx.jobs.get("current")
+        return {"search": None if job is None else job.summary(), "requests": ctx.admission.clients()}
+
+    jobs_view = gr.JSON(visible=False)
+    gr.Button(visible=False).click(jobs, None, jobs_view, api_name="jobs")
 
     def refresh(seen):
         """Timer: redraw only when the current search moved on since this page last saw it."""
