@@ -50,3 +50,15 @@ def test_the_compatibility_page_backs_every_claim_with_a_test():
         if title == "diffusers' own tests":
             continue
         assert CITED_TEST.search(section), f"section {title!r} cites no test"
+
+
+def test_the_web_ui_page_lists_every_limit_with_its_default_and_flag():
+    import dataclasses
+
+    from headpag.options import Limits
+
+    text = (ROOT / "docs" / "web-ui.md").read_text()
+    table = text[text.index("### Every limit") :]
+    for field in dataclasses.fields(Limits):
+        default = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
+        assert f"| `{field.name}` | {default} | `{Limits.flag(field.name)}` |" in table, field.name
