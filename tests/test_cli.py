@@ -312,6 +312,11 @@ def test_flux_true_cfg_needs_a_negative_prompt_and_head_files_must_fit(tmp_path,
     assert run_main([*flux, "--pag-heads-file", str(heads)]) == 2
     assert "was made for another model: model_family 'sd3' (the model's: 'flux')" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    evaluate = ["eval", "--model", "tiny-flux", "--prompts", "a cat", "--no-progress", "--metrics", "clip"]
+    config = f"c=--pag-heads-file {heads} --steps 1 --height 32 --width 32"
+    assert run_main([*evaluate, "--config", config, "--output-dir", str(tmp_path / "ev")]) == 2
+    assert "was made for another model: model_family 'sd3'" in capsys.readouterr().err
+    assert not (tmp_path / "ev" / "images").exists()
 
 
 @pytest.mark.parametrize("command", ["generate", "hunt", "eval"])

@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 "headpag eval needs --model, --prompts and at least one --config or --sweep (or --images DIR)."
             )
         from ..models import load_pipeline
+        from ..runtime import describe_transformer
 
         configs = [parse_eval_config(text) for text in args.config]
         sweeps = [parse_sweep(text) for text in args.sweep]
@@ -207,6 +208,10 @@ def run(args: argparse.Namespace) -> int:
         device, dtype = options.resolve_device_dtype(args.device, args.dtype)
         pipe = load_pipeline(args.model, torch_dtype=dtype, device=device)
         pipe.set_progress_bar_config(disable=True)
+        layout = describe_transformer(pipe.transformer)
+        for config in configs:  # a head-set file or preset made for another model family or shape is refused
+            if config.flags is not None:
+                options.check_preset_fits(config.flags, layout)
         total = len(configs) * len(comparison.items())
         with tqdm(total=total, desc="generating", unit="img", disable=args.no_progress, file=sys.stderr) as bar:
             generated, reused = comparison.generate(pipe, args.model, progress=lambda name: bar.update(1))
@@ -286,7 +291,7 @@ def parse_eval_config(text: str) -> EvalConfig:
     settings = options.settings_from_args(args)
     if not pag_on:
         settings.pag_scale = 0.0
-    return EvalConfig(name, flags.strip(), settings)
+    return EvalConfig(name, flags.strip(), settings, args)
 
 
 # ------------------------------------------------------------------------------------------------------- sweeps

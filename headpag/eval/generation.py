@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -33,6 +34,7 @@ class EvalConfig:
     name: str
     options: str
     settings: GenerationSettings
+    flags: Any = None  # the parsed options (`argparse.Namespace`), to check head-set files against the model
 
 
 class Comparison:
