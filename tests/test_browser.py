@@ -69,6 +69,14 @@ def test_generate_in_the_browser(page):
     sources = [page.get_attribute(f"{e} img", "src") for e in ("#out-pag", "#out-nopag")]
     assert all(sources) and sources[0] != sources[1]
     assert page.locator("#gallery img").count() >= 1
+    for element in ("#out-pag img", "#out-nopag img"):  # 64 px images shown large and sharp
+        shown = page.locator(element).evaluate(
+            "img => { const r = img.getBoundingClientRect(), s = getComputedStyle(img);"
+            " return {w: r.width, h: r.height, rendering: s.imageRendering, fit: s.objectFit}; }"
+        )
+        assert max(shown["w"], shown["h"]) >= 256 and shown["rendering"] == "pixelated", shown
+    fits = page.locator("#gallery img").evaluate_all("imgs => imgs.map(img => getComputedStyle(img).objectFit)")
+    assert fits and set(fits) == {"contain"}  # whole images in the gallery, not cropped
     assert _shot(page, "generate.png").stat().st_size > 0
 
 

@@ -23,6 +23,7 @@ LABELS = {
     "imagereward": "ImageReward (higher is better)",
     "shapes-judge": "judge log-probability (higher is better)",
     "shapes-correct": "all attributes right (share)",
+    "shapes-structure": "shape IoU minus stray area (higher is better)",
     "fid": "FID (lower is better)",
     "kid": "KID ×10³ (lower is better)",
     "prdc": "precision / recall / density / coverage (higher is better)",

@@ -40,6 +40,12 @@ KNOWN_MODELS = [
 ]
 CSS = """
 #head-grid img { image-rendering: pixelated; cursor: pointer; }
+/* Small images (the 64 px testbed) fill their boxes, scaled without smoothing; the gallery shows whole images. */
+#out-pag img, #out-nopag img {
+  image-rendering: pixelated; width: 100% !important; height: 100% !important; min-height: 256px;
+  object-fit: contain !important;
+}
+#gallery img { image-rendering: pixelated; object-fit: contain !important; }
 .field-error { color: #b42318; font-size: 0.9em; }
 .field-ok { color: #067647; font-size: 0.9em; }
 """
