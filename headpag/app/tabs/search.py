@@ -286,8 +286,10 @@ def build(ctx: AppContext, pag_heads: gr.Textbox, grid: gr.Image, default_run: s
         job = ctx.jobs.get("current")
         return {"search": None if job is None else job.summary(), "requests": ctx.admission.clients()}
 
-    jobs_view = gr.JSON(visible=False)
-    gr.Button(visible=False).click(jobs, None, jobs_view, api_name="jobs")
+    with tab:  # hidden: the endpoint is for admins' scripts
+        jobs_view = gr.JSON(visible=False)
+        jobs_button = gr.Button(visible=False)
+    jobs_button.click(jobs, None, jobs_view, api_name="jobs")
 
     def refresh(seen):
         """Timer: redraw only when the current search moved on since this page last saw it."""
