@@ -646,32 +646,45 @@ def test_output_store_quotas_and_cleanup(tmp_path):
     from headpag.app.storage import MB, OutputStore
 
     now = [1_000_000.0]
-    limits = Limits(max_output_mb_per_client=1.0, max_output_mb=2.5, max_output_age_h=1.0, max_output_files=4)
+    limits = Limits(max_output_mb_per_client=1.0, max_output_mb=2.5, max_output_age_h=1.0, max_output_files=5)
     store = OutputStore(tmp_path, limits, clock=lambda: now[0])
 
     def write(name: str, size: int, client: str, age_s: float = 0.0):
-        store.reserve(client, size)
-        path = tmp_path / name
-        path.write_bytes(b"x" * size)
-        os.utime(path, (now[0] - age_s, now[0] - age_s))
-        store.record(client, [path])
+        with store.reserve(client, size) as saved:
+            path = tmp_path / name
+            path.write_bytes(b"x" * size)
+            os.utime(path, (now[0] - age_s, now[0] - age_s))
+            saved(path)
 
     write("a1", int(0.6 * MB), "ip:a", age_s=30)
     quota = r"your files .* take 0\.6 MB.*max_output_mb_per_client=1 MB.*--max-output-mb-per-client"
     with pytest.raises(ValueError, match=quota):
-        store.reserve("ip:a", int(0.5 * MB))
+        with store.reserve("ip:a", int(0.5 * MB)):
+            pass
+    with store.reserve("ip:b", int(0.6 * MB)):  # a reservation holds its space while its request works
+        with pytest.raises(ValueError, match="your files .* take 0\\.6 MB"):
+            with store.reserve("ip:b", int(0.5 * MB)):
+                pass
     write("b1", int(0.9 * MB), "ip:b", age_s=20)  # another client has its own quota
     write("c1", int(0.9 * MB), "ip:c", age_s=10)
     with pytest.raises(ValueError, match=r"the output folder take 2\.4 MB.*max_output_mb=2\.5 MB"):
-        store.reserve("ip:d", int(0.2 * MB))
+        with store.reserve("ip:d", int(0.2 * MB)):
+            pass
     assert store.usage() == int(0.6 * MB) + 2 * int(0.9 * MB)
+    with pytest.raises(RuntimeError):  # a request that fails after writing: its file is still charged
+        with store.reserve("ip:c", 10) as saved:
+            (tmp_path / "c2").write_bytes(b"x" * 10)
+            os.utime(tmp_path / "c2", (now[0] - 5, now[0] - 5))
+            saved(tmp_path / "c2")
+            raise RuntimeError("cancelled")
+    assert store.usage("ip:c") == int(0.9 * MB) + 10
     now[0] += 3600 - 25  # a1 (30 s old at write) is now over an hour old, b1 not: removed by the next check
-    store.reserve("ip:d", int(0.2 * MB))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b1", "c1"] and store.usage("ip:a") == 0
-    for i in range(4):  # at most max_output_files: the oldest go first
-        write(f"d{i}", 10, "ip:d")
+    write("d0", 10, "ip:d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b1", "c1", "c2", "d0"] and store.usage("ip:a") == 0
+    for i in range(1, 4):  # beyond max_output_files the oldest files of the biggest holder go first
+        write(f"d{i}", 10, "ip:d", age_s=-i)
     store.cleanup()
-    assert len(list(tmp_path.iterdir())) == 4 and not (tmp_path / "b1").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b1", "c1", "c2", "d2", "d3"]
 
 
 def test_generation_over_the_disk_quota_is_refused_before_any_work(tmp_path):

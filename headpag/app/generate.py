@@ -69,6 +69,7 @@ def generate_pair(
     session: str = "",
     progress: Callable[[float, str], None] | None = None,
     limits: Limits | None = None,
+    on_saved: Callable[[Path], None] | None = None,
 ) -> Result:
     r"""
     Generate `settings` with PAG and the same seed without PAG (img2img when `image` is given).
@@ -82,6 +83,8 @@ def generate_pair(
             next step (the caller clears stale requests before, see [`ModelHost.clear_cancel`]).
         progress (`Callable[[float, str], None]`, *optional*): Called with (fraction done, description).
         limits ([`~headpag.options.Limits`], *optional*): The server's limits, checked before any work.
+        on_saved (`Callable[[Path], None]`, *optional*): Called with each file as soon as it is written (the disk
+            quota charges it, also when the call fails later).
 
     Raises:
         `ValueError`: bad settings (message names the value); [`Cancelled`] when the session cancels.
@@ -119,4 +122,6 @@ def generate_pair(
             out = pipe(**kwargs, callback_on_step_end=on_step).images[0]
             meta = {"headpag": run.to_json(), "model": host.model_name or "", "prompt": run.prompt}
             save_png(out, path, meta)
+            if on_saved is not None:
+                on_saved(path)
     return Result(paths[0], paths[1], settings, host.model_name or "")

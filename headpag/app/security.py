@@ -15,7 +15,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from urllib.parse import parse_qs
 
 from diffusers.utils import logging
 
@@ -204,27 +203,44 @@ class LoginThrottle:
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (count, last failure)
         self._lock = threading.Lock()
 
-    def retry_after(self, keys: Iterable[str]) -> float:
+    def retry_after(self, keys: Iterable[str], locked: bool = False) -> float:
         """Seconds until a login for `keys` is accepted again (0: now)."""
+        if not locked:
+            with self._lock:
+                return self.retry_after(keys, locked=True)
         now, wait = self.clock(), 0.0
-        with self._lock:
-            for key in keys:
-                count, last = self._failures.get(key, (0, now))
-                if now - last > self.window:
-                    self._failures.pop(key, None)
-                elif count >= self.free:
-                    delay = min(self.max_delay, self.base_delay * 2.0 ** (count - self.free))
-                    wait = max(wait, last + delay - now)
+        for key in keys:
+            count, last = self._failures.get(key, (0, now))
+            if now - last > self.window:
+                self._failures.pop(key, None)
+            elif count >= self.free:
+                delay = min(self.max_delay, self.base_delay * 2.0 ** min(count - self.free, 30))
+                wait = max(wait, last + delay - now)
         return max(0.0, wait)
 
-    def failed(self, keys: Iterable[str]) -> None:
-        now = self.clock()
+    def attempt(self, keys: Iterable[str]) -> float:
+        """
+        A login attempt for `keys`: seconds to wait (refused) or 0, in which case it is counted as a failure at once
+        (undone by [`~LoginThrottle.succeeded`]), so attempts made in parallel cannot all pass the check.
+        """
+        keys = list(keys)
         with self._lock:
-            for key in keys:
-                count, last = self._failures.pop(key, (0, now))
-                self._failures[key] = (0 if now - last > self.window else count) + 1, now
-            while len(self._failures) > self.max_keys:
-                self._failures.popitem(last=False)
+            wait = self.retry_after(keys, locked=True)
+            if wait == 0:
+                self._fail(keys)
+            return wait
+
+    def failed(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            self._fail(keys)
+
+    def _fail(self, keys: Iterable[str]) -> None:
+        now = self.clock()
+        for key in keys:
+            count, last = self._failures.pop(key, (0, now))
+            self._failures[key] = (0 if now - last > self.window else count) + 1, now
+        while len(self._failures) > self.max_keys:
+            self._failures.popitem(last=False)
 
     def succeeded(self, keys: Iterable[str]) -> None:
         with self._lock:
@@ -252,26 +268,60 @@ class UploadQuota:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.max_bytes, self.window, self.max_keys, self.clock = max_bytes, window, max_keys, clock
-        self._sent: OrderedDict[str, list[tuple[float, int]]] = OrderedDict()
+        self._sent: OrderedDict[str, dict[int, int]] = OrderedDict()  # key -> {minute: bytes}
         self._lock = threading.Lock()
 
     def used(self, key: str) -> int:
         """Bytes `key` uploaded within the window."""
-        now = self.clock()
         with self._lock:
-            entries = [(t, n) for t, n in self._sent.get(key, []) if now - t <= self.window]
-            if entries:
-                self._sent[key] = entries
-            else:
-                self._sent.pop(key, None)
-            return sum(n for _, n in entries)
+            return self._used(key)
 
-    def add(self, key: str, nbytes: int) -> None:
+    def _used(self, key: str) -> int:
+        oldest = int((self.clock() - self.window) // 60)
+        buckets = {m: n for m, n in self._sent.get(key, {}).items() if m >= oldest}
+        if buckets:
+            self._sent[key] = buckets
+        else:
+            self._sent.pop(key, None)
+        return sum(buckets.values())
+
+    def add(self, key: str, nbytes: int) -> int:
+        """Count `nbytes` more for `key` (as they arrive, so parallel uploads share the quota); its total after."""
         with self._lock:
-            self._sent.setdefault(key, []).append((self.clock(), nbytes))
-            self._sent.move_to_end(key)
-            while len(self._sent) > self.max_keys:
-                self._sent.popitem(last=False)
+            if nbytes > 0:
+                buckets = self._sent.setdefault(key, {})
+                minute = int(self.clock() // 60)
+                buckets[minute] = buckets.get(minute, 0) + nbytes
+                self._sent.move_to_end(key)
+                while len(self._sent) > self.max_keys:
+                    self._sent.popitem(last=False)
+            return self._used(key)
+
+
+async def _form_username(scope, body: bytes) -> str | None:
+    """
+    The user name of a login form as the login route reads it (Starlette's form parser: urlencoded or multipart),
+    stripped as Gradio strips it; `None` when the form does not hold exactly one username and one password.
+    """
+    from starlette.requests import Request
+
+    sent = False
+
+    async def once():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, once).form(max_files=0, max_fields=8)
+    except Exception:  # noqa: BLE001 - any malformed form is refused the same way
+        return None
+    users, passwords = form.getlist("username"), form.getlist("password")
+    if len(users) != 1 or len(passwords) != 1 or not isinstance(users[0], str):
+        return None
+    return users[0].strip()
 
 
 # ---------------------------------------------------------------------------------------------------- ASGI guard
@@ -324,14 +374,14 @@ class RequestGuard:
             if self.uploads.used(upload_key) >= self.uploads.max_bytes:
                 await self._answer(send, 429, self._upload_message())
                 return
-        before = 0 if upload_key is None else self.uploads.used(upload_key)
 
         async def counted_receive():
             nonlocal received, started, answered
             message = await receive()
             if message.get("type") == "http.request":
-                received += len(message.get("body", b""))
-                over_quota = upload_key is not None and before + received > self.uploads.max_bytes
+                chunk = len(message.get("body", b""))
+                received += chunk
+                over_quota = upload_key is not None and self.uploads.add(upload_key, chunk) > self.uploads.max_bytes
                 if received > self.max_body or over_quota:
                     # Answer now: the app may turn the error below into a response of its own (FastAPI: a 400).
                     if not started:
@@ -355,9 +405,6 @@ class RequestGuard:
             await self.app(scope, counted_receive, tracked_send)
         except BodyTooLarge:
             pass
-        finally:
-            if upload_key is not None:
-                self.uploads.add(upload_key, received)
 
     def _upload_message(self) -> str:
         return (
@@ -377,14 +424,13 @@ class RequestGuard:
             if len(body) > MAX_LOGIN_BODY:
                 await self._answer(send, 413, f"A login form is at most {MAX_LOGIN_BODY} bytes.")
                 return
-        try:
-            fields = parse_qs(body.decode("latin-1"), max_num_fields=8)
-        except ValueError:
-            fields = {}
-        user = (fields.get("username") or [""])[0].strip()
+        user = await _form_username(scope, body)
+        if user is None:
+            await self._answer(send, 400, "A login form has exactly one username and one password.")
+            return
         address = (scope.get("client") or ("unknown", 0))[0]
         keys = [f"user:{user}", f"ip:{address}"]
-        wait = self.throttle.retry_after(keys)
+        wait = self.throttle.attempt(keys)
         if wait > 0:
             seconds = math.ceil(wait)
             await self._answer(
@@ -408,10 +454,8 @@ class RequestGuard:
             await send(message)
 
         await self.app(scope, replay, watch)
-        if status == 200:
+        if status == 200:  # the attempt was counted as a failure up front (parallel attempts count at once)
             self.throttle.succeeded(keys)
-        elif status in (400, 401, 403):
-            self.throttle.failed(keys)
 
     @staticmethod
     async def _answer(send, status: int, message: str, headers: list | None = None) -> None:

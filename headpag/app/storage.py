@@ -6,9 +6,10 @@ count). Everything is checked before the work that would write.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from diffusers.utils import logging
@@ -34,6 +35,7 @@ class OutputStore:
     def __init__(self, folder: str | Path, limits: Limits, clock: Callable[[], float] = time.time):
         self.folder, self.limits, self.clock = Path(folder), limits, clock
         self._owners: dict[str, str] = {}  # file name -> client
+        self._pending: dict[str, int] = {}  # client -> bytes reserved by requests still at work
         self._lock = threading.Lock()
 
     def _files(self) -> list[tuple[Path, float, int]]:
@@ -58,24 +60,38 @@ class OutputStore:
     def _cleanup(self) -> list[Path]:
         files, removed = self._files(), []
         oldest_kept = self.clock() - self.limits.max_output_age_h * 3600
-        excess = len(files) - self.limits.max_output_files
-        for index, (path, mtime, _) in enumerate(files):
-            if mtime < oldest_kept or index < excess:
-                path.unlink(missing_ok=True)
-                self._owners.pop(path.name, None)
+        for path, mtime, _ in files:
+            if mtime < oldest_kept:
                 removed.append(path)
+        kept = [f for f in files if f[0] not in removed]
+        # Beyond the file count, the oldest files of whoever holds the most go first (one client's many small saves
+        # cannot push out everyone else's images).
+        by_owner: dict[str | None, list[Path]] = {}
+        for path, _, _ in kept:  # oldest first
+            by_owner.setdefault(self._owners.get(path.name), []).append(path)
+        for _ in range(len(kept) - self.limits.max_output_files):
+            holder = max(by_owner, key=lambda owner: len(by_owner[owner]))
+            removed.append(by_owner[holder].pop(0))
+        for path in removed:
+            path.unlink(missing_ok=True)
+            self._owners.pop(path.name, None)
         if removed:
             logger.info("output folder cleanup: %d file(s) removed", len(removed))
         return removed
 
     def usage(self, client: str | None = None) -> int:
-        """Bytes in the folder (of `client`'s files only, when given)."""
-        return sum(size for path, _, size in self._files() if client is None or self._owners.get(path.name) == client)
+        """Bytes in the folder, and reserved by requests at work (`client`'s only, when given)."""
+        files = self._files()
+        stored = sum(size for path, _, size in files if client is None or self._owners.get(path.name) == client)
+        pending = sum(self._pending.values()) if client is None else self._pending.get(client, 0)
+        return stored + pending
 
-    def reserve(self, client: str, nbytes: int) -> None:
+    @contextlib.contextmanager
+    def reserve(self, client: str, nbytes: int) -> Iterator[Callable[[str | Path], None]]:
         r"""
-        Clean up, then refuse (before any work) a write of about `nbytes` that would take `client` past
-        `max_output_mb_per_client` or the folder past `max_output_mb`.
+        Clean up, then hold `nbytes` for `client` while the block runs, refusing (before any work) a request that would
+        take `client` past `max_output_mb_per_client` or the folder past `max_output_mb`. The block receives a
+        function to call with each file it writes: written files are charged to `client` even when the block fails.
 
         Raises:
             `ValueError`: naming the quota, the usage and the flag that raises it.
@@ -94,6 +110,14 @@ class OutputStore:
                         f"than {self.limits.max_output_age_h:g} h are removed; the server's operator can raise the "
                         f"limit with {Limits.flag(name)}."
                     )
+            self._pending[client] = self._pending.get(client, 0) + nbytes
+        try:
+            yield lambda path: self.record(client, [path])
+        finally:
+            with self._lock:
+                self._pending[client] -= nbytes
+                if self._pending[client] <= 0:
+                    del self._pending[client]
 
     def record(self, client: str, paths: Iterable[str | Path]) -> None:
         """Charge written files to `client`."""

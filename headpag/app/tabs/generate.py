@@ -146,8 +146,8 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         session = (request.session_hash if request is not None else "") or ""
         host.clear_cancel(session)  # a cancel from now on (even while waiting for the model) stops this call
         who = client(request)
-        ctx.store.reserve(who, png_bound(settings.width or 1024, settings.height or 1024, 2))
-        with ctx.admission.enter(who, "generation"):
+        bound = png_bound(settings.width or 1024, settings.height or 1024, 2)
+        with ctx.store.reserve(who, bound) as saved, ctx.admission.enter(who, "generation"):
             result = generate_pair(
                 host,
                 settings,
@@ -156,8 +156,8 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
                 session=session,
                 progress=lambda fraction, text: progress(fraction, desc=text),
                 limits=limits,
+                on_saved=saved,
             )
-        ctx.store.record(who, [result.pag_path, result.nopag_path])
         entries = list(gallery_entries or []) + [
             {
                 "pag_path": str(result.pag_path),

@@ -138,17 +138,17 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         if not len(heads.pairs()):
             raise ValueError("The head set is empty: click cells in the grid or type a spec.")
         who = client(request)
-        ctx.store.reserve(who, 64 * 1024)  # a head-set file is a few kB
-        path = roots.output / f"heads-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(6).hex()}.json"
-        heads.save(
-            path,
-            model_family=layout.family,
-            model_name=host.model_name,
-            num_layers=layout.num_layers,
-            num_heads=layout.num_heads,
-            provenance={"method": "headpag ui"},
-        )
-        ctx.store.record(who, [path])
+        with ctx.store.reserve(who, 64 * 1024) as saved:  # a head-set file is a few kB
+            path = roots.output / f"heads-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(6).hex()}.json"
+            heads.save(
+                path,
+                model_family=layout.family,
+                model_name=host.model_name,
+                num_layers=layout.num_layers,
+                num_heads=layout.num_heads,
+                provenance={"method": "headpag ui"},
+            )
+            saved(path)
         return str(path)
 
     save_btn.click(save_heads, pag_heads, saved_file, api_visibility="private")
