@@ -90,13 +90,13 @@ class Limits:
         if value > getattr(self, name):
             self.refuse(what, value, name)
 
-    def check_search_budget(self, images: int, steps: int) -> None:
-        """Refuse a search whose projected images times steps pass `max_search_image_steps`, before any work."""
-        if images * steps > self.max_search_image_steps:
+    def check_search_budget(self, images: int, image_steps: int) -> None:
+        """Refuse a search whose projected denoising steps (images x their steps) pass `max_search_image_steps`."""
+        if image_steps > self.max_search_image_steps:
             raise ValueError(
-                f"This search would render up to {images} images x {steps} steps = {images * steps} denoising steps, "
-                f"over the limit max_search_image_steps={self.max_search_image_steps}; use fewer prompt-seed pairs, "
-                f"rounds, candidate heads or steps, the halving strategy, or raise it with "
+                f"This search would render up to {images} images, {image_steps} denoising steps in all, over the "
+                f"limit max_search_image_steps={self.max_search_image_steps}; use fewer prompt-seed pairs, rounds, "
+                f"candidate heads or steps, the halving strategy, or raise it with "
                 f"{self.flag('max_search_image_steps')}."
             )
 

@@ -715,18 +715,26 @@ def test_uploads_are_bounded_per_client_per_hour(tmp_path):
 def test_search_budget_is_projected_from_the_strategy_and_refused_before_work():
     from headpag.app.search import check_search
     from headpag.search.config import SearchConfig
-    from headpag.search.strategies import projected_images
+    from headpag.search.strategies import projected_work
 
-    pairs = dict(prompts=[f"p{i}" for i in range(10)], seeds=[0], top_k=2)
-    assert projected_images(SearchConfig(**pairs), 15) == 150  # every candidate on every pair
-    assert projected_images(SearchConfig(**pairs, strategy="halving"), 15) == 15 * 1 + 5 * 2 + 2 * 6 + 2 * 1
-    gradient = SearchConfig(**pairs, strategy="gradient")  # 3 x 10 differentiable renders, then halving over 8
-    assert projected_images(gradient, 15) == 30 + 8 * 1 + 3 * 2 + 2 * 6 + 2 * 1
-    assert projected_images(SearchConfig(**pairs, rounds=3), 15) == 150 + 130 + 110
+    pairs = dict(prompts=[f"p{i}" for i in range(10)], seeds=[0], top_k=2, num_inference_steps=4)
+    assert projected_work(SearchConfig(**pairs), 15) == (150, 600)  # every candidate on every pair
+    halving = 15 * 1 + 5 * 2 + 2 * 6 + 2 * 1
+    assert projected_work(SearchConfig(**pairs, strategy="halving"), 15) == (halving, 4 * halving)
+    proxy = SearchConfig(**pairs, strategy="halving", proxy_steps=2)  # early stages at 2 steps, the last anew at 4
+    assert projected_work(proxy, 15) == (15 + 5 * 2 + 2 * 6 + 2 * 10, 2 * (15 + 10 + 12) + 4 * 20)
+    gradient = SearchConfig(**pairs, strategy="gradient", grad_steps=3)  # 3 x 10 renders of 3 steps, halving over 8
+    exact = 8 * 1 + 3 * 2 + 2 * 6 + 2 * 1
+    assert projected_work(gradient, 15) == (30 + exact, 30 * 3 + 4 * exact)
+    assert projected_work(SearchConfig(**pairs, rounds=3), 15)[0] == 150 + 130 + 110
     values = dict(prompts=["a cat"], seeds=[0], num_inference_steps=8)
     check_search(values, 4, 4, Limits(max_search_image_steps=128))  # 16 heads x 1 pair x 8 steps
-    with pytest.raises(ValueError, match=r"16 images x 8 steps = 128.*max_search_image_steps=127.*--max-search"):
+    with pytest.raises(ValueError, match=r"16 images, 128 denoising steps.*max_search_image_steps=127.*--max-search"):
         check_search(values, 4, 4, Limits(max_search_image_steps=127))
+    with pytest.raises(ValueError, match="grad_steps"):  # the other fidelities' steps are bounded too
+        check_search({**values, "strategy": "gradient", "grad_steps": 10**6}, 4, 4, Limits())
+    with pytest.raises(ValueError, match="proxy_size"):
+        check_search({**values, "strategy": "halving", "proxy_size": 65536}, 4, 4, Limits())
 
 
 def test_hunt_refuses_a_search_over_its_budget(tmp_path, capsys):
@@ -797,15 +805,20 @@ def test_a_search_stops_at_its_time_limit_and_when_nobody_follows_it(tmp_path, m
         running = True
 
     job = Running.__new__(Running)  # the watch and time logic only (no model, no thread)
-    job.name, job.reason, job.status, job.watchers = "r", None, "running", 0
-    job.cancelled, job._watch_lock, job.grace_s, job.deadline = threading.Event(), threading.Lock(), 0.05, None
+    job.name, job.reason, job.status, job.watchers, job._left = "r", None, "running", 0, 0
+    job.cancelled, job._watch_lock, job.grace_s, job.deadline = threading.Event(), threading.Lock(), 0.3, None
     job.watched()
     job.watched()
     job.unwatched()  # someone still follows: nothing happens
-    time.sleep(0.15)
+    time.sleep(0.4)
     assert not job.cancelled.is_set()
-    job.unwatched()  # the last follower left: cancelled after the grace period
-    time.sleep(0.3)
+    job.unwatched()  # the last follower left (a timer starts) ...
+    job.watched()  # ... came back ...
+    time.sleep(0.2)
+    job.unwatched()  # ... and left again: only this departure's timer counts
+    time.sleep(0.2)  # the first timer has fired by now, and did nothing
+    assert not job.cancelled.is_set()
+    time.sleep(0.4)
     assert job.cancelled.is_set() and "nobody followed it for" in job.reason
     late = Running.__new__(Running)
     late.name, late.reason, late.status, late.cancelled = "t", None, "running", threading.Event()

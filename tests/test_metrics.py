@@ -286,3 +286,24 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_the_model_is_built(tmp
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.safetensors is not a readable checkpoint"):
         ClipScore(str(config), checkpoint=tmp_path / "junk.safetensors", device="cpu")
+
+
+def test_a_torch_checkpoint_is_checked_before_torch_reads_it(tmp_path):
+    """A compressed entry (a zip bomb in `data.pkl`) or an entry that is not a tensor is refused from the archive."""
+    import zipfile
+
+    from headpag.eval.clip_score import checkpoint_shapes
+
+    good = tmp_path / "good.pt"
+    torch.save({"module.w": torch.zeros(2, 3)}, good)
+    assert checkpoint_shapes(good) == {"w": (2, 3)}
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(ValueError, match="bomb.pt is not a readable checkpoint"):
+        checkpoint_shapes(bomb)
+    mixed = tmp_path / "mixed.pt"
+    torch.save({"w": torch.zeros(2), "step": 3}, mixed)
+    with pytest.raises(ValueError, match="mixed.pt is not a readable checkpoint"):
+        checkpoint_shapes(mixed)

@@ -117,3 +117,18 @@ def test_links_planted_in_a_run_folder_are_not_followed_out_of_it(tmp_path):
         journal.append({"round": 0, "layer": 0, "head": 0, "score": 1.0, "scores": [1.0]})
     assert list(outside.iterdir()) == [outside / "journal.jsonl"]
     assert (outside / "journal.jsonl").read_text() == ""
+
+
+def test_a_hard_link_at_the_journals_name_is_not_written(tmp_path):
+    from headpag.search.journal import Journal
+
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("")
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    import os
+
+    os.link(outside, run.journal_path)
+    with pytest.raises(ValueError, match="not a plain file of its own"):
+        Journal(run, "abc").append({"round": 0, "layer": 0, "head": 0, "score": 1.0, "scores": [1.0]})
+    assert outside.read_text() == ""

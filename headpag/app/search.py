@@ -21,7 +21,7 @@ from ..runtime import TransformerLayout
 from ..search.config import SearchConfig
 from ..search.records import mean_scores, pair_scores
 from ..search.rundir import RunDirectory
-from ..search.strategies import projected_images
+from ..search.strategies import projected_work
 from . import inputs
 from .heads_grid import render_grid
 from .host import ModelHost, ModelLock
@@ -138,6 +138,7 @@ class SearchJob:
         self.deadline = None if max_hours is None else self.started + max_hours * 3600
         self.grace_s = grace_s
         self.watchers = 0
+        self._left = 0  # how many times the last follower left (a timer acts only for the latest departure)
         self._watch_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="headpag-search", daemon=True)
 
@@ -175,13 +176,15 @@ class SearchJob:
             self.watchers -= 1
             if self.watchers > 0 or not self.running or self.grace_s is None:
                 return
-        timer = threading.Timer(self.grace_s, self._cancel_if_unwatched)
+            self._left += 1
+            departure = self._left
+        timer = threading.Timer(self.grace_s, self._cancel_if_unwatched, args=(departure,))
         timer.daemon = True
         timer.start()
 
-    def _cancel_if_unwatched(self) -> None:
+    def _cancel_if_unwatched(self, departure: int) -> None:
         with self._watch_lock:
-            if self.watchers == 0 and self.running:
+            if self.watchers == 0 and self.running and departure == self._left:
                 self.stop(f"nobody followed it for {self.grace_s / 60:g} min (search_grace_min)")
 
     def _progress(self, done: int, total: int) -> None:
@@ -352,9 +355,14 @@ def check_search(values: dict[str, Any], num_layers: int, num_heads: int, limits
     inputs.text(get("negative_prompt"), "negative_prompt", limits)
     if get("max_sequence_length") is not None:
         inputs.integer(get("max_sequence_length"), "max_sequence_length", minimum=1, maximum=512)
+    for name in ("proxy_steps", "grad_steps"):  # the other fidelities' steps, bounded like the main one
+        if get(name) is not None:
+            inputs.integer(get(name), name, minimum=1, limits=limits, limit="max_steps")
+    if get("proxy_size") is not None:
+        inputs.size(get("proxy_size"), "proxy_size", limits)
     config = SearchConfig(**{f.name: values[f.name] for f in fields(SearchConfig) if f.name in values})
     _, pool_size = inputs.pool(get("pool") or "", num_layers, num_heads, limits)
-    limits.check_search_budget(projected_images(config, pool_size), config.num_inference_steps)
+    limits.check_search_budget(*projected_work(config, pool_size))
 
 
 def config_from_run_dir(

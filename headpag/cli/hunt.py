@@ -191,6 +191,11 @@ def check_limits(config, limits: options.Limits) -> None:
             num_images=min(config.batch_size, limits.max_images),
         )
     )
+    for name in ("proxy_steps", "grad_steps"):  # the other fidelities, bounded like the main one
+        if getattr(config, name) is not None and getattr(config, name) > limits.max_steps:
+            limits.refuse(name, getattr(config, name), "max_steps")
+    if config.proxy_size is not None and config.proxy_size > limits.max_size:
+        limits.refuse("proxy_size", config.proxy_size, "max_size")
 
 
 class Progress:
@@ -239,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_pipeline
     from ..runtime import describe_transformer
     from ..search.hunter import HeadHunter, process_state
-    from ..search.strategies import projected_images
+    from ..search.strategies import projected_work
 
     state = process_state()
     device, dtype = options.resolve_device_dtype(args.device or str(state.device), args.dtype)
@@ -249,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args, layout.family)
     pool = HeadSet.parse(config.pool) if config.pool else HeadSet(range(layout.num_layers))
     pool_size = len(pool.resolve(layout.num_layers, layout.num_heads).pairs())
-    options.Limits.from_args(args).check_search_budget(projected_images(config, pool_size), config.num_inference_steps)
+    options.Limits.from_args(args).check_search_budget(*projected_work(config, pool_size))
     progress = Progress(enabled=not args.no_progress and state.is_main_process)
     hunter = HeadHunter(
         pipe,

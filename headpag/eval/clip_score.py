@@ -48,12 +48,31 @@ def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             with safe_open(str(path), "pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         else:
+            _check_torch_archive(path)
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             state = state["state_dict"] if isinstance(state, dict) and "state_dict" in state else state
-            shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError("not a state dict of tensors")
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
     except Exception as e:  # noqa: BLE001 - any unreadable file is "not a checkpoint"
         raise ValueError(f"{path.name} is not a readable checkpoint ({type(e).__name__}).") from None
     return {k.removeprefix("module."): v for k, v in shapes.items()}
+
+
+MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a torch checkpoint (names and shapes; the tensors are apart)
+
+
+def _check_torch_archive(path: Path) -> None:
+    """A torch checkpoint must be a zip archive whose entries are stored (not compressed: nothing inflates past its
+    file size) and whose pickled structure is small, before `torch.load` reads anything."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"compressed entry {info.filename}")
+            if info.filename.endswith(".pkl") and info.file_size > MAX_PICKLE_BYTES:
+                raise ValueError(f"pickled structure of {info.file_size} bytes")
 
 
 def check_checkpoint_fits(model_name: str, checkpoint: str | os.PathLike) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Container
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,6 +242,9 @@ class Journal:
         nofollow = getattr(os, "O_NOFOLLOW", 0)  # a link planted at the journal's name is not followed
         fd = os.open(self.run.confined(self.path), os.O_RDWR | os.O_APPEND | os.O_CREAT | nofollow, 0o644)
         try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link or a device planted at its name
+                raise ValueError(f"{self.path.name} of {self.dir.name!r} is not a plain file of its own; not written.")
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             size = _cut_torn_tail(fd, self.path)

@@ -318,25 +318,30 @@ def head_hunter(
     return outcomes
 
 
-def projected_images(config, pool_size: int) -> int:
+def projected_work(config, pool_size: int) -> tuple[int, int]:
     r"""
-    The images a search renders at most (the cost it is refused beyond before it starts): per round, every stage of
-    its strategy's schedule over the candidates left (proxy stages counted at full size), the gradient prefilter's
-    differentiable renders counted three times (backward as two forwards).
+    `(images, image-steps)` a search renders at most (the cost it is refused beyond before it starts): per round,
+    every stage of its strategy's schedule over the candidates left, each image at its stage's fidelity (proxy
+    stages at `proxy_steps`), and the gradient prefilter's differentiable renders of `grad_steps` counted three times
+    (backward as two forwards).
 
     Args:
         config ([`SearchConfig`]): The settings. pool_size (`int`): The candidate heads.
     """
-    pairs, total, left = len(config.pairs()), 0, pool_size
+    pairs, images, steps, left = len(config.pairs()), 0, 0, pool_size
     for _ in range(config.rounds):
         if left <= 0:
             break
         candidates = left
         if config.strategy == "gradient":
-            total += 3 * pairs
+            images += 3 * pairs
+            steps += 3 * pairs * config.grad_steps
             candidates = min(left, config.kept_by_prefilter)
         min_pairs = pairs if config.strategy == "exhaustive" else config.halving_min_pairs
         schedule = halving_schedule(candidates, pairs, config.top_k, min_pairs, config.halving_eta, config.has_proxy)
-        total += sum(stage.candidates * len(stage.pairs) for stage in schedule)
+        for stage in schedule:
+            count = stage.candidates * len(stage.pairs)
+            images += count
+            steps += count * config.fidelity(stage.proxy)["steps"]
         left -= config.top_k
-    return total
+    return images, steps
