@@ -62,3 +62,11 @@ def test_the_web_ui_page_lists_every_limit_with_its_default_and_flag():
     for field in dataclasses.fields(Limits):
         default = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
         assert f"| `{field.name}` | {default} | `{Limits.flag(field.name)}` |" in table, field.name
+
+
+def test_the_web_ui_page_names_every_public_endpoint():
+    from headpag.app.ui import PUBLIC_ENDPOINTS
+
+    text = (ROOT / "docs" / "web-ui.md").read_text()
+    section = text[text.index("Endpoints:") :][:400]
+    assert all(f"`/{name}`" in section for name in PUBLIC_ENDPOINTS)
