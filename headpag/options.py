@@ -79,10 +79,17 @@ class Limits:
         """The start-up flag that sets limit `name`."""
         return "--" + name.replace("_", "-")
 
+    @staticmethod
+    def commands(name: str) -> str:
+        """The `headpag` commands that take limit `name` as a flag."""
+        if name in GENERATION_LIMITS:
+            return "generate/hunt/eval/ui"
+        return "hunt/ui" if name in WORK_LIMITS else "ui"
+
     def refuse(self, what: str, value: Any, name: str) -> None:
         raise ValueError(
             f"{what} {value} is over the limit {name}={getattr(self, name)}; it is raised with {self.flag(name)} "
-            f"(`headpag {'generate/hunt/eval' if name in WORK_LIMITS else 'ui'} {self.flag(name)} N`; on a web UI, by "
+            f"(`headpag {self.commands(name)} {self.flag(name)} N`; on a web UI, by "
             "the server's operator)."
         )
 
@@ -131,9 +138,9 @@ class Limits:
         return cls(**{f.name: getattr(args, f.name, getattr(defaults, f.name)) for f in fields(cls)})
 
 
-# The limits of the work itself, which the commands (`generate`, `hunt`, `eval`) take as flags too; the others bound
-# what a server accepts from its clients.
-WORK_LIMITS = (
+# The limits of the work itself, which the commands take as flags too (`generate` and `eval` the generation limits,
+# `hunt` also the search limits); the others bound what a server accepts from its clients.
+GENERATION_LIMITS = (
     "max_size",
     "max_steps",
     "max_images",
@@ -141,11 +148,8 @@ WORK_LIMITS = (
     "max_scale",
     "max_seeds",
     "max_prompts",
-    "max_pairs",
-    "max_pool",
-    "max_rounds",
-    "max_search_image_steps",
 )
+WORK_LIMITS = (*GENERATION_LIMITS, "max_pairs", "max_pool", "max_rounds", "max_search_image_steps")
 
 
 # ----------------------------------------------------------------------------------------------------- arg types

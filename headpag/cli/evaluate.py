@@ -113,7 +113,7 @@ def add_parser(sub) -> None:
     p.add_argument("--grid-rows", type=options.positive(int), default=8, help="Prompt-seed pairs per grid image.")
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--no-progress", action="store_true")
-    options.Limits().add_arguments(p, options.WORK_LIMITS)
+    options.Limits().add_arguments(p, options.GENERATION_LIMITS)
 
 
 def build_metrics(args: argparse.Namespace, metrics: list[str], device: str | None):

@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--strength", type=options.finite_float, default=0.6, help="img2img strength in (0, 1].")
     p.add_argument("--compare", action="store_true", help="Also write the same seed without PAG beside it.")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
-    options.Limits().add_arguments(p, options.WORK_LIMITS)
+    options.Limits().add_arguments(p, options.GENERATION_LIMITS)
 
 
 def output_paths(output: str, count: int, suffix: str = "") -> list[Path]:
