@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -28,7 +29,9 @@ FOLDER = {}  # the registered object of the third-party model below (filled by t
 def test_a_third_party_registers_a_model_by_entry_point(tmp_path, monkeypatch):
     torch.manual_seed(0)
     StableDiffusion3HeadPAGPipeline(**tiny_sd3_components()).save_pretrained(tmp_path / "mine")
-    FOLDER.update(folder=tmp_path / "mine", defaults={"steps": 3})
+    config = tmp_path / "mine" / "headpag_config.json"  # the model's folder recommends its sampler settings
+    config.write_text(json.dumps({**json.loads(config.read_text()), "sampler": {"steps": 3}}))
+    FOLDER.update(folder=tmp_path / "mine")
     extra = EntryPoint("my-model", f"{__name__}:FOLDER", "headpag.models")
     original = catalog.entry_points
 
@@ -49,3 +52,19 @@ def test_a_third_party_registers_a_model_by_entry_point(tmp_path, monkeypatch):
             load_pipeline("my-model")
     finally:
         catalog._entries.cache_clear()
+
+
+def test_a_models_recommendations_live_in_its_folder_and_survive_save_and_load(tmp_path):
+    """`headpag_config.json` says what a model recommends: the head-PAG defaults for the classes and, in `sampler`,
+    the CLI's and UI's starting settings (never read by pipeline calls); `save_pretrained` keeps it."""
+    import json
+
+    folder = catalog.builtin_folder("headpag-shapes")
+    sampler = json.loads((folder / "headpag_config.json").read_text())["sampler"]
+    assert catalog.model_defaults("headpag-shapes") == sampler and sampler["size"] == 64
+    pipe = load_pipeline("headpag-shapes")
+    pipe.save_pretrained(tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "headpag_config.json").read_text())["sampler"] == sampler
+    again = type(pipe).from_pipe(pipe)
+    again.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "headpag_config.json").read_text())["sampler"] == sampler

@@ -2,8 +2,8 @@
 Models and metrics that load by name, registered through entry points so that a package (this one's testbed, or a
 third party's) adds names without the loaders knowing it:
 
-- `headpag.models`: a name -> a mapping `{"folder": Path, "defaults": {...}, "missing": str}` (a diffusers folder,
-  the sampler settings the CLI and UI start from, what to do when the folder is absent);
+- `headpag.models`: a name -> a mapping `{"folder": Path, "missing": str}` (a diffusers folder, whose
+  `headpag_config.json` may recommend sampler settings, see [`model_defaults`]; what to do when it is absent);
 - `headpag.pair_metrics`: a name -> a per-image metric class (`Class(device=None)`, `score(images, prompts)`);
 - `headpag.features`: a name -> a feature model class for FID / KID / PRDC (`Class(device=None)(images)`).
 
@@ -13,6 +13,7 @@ The tiny random-weight models (`tiny-sd3`, `tiny-sd35`, `tiny-flux`) are built i
 from __future__ import annotations
 
 import functools
+import json
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,22 @@ def offline_models() -> list[str]:
 
 
 def model_defaults(name: str | None) -> dict[str, Any]:
-    """The sampler settings a registered model recommends to the CLI and the UI (`{}` for any other model)."""
+    """
+    The sampler settings a registered model recommends to the CLI and the UI (`steps`, `size`, `guidance`, `prompt`):
+    the `"sampler"` section of the `headpag_config.json` in its folder, next to the head-PAG defaults that the pipeline
+    classes read (`{}` for any other model, or a folder without one). Pipeline calls never read it.
+    """
     if name not in _entries("headpag.models"):
         return {}
-    return dict(load_registered("headpag.models", name, "model").get("defaults", {}))
+    folder = Path(load_registered("headpag.models", name, "model")["folder"])
+    try:
+        config = json.loads((folder / "headpag_config.json").read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"The headpag_config.json of the model {name!r} is unreadable ({e}).") from None
+    sampler = config.get("sampler") if isinstance(config, dict) else None
+    return dict(sampler) if isinstance(sampler, dict) else {}
 
 
 def builtin_folder(name: str) -> Path:

@@ -143,6 +143,7 @@ class HeadPAGMixin:
     def _init_head_pag(self, pag_heads: HeadSetLike, pag_sequential: bool) -> None:
         self._pag_heads: HeadSet | None = None
         self._pag_sequential = bool(pag_sequential)
+        self._headpag_extra: dict[str, Any] = {}  # other sections of headpag_config.json (a model's sampler advice)
         if pag_heads is not None and getattr(self, "transformer", None) is not None:
             self.set_pag_heads(pag_heads)
         elif pag_heads is not None:
@@ -194,7 +195,8 @@ class HeadPAGMixin:
         index = json.loads((folder / "model_index.json").read_text())
         index["_class_name"] = _diffusers_parent(type(self)).__name__
         atomic_write_json(folder / "model_index.json", index)
-        atomic_write_json(folder / CONFIG_FILE, {"class": type(self).__name__, **self._head_pag_config()})
+        config = {"class": type(self).__name__, **self._head_pag_config(), **getattr(self, "_headpag_extra", {})}
+        atomic_write_json(folder / CONFIG_FILE, config)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -205,6 +207,7 @@ class HeadPAGMixin:
             pipe.set_pag_heads(saved["pag_heads"])
         if "pag_sequential" in saved and "pag_sequential" not in kwargs:
             pipe.set_pag_sequential(bool(saved["pag_sequential"]))
+        pipe._headpag_extra = {k: v for k, v in saved.items() if k not in ("class", "pag_heads", "pag_sequential")}
         return pipe
 
     @classmethod
@@ -216,6 +219,7 @@ class HeadPAGMixin:
                 pipe.set_pag_heads(pipeline._pag_heads)
             if "pag_sequential" not in kwargs:
                 pipe.set_pag_sequential(pipeline._pag_sequential)
+            pipe._headpag_extra = dict(getattr(pipeline, "_headpag_extra", {}))
         return pipe
 
 
