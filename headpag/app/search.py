@@ -341,7 +341,7 @@ def check_search(values: dict[str, Any], num_layers: int, num_heads: int, limits
     limits.check_count("number of prompt-seed pairs", pairs, "max_pairs")
     inputs.integer(get("rounds"), "rounds", minimum=1, limits=limits, limit="max_rounds")
     inputs.integer(get("top_k"), "top_k", minimum=1, limits=limits, limit="max_pool")
-    inputs.pool(get("pool") or "", num_layers, num_heads, limits)
+    _, pool_size = inputs.pool(get("pool") or "", num_layers, num_heads, limits)
     inputs.integer(get("num_inference_steps"), "num_inference_steps", minimum=1, limits=limits, limit="max_steps")
     inputs.size(get("height"), "height", limits)
     inputs.size(get("width"), "width", limits)
@@ -361,7 +361,6 @@ def check_search(values: dict[str, Any], num_layers: int, num_heads: int, limits
     if get("proxy_size") is not None:
         inputs.size(get("proxy_size"), "proxy_size", limits)
     config = SearchConfig(**{f.name: values[f.name] for f in fields(SearchConfig) if f.name in values})
-    _, pool_size = inputs.pool(get("pool") or "", num_layers, num_heads, limits)
     limits.check_search_budget(*projected_work(config, pool_size))
 
 

@@ -203,11 +203,12 @@ class LoginThrottle:
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (count, last failure)
         self._lock = threading.Lock()
 
-    def retry_after(self, keys: Iterable[str], locked: bool = False) -> float:
+    def retry_after(self, keys: Iterable[str]) -> float:
         """Seconds until a login for `keys` is accepted again (0: now)."""
-        if not locked:
-            with self._lock:
-                return self.retry_after(keys, locked=True)
+        with self._lock:
+            return self._retry_after(keys)
+
+    def _retry_after(self, keys: Iterable[str]) -> float:
         now, wait = self.clock(), 0.0
         for key in keys:
             count, last = self._failures.get(key, (0, now))
@@ -225,7 +226,7 @@ class LoginThrottle:
         """
         keys = list(keys)
         with self._lock:
-            wait = self.retry_after(keys, locked=True)
+            wait = self._retry_after(keys)
             if wait == 0:
                 self._fail(keys)
             return wait
@@ -296,6 +297,11 @@ class UploadQuota:
                 while len(self._sent) > self.max_keys:
                     self._sent.popitem(last=False)
             return self._used(key)
+
+
+def _address(scope) -> str:
+    """The client address of an ASGI scope (after uvicorn applied `--trusted-proxies`)."""
+    return (scope.get("client") or ("unknown", 0))[0]
 
 
 async def _form_username(scope, body: bytes) -> str | None:
@@ -370,7 +376,7 @@ class RequestGuard:
         started = answered = False
         upload_key = None
         if self.uploads is not None and scope.get("method") == "POST" and scope.get("path", "").endswith("/upload"):
-            upload_key = f"ip:{(scope.get('client') or ('unknown', 0))[0]}"
+            upload_key = f"ip:{_address(scope)}"
             if self.uploads.used(upload_key) >= self.uploads.max_bytes:
                 await self._answer(send, 429, self._upload_message())
                 return
@@ -428,8 +434,7 @@ class RequestGuard:
         if user is None:
             await self._answer(send, 400, "A login form has exactly one username and one password.")
             return
-        address = (scope.get("client") or ("unknown", 0))[0]
-        keys = [f"user:{user}", f"ip:{address}"]
+        keys = [f"user:{user}", f"ip:{_address(scope)}"]
         wait = self.throttle.attempt(keys)
         if wait > 0:
             seconds = math.ceil(wait)

@@ -55,15 +55,14 @@ class OutputStore:
     def cleanup(self) -> list[Path]:
         """Delete files older than `max_output_age_h`, then the oldest beyond `max_output_files`; the deleted."""
         with self._lock:
-            return self._cleanup()
+            return self._cleanup()[0]
 
-    def _cleanup(self) -> list[Path]:
-        files, removed = self._files(), []
+    def _cleanup(self) -> tuple[list[Path], list[tuple[Path, float, int]]]:
+        """`(the files removed, the files kept)`."""
+        files = self._files()
         oldest_kept = self.clock() - self.limits.max_output_age_h * 3600
-        for path, mtime, _ in files:
-            if mtime < oldest_kept:
-                removed.append(path)
-        kept = [f for f in files if f[0] not in removed]
+        removed = [path for path, mtime, _ in files if mtime < oldest_kept]
+        kept = [f for f in files if f[1] >= oldest_kept]
         # Beyond the file count, the oldest files of whoever holds the most go first (one client's many small saves
         # cannot push out everyone else's images).
         by_owner: dict[str | None, list[Path]] = {}
@@ -77,11 +76,14 @@ class OutputStore:
             self._owners.pop(path.name, None)
         if removed:
             logger.info("output folder cleanup: %d file(s) removed", len(removed))
-        return removed
+        gone = set(removed)
+        return removed, [f for f in kept if f[0] not in gone]
 
     def usage(self, client: str | None = None) -> int:
         """Bytes in the folder, and reserved by requests at work (`client`'s only, when given)."""
-        files = self._files()
+        return self._usage(self._files(), client)
+
+    def _usage(self, files: list[tuple[Path, float, int]], client: str | None) -> int:
         stored = sum(size for path, _, size in files if client is None or self._owners.get(path.name) == client)
         pending = sum(self._pending.values()) if client is None else self._pending.get(client, 0)
         return stored + pending
@@ -97,10 +99,10 @@ class OutputStore:
             `ValueError`: naming the quota, the usage and the flag that raises it.
         """
         with self._lock:
-            self._cleanup()
+            _, files = self._cleanup()  # one listing of the folder for both quotas
             for what, used, name in (
-                ("your files in the output folder", self.usage(client), "max_output_mb_per_client"),
-                ("the output folder", self.usage(), "max_output_mb"),
+                ("your files in the output folder", self._usage(files, client), "max_output_mb_per_client"),
+                ("the output folder", self._usage(files, None), "max_output_mb"),
             ):
                 quota = getattr(self.limits, name) * MB
                 if used + nbytes > quota:

@@ -240,7 +240,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise ValueError("headpag hunt needs --model (or --report DIR, or --compare RUN_A RUN_B).")
-    from ..guidance import HeadSet
     from ..models import load_pipeline
     from ..runtime import describe_transformer
     from ..search.hunter import HeadHunter, process_state
@@ -252,8 +251,7 @@ def run(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     layout = describe_transformer(pipe.transformer)
     config = build_config(args, layout.family)
-    pool = HeadSet.parse(config.pool) if config.pool else HeadSet(range(layout.num_layers))
-    pool_size = len(pool.resolve(layout.num_layers, layout.num_heads).pairs())
+    pool_size = len(config.pool_heads(layout.num_layers, layout.num_heads))
     options.Limits.from_args(args).check_search_budget(*projected_work(config, pool_size))
     progress = Progress(enabled=not args.no_progress and state.is_main_process)
     hunter = HeadHunter(

@@ -30,8 +30,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    return _unwrap(state)
+
+
+def _unwrap(state):
+    """A checkpoint's state dict: the one under `"state_dict"` when nested there, `module.` prefixes (DDP) dropped."""
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    return _strip(state) if isinstance(state, dict) else state
+
+
+def _strip(state: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -46,17 +55,16 @@ def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                shapes = _strip({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         else:
             _check_torch_archive(path)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            state = state["state_dict"] if isinstance(state, dict) and "state_dict" in state else state
+            state = _unwrap(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ValueError("not a state dict of tensors")
             shapes = {k: tuple(v.shape) for k, v in state.items()}
     except Exception as e:  # noqa: BLE001 - any unreadable file is "not a checkpoint"
         raise ValueError(f"{path.name} is not a readable checkpoint ({type(e).__name__}).") from None
-    return {k.removeprefix("module."): v for k, v in shapes.items()}
+    return shapes
 
 
 MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a torch checkpoint (names and shapes; the tensors are apart)

@@ -13,11 +13,11 @@ The tiny random-weight models (`tiny-sd3`, `tiny-sd35`, `tiny-flux`) are built i
 from __future__ import annotations
 
 import functools
-import json
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from ..pipelines.mixin import read_headpag_config
 from .tiny import TINY_MODELS
 
 
@@ -64,14 +64,8 @@ def model_defaults(name: str | None) -> dict[str, Any]:
     """
     if name not in _entries("headpag.models"):
         return {}
-    folder = Path(load_registered("headpag.models", name, "model")["folder"])
-    try:
-        config = json.loads((folder / "headpag_config.json").read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"The headpag_config.json of the model {name!r} is unreadable ({e}).") from None
-    sampler = config.get("sampler") if isinstance(config, dict) else None
+    config = read_headpag_config(load_registered("headpag.models", name, "model")["folder"])
+    sampler = config.get("sampler")
     return dict(sampler) if isinstance(sampler, dict) else {}
 
 

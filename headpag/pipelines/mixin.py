@@ -202,7 +202,7 @@ class HeadPAGMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' `from_pretrained`; restores the head-PAG defaults saved by `save_pretrained` unless given."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        saved = _read_config(pretrained_model_name_or_path)
+        saved = read_headpag_config(pretrained_model_name_or_path)
         if saved.get("pag_heads") is not None and "pag_heads" not in kwargs:
             pipe.set_pag_heads(saved["pag_heads"])
         if "pag_sequential" in saved and "pag_sequential" not in kwargs:
@@ -223,7 +223,7 @@ class HeadPAGMixin:
         return pipe
 
 
-def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_headpag_config(path: str | os.PathLike) -> dict[str, Any]:
     """The saved head-PAG defaults of a local folder (`{}` when there are none or it is a hub id)."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():

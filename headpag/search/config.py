@@ -153,6 +153,11 @@ class SearchConfig:
             raise ValueError(f"seeds must be integers in [0, 2**63), got {self.seeds!r}.")
         self.seeds = [int(s) for s in self.seeds]
 
+    def pool_heads(self, num_layers: int, num_heads: int) -> list[tuple[int, int]]:
+        """The candidate heads on a model of `num_layers` x `num_heads`: the `pool` spec, or every head."""
+        pool = HeadSet.parse(self.pool) if self.pool else HeadSet(range(num_layers))
+        return pool.resolve(num_layers, num_heads).pairs()
+
     @property
     def has_proxy(self) -> bool:
         """Whether the early halving stages render at a proxy fidelity (`proxy_size` or `proxy_steps` set)."""

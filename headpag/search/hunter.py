@@ -306,8 +306,7 @@ class HeadHunter:
 
     # ------------------------------------------------------------------ the search
     def pool(self) -> list[Head]:
-        pool = HeadSet.parse(self.config.pool) if self.config.pool else HeadSet(range(self.layout.num_layers))
-        return pool.resolve(self.layout.num_layers, self.layout.num_heads).pairs()
+        return self.config.pool_heads(self.layout.num_layers, self.layout.num_heads)
 
     def run(self) -> SearchResult:
         """

@@ -9,7 +9,7 @@ from __future__ import annotations
 from diffusers.utils import logging
 
 from .gradient import read_gradients
-from .strategies import RoundOutcome, Stage, halving_schedule, rank
+from .strategies import RoundOutcome, Stage, rank, strategy_schedule
 
 
 logger = logging.get_logger(__name__)
@@ -64,8 +64,7 @@ def _read_stages(hunter, r: int, pool: list[Head]) -> tuple[list[Stage] | None, 
         return [Stage(all_pairs, list(pool))], None
     stages = recorded
     # The schedule the strategy follows: which pairs each stage renders and how many candidates it keeps.
-    min_pairs = hunter.num_pairs if c.strategy == "exhaustive" else c.halving_min_pairs
-    schedule = halving_schedule(len(pool), hunter.num_pairs, c.top_k, min_pairs, c.halving_eta, c.has_proxy)
+    schedule = strategy_schedule(c, len(pool), hunter.num_pairs)
     if len(stages) != len(schedule):
         return None, f"its {len(stages)} stage(s) do not follow the {c.strategy} schedule of {len(schedule)}"
     previous = set(pool)

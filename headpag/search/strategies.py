@@ -318,6 +318,12 @@ def head_hunter(
     return outcomes
 
 
+def strategy_schedule(config, num_candidates: int, num_pairs: int) -> list[StagePlan]:
+    """The stages a [`SearchConfig`]'s strategy runs on `num_candidates` (exhaustive: one stage on every pair)."""
+    min_pairs = num_pairs if config.strategy == "exhaustive" else config.halving_min_pairs
+    return halving_schedule(num_candidates, num_pairs, config.top_k, min_pairs, config.halving_eta, config.has_proxy)
+
+
 def projected_work(config, pool_size: int) -> tuple[int, int]:
     r"""
     `(images, image-steps)` a search renders at most (the cost it is refused beyond before it starts): per round,
@@ -337,9 +343,7 @@ def projected_work(config, pool_size: int) -> tuple[int, int]:
             images += 3 * pairs
             steps += 3 * pairs * config.grad_steps
             candidates = min(left, config.kept_by_prefilter)
-        min_pairs = pairs if config.strategy == "exhaustive" else config.halving_min_pairs
-        schedule = halving_schedule(candidates, pairs, config.top_k, min_pairs, config.halving_eta, config.has_proxy)
-        for stage in schedule:
+        for stage in strategy_schedule(config, candidates, pairs):
             count = stage.candidates * len(stage.pairs)
             images += count
             steps += count * config.fidelity(stage.proxy)["steps"]
