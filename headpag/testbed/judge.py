@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .._io import file_sha256
-from .data import ATTRIBUTES, parse_prompt
+from .data import ATTRIBUTES, IMAGE_SIZE, parse_prompt
 from .model import Judge
 
 
@@ -50,19 +50,21 @@ def load_judge(weights: str | os.PathLike | None = None, device: str | torch.dev
 
 
 def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
-    arrays = [np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.float32) for im in images]
+    side = (IMAGE_SIZE, IMAGE_SIZE)
+    arrays = [
+        np.asarray(im.convert("RGB").resize(side, Image.BILINEAR) if im.size != side else im.convert("RGB"))
+        for im in images
+    ]
+    arrays = [a.astype(np.float32) for a in arrays]
     return torch.from_numpy(np.stack(arrays) / 255.0).permute(0, 3, 1, 2)
 
 
 def _targets(prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Class indices per attribute, and a (B, 5) mask of the attributes each prompt names."""
+    """Class indices per attribute, and a (B, len(ATTRIBUTES)) mask of the attributes each prompt names."""
     scenes = [parse_prompt(p) for p in prompts]
-    targets = {
-        name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in ATTRIBUTES.items()
-    }
-    mask = torch.tensor(
-        [[name != "position" or s.positioned for name in ATTRIBUTES] for s in scenes], dtype=torch.float32
-    )
+    labels = [s.labels() for s in scenes]
+    targets = {name: torch.tensor([label[name] for label in labels]) for name in ATTRIBUTES}
+    mask = torch.tensor([list(s.named().values()) for s in scenes], dtype=torch.float32)
     return targets, mask
 
 
@@ -78,7 +80,7 @@ class _JudgeModel:
         path = Path(weights) if weights is not None else JUDGE_FILE
         self.provenance = {
             "implementation": self.implementation,
-            "model": "headpag.testbed Judge CNN (64x64 input, bilinear resize)",
+            "model": "headpag.testbed Judge CNN (96x96 input, bilinear resize)",
             "weights": path.name if weights is None else str(path),
             "weights_sha256": file_sha256(path),
         }
@@ -86,8 +88,9 @@ class _JudgeModel:
 
 class ShapesJudgeScore(_JudgeModel):
     r"""
-    Mean log-probability, under the judge, of the attributes the prompt names (size, colour, shape, background and,
-    when named, position). 0 is a perfect score; higher is better. Prompts must follow the shapes grammar.
+    Mean log-probability, under the judge, of the attributes the prompt names (one object: count, size, colour, shape,
+    texture, background and, when named, position; two objects: count, both colours and shapes in reading order, their
+    layout and the background). 0 is a perfect score; higher is better. Prompts must follow the shapes grammar.
 
     Args:
         weights (`str`, *optional*): The judge file (default: shipped).
@@ -186,7 +189,7 @@ class ShapesJudgeFeatures(_JudgeModel):
     """
 
     name = "shapes-judge"
-    implementation = "headpag shapes judge penultimate features (128-d), bilinear resize to 64x64"
+    implementation = "headpag shapes judge penultimate features (128-d), bilinear resize to 96x96"
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -1,6 +1,7 @@
 """
 The testbed's networks, built from configs: a word-level CLIP tokenizer for the grammar, two small frozen CLIP text
-encoders, a small `AutoencoderKL` (64×64 → 16×16×4), a small `SD3Transformer2DModel` and the judge CNN.
+encoders, a small `AutoencoderKL` (96×96 → 24×24×4), a small `SD3Transformer2DModel` (10 joint blocks × 8 heads, 144
+image tokens) and the judge CNN.
 
 The third text encoder is a "null T5": a one-layer T5 encoder whose final norm has zero weight, so it outputs exactly
 the zeros that SD3 pipelines use when T5 is dropped, while stock `from_pretrained(folder)` finds every component.
@@ -30,24 +31,24 @@ from transformers import (
 )
 
 from ..models.tiny import tiny_t5_tokenizer
-from .data import ATTRIBUTES, all_prompts
+from .data import ATTRIBUTES, IMAGE_SIZE, all_prompts
 
 
-TEXT_TOKENS = 16  # CLIP tokenizer length: the longest prompt is 14 tokens with BOS/EOS
+TEXT_TOKENS = 16  # CLIP tokenizer length: the longest prompt is 15 tokens with BOS/EOS
 ZERO_TOKENS = 256  # stock StableDiffusion3Pipeline's default max_sequence_length
 CLIP_WIDTH = 64
 TRANSFORMER = dict(
-    sample_size=16,
+    sample_size=24,
     patch_size=2,
     in_channels=4,
-    num_layers=8,
+    num_layers=10,
     attention_head_dim=16,
-    num_attention_heads=6,
+    num_attention_heads=8,
     joint_attention_dim=2 * CLIP_WIDTH,
-    caption_projection_dim=96,
+    caption_projection_dim=128,
     pooled_projection_dim=2 * CLIP_WIDTH,
     out_channels=4,
-    pos_embed_max_size=8,
+    pos_embed_max_size=12,
 )
 VAE = dict(
     in_channels=3,
@@ -58,7 +59,7 @@ VAE = dict(
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=8,
-    sample_size=64,
+    sample_size=IMAGE_SIZE,
     mid_block_add_attention=False,
     use_quant_conv=False,
     use_post_quant_conv=False,
@@ -152,23 +153,25 @@ def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 class Judge(nn.Module):
-    """A small CNN that reads size, colour, shape, background and position from a 64×64 image in [0, 1]."""
+    """A small CNN that reads every attribute of `data.ATTRIBUTES` from a 96×96 image in [0, 1]."""
 
     feature_dim = 128
 
     def __init__(self):
         super().__init__()
         layers, width = [], 3
-        for out in (32, 64, 64, 128):
+        for out in (32, 64, 128, 128):
             layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
             width = out
-        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, self.feature_dim), nn.SiLU())
+        side = IMAGE_SIZE // 16
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * side * side, self.feature_dim), nn.SiLU())
         self.heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(v)) for name, v in ATTRIBUTES.items()})
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 64, 64) in [0, 1] → (B, 128); other sizes are resized bilinearly."""
-        if pixels.shape[-2:] != (64, 64):
-            pixels = nn.functional.interpolate(pixels, size=(64, 64), mode="bilinear", align_corners=False)
+        """(B, 3, 96, 96) in [0, 1] → (B, 128); other sizes are resized bilinearly."""
+        if pixels.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            size = (IMAGE_SIZE, IMAGE_SIZE)
+            pixels = nn.functional.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
         return self.body(pixels * 2 - 1)
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

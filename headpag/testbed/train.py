@@ -1,12 +1,17 @@
 """
-Train the shapes testbed: `python -m headpag.testbed.train [--out FOLDER] [--quick]`.
+Train the shapes testbed: `python -m headpag.testbed.train [--out FOLDER] [--checkpoints FOLDER] [--hours H]
+[--quick]`.
 
 Three stages, each a fixed number of seeded steps: the VAE (on 32×32 crops of freshly drawn images; it is fully
-convolutional), the judge (fresh images, augmented), then the SD3 transformer with rectified flow on a pool of 65,536
-encoded scenes (logit-normal timesteps, 10% empty prompts for classifier-free guidance; an EMA of the weights is what
-ships). Writes a stock diffusers
-`StableDiffusion3Pipeline` folder, `judge.safetensors`, `training.json` (steps, losses, seconds, judge accuracy) and
-`loss.png`. The full run takes about 41 minutes on 2 CPU cores.
+convolutional), the judge (fresh images, augmented), then the SD3 transformer with rectified flow on a pool of encoded
+scenes (logit-normal timesteps, 10% empty prompts for classifier-free guidance; an EMA of the weights is what ships).
+Writes a stock diffusers `StableDiffusion3Pipeline` folder, `judge.safetensors`, `training.json` (steps, losses,
+seconds, judge accuracy) and `loss.png`.
+
+Resumable: every finished stage, and the transformer every `checkpoint_every` steps (and on Ctrl-C), is saved to the
+checkpoint folder (safetensors and JSON: weights, EMA, optimizer moments, random generator states, losses). Run the
+same command again to continue; the result is the same, bit for bit, as an uninterrupted run. `--hours` stops at a
+checkpoint once that much time has passed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,10 +31,10 @@ import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.utils import logging
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import ATTRIBUTES, all_prompts, batch
+from .data import ATTRIBUTES, ONE_OBJECT, TWO_OBJECTS, all_prompts, batch
 from .model import (
     ZERO_TOKENS,
     Judge,
@@ -44,27 +50,103 @@ from .model import (
 
 logger = logging.get_logger(__name__)
 DEFAULT_OUT = Path(__file__).parent / "weights"
+DEFAULT_CHECKPOINTS = Path("runs") / "testbed-train"
 
 
 @dataclass
 class Schedule:
     """Step counts and batch sizes of the three stages."""
 
-    vae_steps: int = 600
+    vae_steps: int = 1200
     vae_batch: int = 64
     judge_steps: int = 1200
     judge_batch: int = 128
-    latent_pool: int = 65536
+    latent_pool: int = 40960
     transformer_steps: int = 4000
-    transformer_batch: int = 128
+    transformer_batch: int = 64
     lr: float = 1e-3
     ema: float = 0.999
     seed: int = 0
+    checkpoint_every: int = 200
 
 
 QUICK = Schedule(
-    vae_steps=4, vae_batch=8, judge_steps=4, judge_batch=16, latent_pool=64, transformer_steps=4, transformer_batch=8
+    vae_steps=4,
+    vae_batch=8,
+    judge_steps=4,
+    judge_batch=16,
+    latent_pool=64,
+    transformer_steps=6,
+    transformer_batch=8,
+    checkpoint_every=2,
 )
+
+
+class Stopped(Exception):
+    """Training stopped at a checkpoint (time limit or Ctrl-C); run again to continue."""
+
+
+class Checkpoints:
+    r"""
+    The checkpoint folder of one training run: JSON for numbers and states, safetensors for tensors, each file written
+    under a temporary name and renamed, so a killed run leaves the last complete checkpoint.
+
+    Args:
+        folder (`Path`): Where checkpoints live (created).
+        schedule (`Schedule`): The run's schedule; a folder made with another one is refused.
+    """
+
+    def __init__(self, folder: str | os.PathLike, schedule: Schedule):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / "schedule.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved != asdict(schedule):
+                changed = sorted(
+                    k for k in set(saved) | set(asdict(schedule)) if saved.get(k) != asdict(schedule).get(k)
+                )
+                raise ValueError(
+                    f"The checkpoints in {self.folder} were made with another schedule (differs in {changed}); "
+                    "use another --checkpoints folder or the same settings."
+                )
+        else:
+            self._write_json("schedule.json", asdict(schedule))
+
+    def _write_json(self, name: str, value) -> None:
+        partial = self.folder / f".{name}.partial"
+        partial.write_text(json.dumps(value, indent=1) + "\n")
+        os.replace(partial, self.folder / name)
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        """Save a stage's tensors and record (the record last: it marks the checkpoint complete)."""
+        partial = self.folder / f".{name}.safetensors.partial"
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(partial))
+        os.replace(partial, self.folder / f"{name}.safetensors")
+        self._write_json(f"{name}.json", record)
+
+    def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        record = self.folder / f"{name}.json"
+        if not record.exists():
+            return None
+        return load_file(str(self.folder / f"{name}.safetensors")), json.loads(record.read_text())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{index}.{key}": value for index, slots in state["state"].items() for key, value in slots.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, slot = key.split(".", 2)
+            state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -80,19 +162,28 @@ def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return pixels.clamp(0, 1)
 
 
+def _drawn(scene) -> tuple[str, ...]:
+    """The attributes an image of `scene` shows (a one-object image shows its position even when unnamed)."""
+    return TWO_OBJECTS if scene.two else ONE_OBJECT
+
+
 def judge_accuracy(judge: Judge, n: int = 2000, seed: int = 12345) -> dict[str, float]:
-    """Per-attribute accuracy on `n` fresh procedural images (half held-out pairs, position always scored)."""
+    """Per-attribute accuracy on `n` fresh procedural images (half with held-out pairs), over the images that show
+    the attribute."""
     rng = np.random.default_rng(seed)
     correct = {name: 0 for name in ATTRIBUTES}
+    total = {name: 0 for name in ATTRIBUTES}
     with torch.no_grad():
         for start in range(0, n, 250):
             m = min(250, n - start)
             scenes, pixels = batch(rng, m, held_out=bool(start // 250 % 2))
             out = judge(torch.from_numpy(pixels))
-            for name, values in ATTRIBUTES.items():
-                target = torch.tensor([values.index(getattr(s, name)) for s in scenes])
-                correct[name] += int((out[name].argmax(-1) == target).sum())
-    return {name: c / n for name, c in correct.items()}
+            for name in ATTRIBUTES:
+                for row, scene in enumerate(scenes):
+                    if name in _drawn(scene):
+                        total[name] += 1
+                        correct[name] += int(out[name][row].argmax() == scene.labels()[name])
+    return {name: correct[name] / max(1, total[name]) for name in ATTRIBUTES}
 
 
 def train_vae(schedule: Schedule, progress: bool) -> tuple[torch.nn.Module, list[float]]:
@@ -102,7 +193,7 @@ def train_vae(schedule: Schedule, progress: bool) -> tuple[torch.nn.Module, list
     losses = []
     for step in tqdm(range(schedule.vae_steps), desc="vae", disable=not progress):
         _, pixels = batch(rng, schedule.vae_batch, held_out=bool(step % 5 == 0))
-        x, y = rng.integers(0, 33, 2)
+        x, y = rng.integers(0, pixels.shape[-1] - 32 + 1, 2)
         crop = torch.from_numpy(pixels[:, :, y : y + 32, x : x + 32]) * 2 - 1
         posterior = vae.encode(crop).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -132,10 +223,12 @@ def train_judge(schedule: Schedule, progress: bool) -> tuple[Judge, list[float]]
     for step in tqdm(range(schedule.judge_steps), desc="judge", disable=not progress):
         scenes, pixels = batch(rng, schedule.judge_batch, held_out=bool(step % 4 == 0))
         out = judge(_augment(torch.from_numpy(pixels), generator))
-        loss = sum(
-            torch.nn.functional.nll_loss(out[name], torch.tensor([values.index(getattr(s, name)) for s in scenes]))
-            for name, values in ATTRIBUTES.items()
-        )
+        loss = 0.0
+        for name in ATTRIBUTES:
+            rows = [i for i, s in enumerate(scenes) if name in _drawn(s)]
+            if rows:
+                target = torch.tensor([scenes[i].labels()[name] for i in rows])
+                loss = loss + torch.nn.functional.nll_loss(out[name][rows], target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -175,50 +268,91 @@ def latent_pool(vae, n: int, rng: np.random.Generator, progress: bool):
     return scenes, torch.cat(means), torch.cat(stds)
 
 
-def train_transformer(pipe: StableDiffusion3Pipeline, schedule: Schedule, progress: bool):
+def train_transformer(
+    pipe: StableDiffusion3Pipeline,
+    schedule: Schedule,
+    progress: bool,
+    checkpoints: Checkpoints,
+    deadline: float | None = None,
+    stop_at_step: int | None = None,
+):
+    """Rectified-flow training of `pipe.transformer`; returns `(ema, losses)`, or raises `Stopped` at a checkpoint."""
     index, embeds, pooled = prompt_table(pipe)
     transformer, vae = pipe.transformer, pipe.vae
     transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    rng = np.random.default_rng(schedule.seed + 6)
+    rng = np.random.default_rng(schedule.seed + 11)
     generator = torch.Generator().manual_seed(schedule.seed + 7)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=schedule.lr, weight_decay=0.01)
     warmup = max(1, min(100, schedule.transformer_steps // 10))
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    pool, means, stds = latent_pool(vae, schedule.latent_pool, rng, progress)
-    losses = []
-    for step in tqdm(range(schedule.transformer_steps), desc="transformer", disable=not progress):
-        picks = rng.integers(0, len(pool), schedule.transformer_batch)
-        scenes = [pool[i] for i in picks]
-        latents = means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)
-        latents = (latents - shift) * scale
-        rows = [0 if rng.random() < 0.1 else index[s.prompt] for s in scenes]
-        sigma = torch.sigmoid(torch.randn(len(rows), generator=generator))
-        noise = torch.randn(latents.shape, generator=generator)
-        noisy = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
-        # any number of zero tokens from 1 to 256: the model serves every `max_sequence_length`
-        count = float(np.exp(rng.uniform(0, math.log(ZERO_TOKENS))))
-        with ZeroTokenMultiplicity(1, count):
-            prediction = transformer(
-                hidden_states=noisy,
-                encoder_hidden_states=embeds[rows],
-                pooled_projections=pooled[rows],
-                timestep=sigma * 1000,
-            ).sample
-        loss = (prediction - (noise - latents)).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        progress_fraction = max(0.0, (step + 1 - warmup) / max(1, schedule.transformer_steps - warmup))
-        factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr * factor
-        decay = min(schedule.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), transformer.parameters()):
-                e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
+    losses, first = [], 0
+    saved = checkpoints.load("transformer")
+    if saved is not None:
+        tensors, record = saved
+        transformer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        _load_optimizer(optimizer, tensors, record["param_groups"])
+        generator.set_state(tensors["generator"])
+        rng.bit_generator.state = record["rng"]
+        losses, first = record["losses"], record["step"]
+        logger.info(f"Continuing the transformer from step {first} of {schedule.transformer_steps}.")
+    pool, means, stds = latent_pool(vae, schedule.latent_pool, np.random.default_rng(schedule.seed + 6), progress)
+
+    def save(step: int) -> None:
+        tensors, groups = _optimizer_tensors(optimizer)
+        tensors.update({f"model.{k}": v for k, v in transformer.state_dict().items()})
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+        tensors["generator"] = generator.get_state()
+        record = {"step": step, "losses": losses, "rng": rng.bit_generator.state, "param_groups": groups}
+        checkpoints.save("transformer", tensors, record)
+
+    bar = tqdm(range(first, schedule.transformer_steps), desc="transformer", disable=not progress)
+    step = first
+    try:
+        for step in bar:
+            if step > first and step % schedule.checkpoint_every == 0:
+                save(step)
+                if (deadline is not None and time.time() > deadline) or step == stop_at_step:
+                    raise Stopped(f"stopped at step {step} of {schedule.transformer_steps}")
+            picks = rng.integers(0, len(pool), schedule.transformer_batch)
+            scenes = [pool[i] for i in picks]
+            latents = means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)
+            latents = (latents - shift) * scale
+            rows = [0 if rng.random() < 0.1 else index[s.prompt] for s in scenes]
+            sigma = torch.sigmoid(torch.randn(len(rows), generator=generator))
+            noise = torch.randn(latents.shape, generator=generator)
+            noisy = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
+            # any number of zero tokens from 1 to 256: the model serves every `max_sequence_length`
+            count = float(np.exp(rng.uniform(0, math.log(ZERO_TOKENS))))
+            with ZeroTokenMultiplicity(1, count):
+                prediction = transformer(
+                    hidden_states=noisy,
+                    encoder_hidden_states=embeds[rows],
+                    pooled_projections=pooled[rows],
+                    timestep=sigma * 1000,
+                ).sample
+            loss = (prediction - (noise - latents)).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+            optimizer.step()
+            progress_fraction = max(0.0, (step + 1 - warmup) / max(1, schedule.transformer_steps - warmup))
+            factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr * factor
+            decay = min(schedule.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), transformer.parameters()):
+                    e.lerp_(p, 1 - decay)
+            losses.append(loss.item())
+    except KeyboardInterrupt:
+        # the step in flight may be half applied: continue from the last checkpoint, not from here
+        raise Stopped(
+            f"interrupted; continues from the last checkpoint (every {schedule.checkpoint_every} steps)"
+        ) from None
+    finally:
+        bar.close()
     return ema, losses
 
 
@@ -245,31 +379,69 @@ def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def train(out: str | Path = DEFAULT_OUT, schedule: Schedule | None = None, progress: bool = True) -> dict:
+def _stage_vae(schedule: Schedule, progress: bool, checkpoints: Checkpoints):
+    saved = checkpoints.load("vae")
+    if saved is None:
+        start = time.perf_counter()
+        vae, losses = train_vae(schedule, progress)
+        record = {"losses": losses, "seconds": time.perf_counter() - start, "config": {
+            "shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor}}  # fmt: skip
+        checkpoints.save("vae", vae.state_dict(), record)
+        return vae, record
+    tensors, record = saved
+    vae = build_vae(schedule.seed)
+    vae.load_state_dict(tensors)
+    vae.register_to_config(**record["config"])
+    return vae.eval().requires_grad_(False), record
+
+
+def _stage_judge(schedule: Schedule, progress: bool, checkpoints: Checkpoints):
+    saved = checkpoints.load("judge")
+    if saved is None:
+        start = time.perf_counter()
+        judge, losses = train_judge(schedule, progress)
+        record = {"losses": losses, "seconds": time.perf_counter() - start}
+        checkpoints.save("judge", judge.state_dict(), record)
+        return judge, record
+    tensors, record = saved
+    judge = Judge()
+    judge.load_state_dict(tensors)
+    return judge.eval().requires_grad_(False), record
+
+
+def train(
+    out: str | Path = DEFAULT_OUT,
+    schedule: Schedule | None = None,
+    progress: bool = True,
+    checkpoints: str | Path = DEFAULT_CHECKPOINTS,
+    hours: float | None = None,
+    stop_at_step: int | None = None,
+) -> dict:
     r"""
-    Train every testbed network and write them to `out`.
+    Train every testbed network and write them to `out`, continuing from the checkpoints a stopped run left.
 
     Args:
         out (`str` or `Path`): Output folder; gets `shapes-sd3/` (a diffusers folder), `judge.safetensors`,
             `training.json` and `loss.png`. Files are written to a temporary name and renamed.
         schedule (`Schedule`, *optional*): Step counts; the default is the shipped run, `QUICK` a smoke test.
         progress (`bool`): Show progress bars.
+        checkpoints (`str` or `Path`): The checkpoint folder (default `runs/testbed-train`).
+        hours (`float`, *optional*): Stop at the first transformer checkpoint after this much time in this call.
+        stop_at_step (`int`, *optional*): Stop at the transformer checkpoint of this step (tests).
 
     Returns:
         The training record (also in `training.json`).
+
+    Raises:
+        `Stopped`: when `hours` or `stop_at_step` stopped the run, or on Ctrl-C; the checkpoints are complete.
     """
     schedule = schedule or Schedule()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    deadline = None if hours is None else time.time() + hours * 3600
+    store = Checkpoints(checkpoints, schedule)
     torch.manual_seed(schedule.seed)
-    times, losses = {}, {}
-    start = time.perf_counter()
-    vae, losses["vae"] = train_vae(schedule, progress)
-    times["vae"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    judge, losses["judge"] = train_judge(schedule, progress)
-    times["judge"] = time.perf_counter() - start
+    vae, vae_record = _stage_vae(schedule, progress, store)
+    judge, judge_record = _stage_judge(schedule, progress, store)
 
     tokenizer = build_tokenizer()
     t5, t5_tokenizer = build_null_t5()
@@ -284,11 +456,24 @@ def train(out: str | Path = DEFAULT_OUT, schedule: Schedule | None = None, progr
         text_encoder_3=t5,
         tokenizer_3=t5_tokenizer,
     )
+    seconds_path = store.folder / "transformer-seconds.json"
+    seconds = json.loads(seconds_path.read_text()) if seconds_path.exists() else 0.0
     start = time.perf_counter()
-    pipe.transformer, losses["transformer"] = train_transformer(pipe, schedule, progress)
-    times["transformer"] = time.perf_counter() - start
+    try:
+        pipe.transformer, transformer_losses = train_transformer(
+            pipe, schedule, progress, store, deadline, stop_at_step
+        )
+    finally:
+        store._write_json("transformer-seconds.json", seconds + time.perf_counter() - start)
+    losses = {"vae": vae_record["losses"], "judge": judge_record["losses"], "transformer": transformer_losses}
+    times = {
+        "vae": vae_record["seconds"],
+        "judge": judge_record["seconds"],
+        "transformer": seconds + time.perf_counter() - start,
+    }
 
     accuracy = judge_accuracy(judge, n=2000 if schedule.judge_steps > 100 else 100)
+    out.mkdir(parents=True, exist_ok=True)
     folder = out / "shapes-sd3"
     staging = out / ".shapes-sd3.partial"
     pipe.save_pretrained(staging, safe_serialization=True)
@@ -315,11 +500,21 @@ def train(out: str | Path = DEFAULT_OUT, schedule: Schedule | None = None, progr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m headpag.testbed.train", description=__doc__.split("\n\n")[1])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: the package's weights)")
+    parser.add_argument(
+        "--checkpoints", default=str(DEFAULT_CHECKPOINTS), help="checkpoint folder (default: runs/testbed-train)"
+    )
+    parser.add_argument("--hours", type=float, default=None, help="stop at a checkpoint after this many hours")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the script end to end")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.hours is not None and not (math.isfinite(args.hours) and args.hours > 0):
+        parser.error(f"--hours must be a positive number, got {args.hours}")
     schedule = dataclasses.replace(QUICK, seed=args.seed) if args.quick else Schedule(seed=args.seed)
-    record = train(args.out, schedule)
+    try:
+        record = train(args.out, schedule, checkpoints=args.checkpoints, hours=args.hours)
+    except Stopped as stop:
+        print(f"{stop}; run the same command again to continue from {args.checkpoints}.", file=sys.stderr)
+        return 3
     print(json.dumps(record, indent=2))
     return 0
 
