@@ -200,26 +200,44 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True, defau
 def add_pag_args(parser: argparse.ArgumentParser) -> None:
     """The generation flags that shape an image (shared by `generate` and `eval --config`)."""
     heads = parser.add_mutually_exclusive_group()
-    heads.add_argument("--pag-heads", default=None, help="Head spec, e.g. '11.15, 7, 3.0-5' (default: pipeline's).")
+    heads.add_argument(
+        "--pag-heads", default=None, help="Head spec, e.g. '11.15, 7, 3.0-5' (default: the model's default heads)."
+    )
     heads.add_argument("--pag-heads-file", default=None, help="Head-set JSON file (e.g. from `headpag hunt`).")
     heads.add_argument(
         "--pag-heads-preset", default=None, help="A ready-made head set by name (`headpag presets` lists them)."
     )
+    # every pag_* default: the head-set file's, else the model's recommendation (headpag_config.json), else built-in
+    model = "the model's recommendation, else"
     parser.add_argument(
-        "--pag-scale", type=finite_float, default=None, help="PAG scale s (default 3.0, or the file's)."
+        "--pag-scale", type=finite_float, default=None, help=f"PAG scale s (default: the file's, {model} 3.0)."
     )
     parser.add_argument(
-        "--pag-identity-weight", type=finite_float, default=None, help="SoftPAG u in [0, 1] (default 1.0)."
+        "--pag-identity-weight", type=finite_float, default=None, help=f"SoftPAG u in [0, 1] (default: {model} 1)."
     )
-    parser.add_argument("--pag-identity-scope", choices=["joint", "image"], default="joint")
-    parser.add_argument("--pag-target", choices=["identity", "uniform", "query_mean"], default="identity")
-    parser.add_argument("--pag-interval", type=finite_float, nargs=2, metavar=("START", "STOP"), default=(0.0, 1.0))
-    parser.add_argument("--pag-adaptive-scale", type=finite_float, default=0.0)
+    parser.add_argument(
+        "--pag-identity-scope", choices=["joint", "image"], default=None, help=f"(default: {model} joint)"
+    )
+    parser.add_argument(
+        "--pag-target",
+        choices=["identity", "uniform", "query_mean"],
+        default=None,
+        help=f"(default: {model} identity)",
+    )
+    parser.add_argument(
+        "--pag-interval",
+        type=finite_float,
+        nargs=2,
+        metavar=("START", "STOP"),
+        default=None,
+        help=f"Fractions of the steps with PAG (default: {model} 0 1).",
+    )
+    parser.add_argument("--pag-adaptive-scale", type=finite_float, default=None, help=f"(default: {model} 0)")
     parser.add_argument(
         "--pag-reuse",
         type=positive(int),
-        default=1,
-        help="Run the perturbed branch every k steps of the interval, reusing v_c - v_p in between (default 1).",
+        default=None,
+        help=f"The perturbed branch every k steps of the interval, v_c - v_p reused in between (default: {model} 1).",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -259,8 +277,9 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, st
     return device, dtype
 
 
-def heads_and_defaults(args: argparse.Namespace) -> tuple[str | None, float, float]:
-    """(head spec, pag scale, identity weight): explicit flags first, then the head-set file's or preset's metadata."""
+def heads_and_defaults(args: argparse.Namespace) -> tuple[str | None, float | None, float | None]:
+    """(head spec, pag scale, identity weight): explicit flags first, then the head-set file's or preset's metadata;
+    `None` where neither says (the model's recommendation applies, see `GenerationSettings.with_model_defaults`)."""
     spec, scale, u = args.pag_heads, args.pag_scale, args.pag_identity_weight
     if spec is not None and not spec.strip():
         spec = None  # an empty head field means the model's default heads, everywhere
@@ -273,7 +292,7 @@ def heads_and_defaults(args: argparse.Namespace) -> tuple[str | None, float, flo
         spec = str(hs)
         scale = scale if scale is not None else hs.metadata.get("recommended_scale")
         u = u if u is not None else hs.metadata.get("identity_weight")
-    return spec, 3.0 if scale is None else scale, 1.0 if u is None else u
+    return spec, scale, u
 
 
 def check_preset_fits(args: argparse.Namespace, layout) -> None:
@@ -313,7 +332,7 @@ def settings_from_args(args: argparse.Namespace, **values: Any) -> GenerationSet
         pag_identity_weight=u,
         pag_identity_scope=args.pag_identity_scope,
         pag_target=args.pag_target,
-        pag_interval=tuple(args.pag_interval),
+        pag_interval=None if args.pag_interval is None else tuple(args.pag_interval),
         pag_adaptive_scale=args.pag_adaptive_scale,
         pag_reuse=args.pag_reuse,
         guidance_scale=args.guidance_scale,

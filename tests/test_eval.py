@@ -177,7 +177,7 @@ def test_config_parsing_and_bootstrap():
     assert (c.name, c.settings.pag_heads, c.settings.pag_scale, c.settings.pag_identity_weight) == (
         "pag",
         "7, 3.1",
-        3.0,
+        None,  # the model's recommendation, else 3.0 (spelled out by with_model_defaults once the model is loaded)
         0.5,
     )
     assert parse_eval_config("s=--pag-scale 2").settings.pag_scale == 2.0  # default heads

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headpag.testbed.data import RGB, SHAPES, SIZES, Scene, draw
+from headpag.testbed.data import RELATIONS, RGB, SHADE, SHAPES, SIZES, TEXTURES, Scene, draw, parse_prompt
 from headpag.testbed.structure import shape_mask, structure
 
 
@@ -22,6 +22,45 @@ def test_shapes_drawn_by_the_testbed_fit_their_class(shape, size):
     scene = Scene(size, "red", shape, "blue", "bottom right")
     result = structure(draw(scene, np.random.default_rng(0), jitter=False), scene.prompt)
     assert result.objects[0].iou >= 0.95 and result.stray == 0.0
+
+
+@pytest.mark.parametrize("texture", TEXTURES)
+@pytest.mark.parametrize("color", ["red", "black", "white"])
+def test_a_texture_does_not_cut_holes_in_the_object(texture, color):
+    scene = Scene("large", color, "circle", "blue", "top left", texture=texture)
+    result = structure(draw(scene, np.random.default_rng(0), jitter=False), scene.prompt)
+    assert result.objects[0].iou >= 0.95 and result.stray == 0.0
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_two_drawn_objects_fit_their_classes(relation):
+    scene = parse_prompt(f"a red triangle {relation} a white square on a black background")
+    result = structure(draw(scene, np.random.default_rng(0), jitter=False), scene.prompt)
+    assert [(o.color, o.shape) for o in result.objects] == [("red", "triangle"), ("white", "square")]
+    assert min(o.iou for o in result.objects) >= 0.95 and result.stray == 0.0
+
+
+def test_two_pixel_exact_squares_one_with_a_blob():
+    image = canvas()
+    image[10:30, 10:30] = RGB["red"]  # the first square (400 pixels)
+    image[40:50, 40:50] = RGB["white"]  # the second (100 pixels)
+    image[40:50, 4:8] = RGB["white"]  # a detached blob of the second colour (40 pixels)
+    image[60:62, 60:62] = RGB["yellow"]  # a mark of neither colour (4 pixels)
+    result = structure(Image.fromarray(image), "a red square left of a white square on a blue background")
+    assert result.objects[0].iou == pytest.approx(1.0)
+    assert result.objects[1].iou == pytest.approx(100 / 140) and result.objects[1].pixels == 140
+    assert result.iou == pytest.approx((1.0 + 100 / 140) / 2)
+    assert result.stray == pytest.approx(44 / 4096)
+
+
+def test_a_texture_shade_counts_only_for_a_textured_object():
+    image = canvas()
+    image[10:30, 10:30] = RGB["red"]
+    image[10:30:4, 10:30] = SHADE["red"]  # stripes of the red shade inside the square
+    striped = structure(Image.fromarray(image), "a large striped red square on a blue background")
+    assert striped.objects[0].iou == pytest.approx(1.0) and striped.stray == 0.0
+    plain = structure(Image.fromarray(image), "a large red square on a blue background")
+    assert plain.objects[0].iou < 0.9
 
 
 def test_a_pixel_exact_square_and_a_detached_blob():

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     family = layout.family
     options.check_preset_fits(args, layout)
     settings.validate(family)
-    settings.with_default_heads(pipe)
+    settings.with_model_defaults(pipe)
     pipe.set_progress_bar_config(disable=args.no_progress)
     for suffix, run_settings in runs:
         images = pipe(**run_settings.call_kwargs(family, image=image)).images

@@ -95,6 +95,7 @@ class Comparison:
         for config in self.configs:
             for index, prompt, seed in self.items():
                 settings = GenerationSettings(**{**config.settings.to_dict(), "prompt": prompt, "seed": seed})
+                settings.with_model_defaults(pipe)
                 meta = {"headpag": settings.to_json(), "model": model_name, "prompt": prompt, "config": config.name}
                 path = self.path(config, index, seed)
                 if _stored_metadata_matches(path, meta):

@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from ..pipelines.mixin import read_headpag_config
+from ..pipelines.model_config import read_headpag_config
 from .tiny import TINY_MODELS
 
 

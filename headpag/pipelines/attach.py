@@ -41,6 +41,7 @@ from ..runtime import (
     transformer_attached,
     unwrap,
 )
+from .model_config import BUILTIN_PAG_DEFAULTS, recommended
 from .policy import POLICIES, PAGOptions, loop_plan
 
 
@@ -305,15 +306,15 @@ HELD = (
 def head_pag(
     pipe,
     pag_heads: HeadSetLike | Sequence[HeadSet] = None,
-    pag_scale: float = 3.0,
-    pag_identity_weight: float = 1.0,
-    pag_identity_scope: str = "joint",
-    pag_target: str = "identity",
-    pag_interval: tuple[float, float] = (0.0, 1.0),
-    pag_adaptive_scale: float = 0.0,
+    pag_scale: float | None = None,
+    pag_identity_weight: float | None = None,
+    pag_identity_scope: str | None = None,
+    pag_target: str | None = None,
+    pag_interval: tuple[float, float] | None = None,
+    pag_adaptive_scale: float | None = None,
     pag_sequential: bool | None = None,
-    pag_share_prefix: bool = True,
-    pag_reuse: int = 1,
+    pag_share_prefix: bool | None = None,
+    pag_reuse: int | None = None,
 ) -> Iterator[None]:
     r"""
     Head-level perturbed-attention guidance for every call of `pipe` inside the `with` block.
@@ -339,6 +340,10 @@ def head_pag(
     by the pipeline's denoising loop; a hand-written loop raises (use `headpag.runtime.perturbed_forward`). On exit
     the pipeline is exactly as it was (the hooks stay registered but inert, see `headpag.runtime.remove_hooks`).
 
+    An argument left at `None` takes the model's recommendation, else the default named below: the
+    `headpag_config.json` of the model's folder (see [`~pipelines.model_config`]), kept by headpag's classes and read
+    from `pipe.name_or_path` for a stock pipeline loaded from a local folder.
+
     Args:
         pipe: A diffusers SD3 / SD3.5 / FLUX.1 pipeline.
         pag_heads (`HeadSet`, `str`, list of `(layer, head)` pairs or layer ints, *optional*):
@@ -363,6 +368,23 @@ def head_pag(
             caching hook that cannot be combined exactly (see [`check_caches`]).
         `RuntimeError`: during a call, at the first step inside `pag_interval` that did not get its PAG term.
     """
+    given = dict(
+        pag_scale=pag_scale,
+        pag_identity_weight=pag_identity_weight,
+        pag_identity_scope=pag_identity_scope,
+        pag_target=pag_target,
+        pag_interval=pag_interval,
+        pag_adaptive_scale=pag_adaptive_scale,
+        pag_share_prefix=pag_share_prefix,
+        pag_reuse=pag_reuse,
+    )
+    model = recommended(pipe)
+    defaults = {**BUILTIN_PAG_DEFAULTS, **{k: v for k, v in model.items() if k in BUILTIN_PAG_DEFAULTS}}
+    values = {name: defaults[name] if value is None else value for name, value in given.items()}
+    pag_scale, pag_identity_weight = values["pag_scale"], values["pag_identity_weight"]
+    pag_identity_scope, pag_target = values["pag_identity_scope"], values["pag_target"]
+    pag_interval, pag_adaptive_scale = values["pag_interval"], values["pag_adaptive_scale"]
+    pag_share_prefix, pag_reuse = values["pag_share_prefix"], values["pag_reuse"]
     arguments = dict(
         pag_heads=pag_heads,
         pag_scale=pag_scale,
@@ -377,7 +399,7 @@ def head_pag(
     )
     layout = transformer_layout(pipe)
     if pag_sequential is None:
-        pag_sequential = bool(getattr(pipe, "_pag_sequential", False))
+        pag_sequential = bool(model.get("pag_sequential", False))
     options = PAGOptions(
         scale=pag_scale,
         perturbation=Perturbation(pag_identity_weight, pag_identity_scope, pag_target),
@@ -387,7 +409,8 @@ def head_pag(
         share_prefix=bool(pag_share_prefix),
         reuse=pag_reuse,
     )
-    head_sets = resolve_head_sets(pag_heads, layout, getattr(pipe, "_pag_heads", None))
+    default_heads = model.get("pag_heads")
+    head_sets = resolve_head_sets(pag_heads, layout, None if default_heads is None else HeadSet.coerce(default_heads))
     if options.scale == 0 or not any(head_sets):
         with _registered(Block(pipe, arguments, None, None)), activated(None, model=layout.model):
             yield

@@ -6,7 +6,8 @@ parent's plus the `pag_*` arguments and its docstring the parent's, extended. In
 `with head_pag(pipe, ...)` block, the call's explicit `pag_*` arguments beat the block's, which beat the class
 defaults (`set_pag_heads`, `set_pag_sequential`); `pag_scale=0` is always exactly the parent pipeline.
 `save_pretrained` writes a folder that stock `DiffusionPipeline.from_pretrained` loads (as the parent pipeline),
-with the head-PAG defaults in `headpag_config.json`, which our classes read back; `from_pipe` keeps them.
+with the head-PAG defaults in `headpag_config.json` (see [`~pipelines.model_config`]), which our classes read back;
+`from_pipe` keeps them.
 """
 
 from __future__ import annotations
@@ -25,32 +26,32 @@ from .._io import atomic_write_json
 from ..guidance import HeadSet
 from ..guidance.heads import HeadSetLike
 from .attach import default_pag_heads, head_pag, open_block, transformer_layout, warn_outside_context
+from .model_config import BUILTIN_PAG_DEFAULTS, CONFIG_FILE, check_pag_defaults, read_headpag_config
 
 
 logger = logging.get_logger(__name__)
-
-CONFIG_FILE = "headpag_config.json"
 
 PAG_PARAMETERS = [
     inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
     for name, default, annotation in (
         ("pag_heads", None, "HeadSet | str | list | None"),
-        ("pag_scale", 3.0, "float"),
-        ("pag_identity_weight", 1.0, "float"),
-        ("pag_identity_scope", "joint", "str"),
-        ("pag_target", "identity", "str"),
-        ("pag_interval", (0.0, 1.0), "tuple[float, float]"),
-        ("pag_adaptive_scale", 0.0, "float"),
+        ("pag_scale", None, "float | None"),
+        ("pag_identity_weight", None, "float | None"),
+        ("pag_identity_scope", None, "str | None"),
+        ("pag_target", None, "str | None"),
+        ("pag_interval", None, "tuple[float, float] | None"),
+        ("pag_adaptive_scale", None, "float | None"),
         ("pag_sequential", None, "bool | None"),
-        ("pag_share_prefix", True, "bool"),
-        ("pag_reuse", 1, "int"),
+        ("pag_share_prefix", None, "bool | None"),
+        ("pag_reuse", None, "int | None"),
     )
 ]
 PAG_NAMES = [p.name for p in PAG_PARAMETERS]
 
 PAG_DOCS = """
         Head-level PAG arguments (headpag): `v = v_u + g (v_c - v_u) + s (v_c - v_p)` plus any other guidance term
-        of this pipeline, each term with its own meaning.
+        of this pipeline, each term with its own meaning. An argument left at `None` takes the model's
+        recommendation (`pipe.pag_defaults`, from the folder's `headpag_config.json`), else the default named here.
 
             pag_heads (`HeadSet`, `str`, list of `(layer, head)` pairs or layer ints, *optional*):
                 Heads to perturb, e.g. `"11.15, 7"`. `None` uses the pipeline's default (`set_pag_heads`). A list of
@@ -178,6 +179,26 @@ class HeadPAGMixin:
         """Run the perturbed branch as its own transformer call (lower peak memory) by default."""
         self._pag_sequential = bool(sequential)
 
+    @property
+    def pag_defaults(self) -> dict[str, Any]:
+        """The `pag_*` values a call uses when it does not give them: the model's recommendations (the `pag` section
+        of `headpag_config.json`, or `set_pag_defaults`) over the built-in defaults."""
+        return {**BUILTIN_PAG_DEFAULTS, **self._headpag_extra.get("pag", {})}
+
+    def set_pag_defaults(self, **values: Any) -> None:
+        """
+        Set recommended `pag_*` defaults (saved by `save_pretrained`), e.g. `set_pag_defaults(pag_scale=2.0)`; the
+        heads and the sequential mode have their own setters. `set_pag_defaults()` restores the built-in ones.
+
+        Raises:
+            `ValueError`: for an unknown name or a bad value (naming it and what is allowed).
+        """
+        values = check_pag_defaults(values, where="set_pag_defaults")
+        if values:
+            self._headpag_extra["pag"] = values
+        else:
+            self._headpag_extra.pop("pag", None)
+
     # ------------------------------------------------------------------ save / load
     def _head_pag_config(self) -> dict[str, Any]:
         return {
@@ -221,17 +242,3 @@ class HeadPAGMixin:
                 pipe.set_pag_sequential(pipeline._pag_sequential)
             pipe._headpag_extra = dict(getattr(pipeline, "_headpag_extra", {}))
         return pipe
-
-
-def read_headpag_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The saved head-PAG defaults of a local folder (`{}` when there are none or it is a hub id)."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Malformed {file}: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"Malformed {file}: expected a JSON object, got {type(data).__name__}.")
-    return data

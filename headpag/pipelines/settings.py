@@ -15,25 +15,41 @@ from typing import Any
 import torch
 
 from ..guidance import HeadSet, Perturbation
+from .attach import default_pag_heads, transformer_layout
+from .model_config import BUILTIN_PAG_DEFAULTS, recommended
 from .policy import PAGOptions
+
+
+PAG_FIELDS = (
+    "pag_scale",
+    "pag_identity_weight",
+    "pag_identity_scope",
+    "pag_target",
+    "pag_interval",
+    "pag_adaptive_scale",
+    "pag_reuse",
+)
 
 
 @dataclass
 class GenerationSettings:
     r"""
-    Settings of one generation. `None` means the pipeline's own default.
+    Settings of one generation. `None` means the pipeline's own default; for the `pag_*` values that is the model's
+    recommendation (`headpag_config.json`, see [`~pipelines.model_config`]), else the built-in default
+    ([`with_model_defaults`] spells them out, so that the metadata says what ran).
 
     Args:
         prompt (`str`): The prompt.
         negative_prompt (`str`, *optional*): Negative prompt (SD3 CFG, FLUX true CFG).
         pag_heads (`str`, *optional*): Head spec; `None` = the pipeline default.
-        pag_scale (`float`): PAG scale `s`; 0 disables PAG.
-        pag_identity_weight (`float`): SoftPAG `u` in [0, 1].
-        pag_identity_scope (`str`): `"joint"` or `"image"`.
-        pag_target (`str`): `"identity"`, `"uniform"` or `"query_mean"`.
-        pag_interval (`tuple[float, float]`): Fractions of the steps with PAG.
-        pag_adaptive_scale (`float`): diffusers' adaptive schedule.
-        pag_reuse (`int`): The perturbed branch on steps 0, k, 2k, ... of the interval; reused in between.
+        pag_scale (`float`, *optional*): PAG scale `s`; 0 disables PAG.
+        pag_identity_weight (`float`, *optional*): SoftPAG `u` in [0, 1].
+        pag_identity_scope (`str`, *optional*): `"joint"` or `"image"`.
+        pag_target (`str`, *optional*): `"identity"`, `"uniform"` or `"query_mean"`.
+        pag_interval (`tuple[float, float]`, *optional*): Fractions of the steps with PAG.
+        pag_adaptive_scale (`float`, *optional*): diffusers' adaptive schedule.
+        pag_reuse (`int`, *optional*): The perturbed branch on steps 0, k, 2k, ... of the interval; reused in
+            between.
         guidance_scale (`float`, *optional*): SD3 CFG scale / FLUX guidance embedding.
         true_cfg_scale (`float`, *optional*): FLUX only: true CFG scale.
         num_inference_steps, height, width (`int`, *optional*): As in diffusers.
@@ -45,13 +61,13 @@ class GenerationSettings:
     prompt: str = ""
     negative_prompt: str | None = None
     pag_heads: str | None = None
-    pag_scale: float = 3.0
-    pag_identity_weight: float = 1.0
-    pag_identity_scope: str = "joint"
-    pag_target: str = "identity"
-    pag_interval: tuple[float, float] = (0.0, 1.0)
-    pag_adaptive_scale: float = 0.0
-    pag_reuse: int = 1
+    pag_scale: float | None = None
+    pag_identity_weight: float | None = None
+    pag_identity_scope: str | None = None
+    pag_target: str | None = None
+    pag_interval: tuple[float, float] | None = None
+    pag_adaptive_scale: float | None = None
+    pag_reuse: int | None = None
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     num_inference_steps: int | None = None
@@ -88,14 +104,20 @@ class GenerationSettings:
         if self.pag_heads is not None:
             HeadSet.parse(self.pag_heads)
 
+    def pag_value(self, name: str) -> Any:
+        """A `pag_*` value, the built-in default where it is `None` (before the model's defaults are known)."""
+        value = getattr(self, name)
+        return BUILTIN_PAG_DEFAULTS[name] if value is None else value
+
     def pag_options(self) -> PAGOptions:
         """The validated PAG options (the pipeline's own checks of u, scope, target, scales, interval and reuse)."""
+        v = self.pag_value
         return PAGOptions(
-            scale=self.pag_scale,
-            perturbation=Perturbation(self.pag_identity_weight, self.pag_identity_scope, self.pag_target),
-            interval=tuple(self.pag_interval),
-            adaptive_scale=self.pag_adaptive_scale,
-            reuse=self.pag_reuse,
+            scale=v("pag_scale"),
+            perturbation=Perturbation(v("pag_identity_weight"), v("pag_identity_scope"), v("pag_target")),
+            interval=tuple(v("pag_interval")),
+            adaptive_scale=v("pag_adaptive_scale"),
+            reuse=v("pag_reuse"),
         )
 
     def validate(self, family: str) -> None:
@@ -117,13 +139,7 @@ class GenerationSettings:
         kwargs: dict[str, Any] = {
             "prompt": self.prompt,
             "pag_heads": self.pag_heads,
-            "pag_scale": self.pag_scale,
-            "pag_identity_weight": self.pag_identity_weight,
-            "pag_identity_scope": self.pag_identity_scope,
-            "pag_target": self.pag_target,
-            "pag_interval": tuple(self.pag_interval),
-            "pag_adaptive_scale": self.pag_adaptive_scale,
-            "pag_reuse": self.pag_reuse,
+            **{name: getattr(self, name) for name in PAG_FIELDS if getattr(self, name) is not None},
             "num_images_per_prompt": self.num_images,
             "generator": [torch.Generator().manual_seed(self.seed + i) for i in range(self.num_images)],
         }
@@ -144,11 +160,21 @@ class GenerationSettings:
         kwargs.update(self.extra)
         return kwargs
 
-    def with_default_heads(self, pipe) -> GenerationSettings:
-        """These settings with `pag_heads` spelled out when it is the pipeline's default (so the metadata says what
-        ran)."""
-        if self.pag_heads is None and self.pag_scale > 0 and hasattr(pipe, "pag_heads"):
-            self.pag_heads = str(pipe.pag_heads)
+    def with_model_defaults(self, pipe) -> GenerationSettings:
+        """These settings with every `pag_*` value left at `None` spelled out as the call will use it (the model's
+        recommendation, else the built-in default; the default heads when PAG is on), so the metadata says what ran.
+        Changes and returns `self`."""
+        model = recommended(pipe)
+        for name in PAG_FIELDS:
+            if getattr(self, name) is None:
+                value = model.get(name, BUILTIN_PAG_DEFAULTS[name])
+                setattr(self, name, tuple(value) if name == "pag_interval" else value)
+        if self.pag_heads is None and self.pag_scale > 0:
+            heads = model.get("pag_heads")
+            if heads is None:
+                layout = transformer_layout(pipe)
+                heads = default_pag_heads(layout.family, layout.num_layers)
+            self.pag_heads = str(heads)
         return self
 
     def without_pag(self) -> GenerationSettings:

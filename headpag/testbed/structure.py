@@ -3,10 +3,11 @@ A structure metric that is not a classifier: fit the shape the prompt names (cir
 and size free, class fixed) to the pixels of the object's colour, and report how well it fits (IoU) and how much of
 the image is marked outside the fitted shapes (stray marks).
 
-Objects are told apart by colour: every pixel goes to the nearest colour of the testbed's palette, and an object's
-mask is the pixels of its named colour. The fit starts from the mask's centroid and area and refines centre and size
-by a coarse-to-fine search over shapes drawn exactly as [`~testbed.data.draw`] draws them (same geometry, 4x
-supersampled, a pixel counted when at least half covered).
+Objects are told apart by colour: every pixel goes to the nearest colour of the testbed's palette (the six colours
+and the second colours of striped and dotted objects, each counted as its object's colour), and an object's mask is
+the pixels of its named colour, so a texture does not cut holes in it. The fit starts from the mask's centroid and
+area and refines centre and size by a coarse-to-fine search over shapes drawn exactly as [`~testbed.data.draw`]
+draws them (same geometry, 4x supersampled, a pixel counted when at least half covered).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import RGB, parse_prompt
+from .data import RGB, SHADE, outline, parse_prompt
 
 
 PALETTE = tuple(RGB)
@@ -62,11 +63,19 @@ class Structure:
         return float(np.mean([o.iou for o in self.objects])) if self.objects else 0.0
 
 
-def colour_labels(image: Image.Image | np.ndarray) -> np.ndarray:
-    """The palette index of every pixel (nearest colour in RGB), `(H, W)`."""
+def colour_labels(image: Image.Image | np.ndarray, shades: tuple[str, ...] = ()) -> np.ndarray:
+    r"""
+    The palette index of every pixel (nearest colour in RGB), `(H, W)`.
+
+    Args:
+        image (`PIL.Image.Image` or `np.ndarray`): An RGB image.
+        shades (`tuple[str]`): Colours whose texture shade (`data.SHADE`) counts as the colour itself.
+    """
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    palette = np.array([RGB[name] for name in PALETTE], dtype=np.float32)
-    return np.argmin(((pixels[:, :, None, :] - palette) ** 2).sum(-1), axis=-1)
+    names = list(PALETTE) + list(shades)
+    palette = np.array([RGB[name] for name in PALETTE] + [SHADE[name] for name in shades], dtype=np.float32)
+    nearest = np.argmin(((pixels[:, :, None, :] - palette) ** 2).sum(-1), axis=-1)
+    return np.array([PALETTE.index(name) for name in names])[nearest]
 
 
 def shape_mask(shape: str, center: tuple[float, float], half: float, size: tuple[int, int]) -> np.ndarray:
@@ -75,16 +84,7 @@ def shape_mask(shape: str, center: tuple[float, float], half: float, size: tuple
     s = _SUPERSAMPLE
     canvas_image = Image.new("L", (width * s, height * s), 0)
     canvas = ImageDraw.Draw(canvas_image)
-    x, y, h = center[0] * s, center[1] * s, half * s
-    if shape == "circle":
-        canvas.ellipse([x - h, y - h, x + h, y + h], fill=255)
-    elif shape == "square":
-        h = h * 0.9
-        canvas.rectangle([x - h, y - h, x + h, y + h], fill=255)
-    elif shape == "triangle":
-        canvas.polygon([(x, y - h), (x + h * 1.1, y + h * 0.85), (x - h * 1.1, y + h * 0.85)], fill=255)
-    else:
-        raise ValueError(f"Unknown shape {shape!r}; allowed: circle, square, triangle.")
+    outline(canvas, shape, center[0] * s, center[1] * s, half * s, 255)
     return np.asarray(canvas_image.resize((width, height), Image.BOX)) >= 128
 
 
@@ -129,11 +129,11 @@ def structure(image: Image.Image | np.ndarray, prompt: str) -> Structure:
         prompt (`str`): A shapes prompt (see [`~testbed.data.parse_prompt`]).
     """
     scene = parse_prompt(prompt)
-    labels = colour_labels(image)
+    labels = colour_labels(image, shades=() if scene.texture == "plain" else (scene.color,))
     height, width = labels.shape
     background = labels == PALETTE.index(scene.background)
     fits, covered = [], np.zeros_like(background)
-    for color, shape in ((scene.color, scene.shape),):
+    for color, shape in scene.objects:
         mask = labels == PALETTE.index(color)
         iou, center, half = fit_shape(mask, shape)
         fits.append(ShapeFit(color, shape, iou, center, half, int(mask.sum())))

@@ -18,6 +18,7 @@ from ..._lock import FolderLocked
 from ...models.catalog import model_defaults, offline_models
 from ...models.tiny import TINY_MODELS
 from ...options import Limits
+from ...pipelines.model_config import BUILTIN_PAG_DEFAULTS, pag_defaults
 from ..admission import Admission
 from ..generate import Cancelled
 from ..heads_grid import render_grid, selected_pairs
@@ -126,7 +127,8 @@ class AppContext:
 
     # ------------------------------------------------------------------ heads
     def family_defaults(self) -> dict:
-        """Control defaults for the loaded family (tiny models: few steps, small images), within the limits."""
+        """Control defaults for the loaded model (its `headpag_config.json`: sampler advice and PAG defaults; tiny
+        models: few steps, small images), within the limits."""
         host, limits = self.host, self.limits
         tiny = host.model_name in TINY_MODELS or host.pipe is None  # nothing loaded: the tiny models are offered
         flux = host.family == "flux"
@@ -139,7 +141,14 @@ class AppContext:
             builtin.get("size", size),
             builtin.get("guidance", guidance),
         )
+        pag = pag_defaults(host.pipe) if host.pipe is not None else dict(BUILTIN_PAG_DEFAULTS)
         return dict(
+            pag_scale=min(pag["pag_scale"], limits.max_scale),
+            pag_identity_weight=pag["pag_identity_weight"],
+            pag_identity_scope=pag["pag_identity_scope"],
+            pag_target=pag["pag_target"],
+            pag_interval=tuple(pag["pag_interval"]),
+            pag_reuse=min(pag["pag_reuse"], 8),
             prompt=builtin.get("prompt", ""),
             steps=min(steps, limits.max_steps),
             size=max(16, min(size, limits.max_size // 16 * 16)),

@@ -58,17 +58,25 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
                     )
                 with gr.Row():
                     pag_scale = gr.Slider(
-                        0, min(15, limits.max_scale), value=min(3.0, limits.max_scale), step=0.1, label="PAG scale"
+                        0, min(15, limits.max_scale), value=d["pag_scale"], step=0.1, label="PAG scale"
                     )
-                    identity_weight = gr.Slider(0, 1, value=1.0, step=0.05, label="Identity weight u")
+                    identity_weight = gr.Slider(
+                        0, 1, value=d["pag_identity_weight"], step=0.05, label="Identity weight u"
+                    )
                 with gr.Row():
-                    scope = gr.Radio(list(SCOPES), value="joint", label="Identity scope")
-                    target = gr.Radio(list(TARGETS), value="identity", label="Target")
+                    scope = gr.Radio(list(SCOPES), value=d["pag_identity_scope"], label="Identity scope")
+                    target = gr.Radio(list(TARGETS), value=d["pag_target"], label="Target")
                 with gr.Row():
-                    interval_start = gr.Slider(0, 1, value=0.0, step=0.05, label="PAG from (fraction)")
-                    interval_stop = gr.Slider(0, 1, value=1.0, step=0.05, label="PAG until (fraction)")
+                    start, stop = d["pag_interval"]
+                    interval_start = gr.Slider(0, 1, value=start, step=0.05, label="PAG from (fraction)")
+                    interval_stop = gr.Slider(0, 1, value=stop, step=0.05, label="PAG until (fraction)")
                     reuse = gr.Slider(
-                        1, 8, value=1, step=1, label="PAG every k steps (reuse v_c - v_p in between)", elem_id="reuse"
+                        1,
+                        8,
+                        value=d["pag_reuse"],
+                        step=1,
+                        label="PAG every k steps (reuse v_c - v_p in between)",
+                        elem_id="reuse",
                     )
                 with gr.Accordion("Input image (img2img)", open=False):
                     input_image = gr.Image(label="Input image", type="pil")
@@ -217,5 +225,12 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
 
     gallery.select(show_entry, gallery_state, settings_box, api_visibility="private")
     return SimpleNamespace(
-        steps=steps, width=width, height=height, guidance=guidance, true_cfg=true_cfg, gallery_state=gallery_state
+        prompt=prompt,
+        steps=steps,
+        width=width,
+        height=height,
+        guidance=guidance,
+        true_cfg=true_cfg,
+        gallery_state=gallery_state,
+        pag=[pag_scale, identity_weight, scope, target, interval_start, interval_stop, reuse],
     )

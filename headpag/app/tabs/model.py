@@ -61,7 +61,8 @@ def wire(ctx: AppContext, box: SimpleNamespace, pag_heads: gr.Textbox, grid: gr.
 
     Args:
         ctx ([`AppContext`]): The app. box: From [`build`]. pag_heads, grid: The shared head field and grid.
-        gen, search: The Generate and Search tabs' components (`steps`, `width`, ... and `steps`, `size`).
+        gen, search: The Generate and Search tabs' components (`steps`, `width`, ..., the PAG controls `pag`, and
+            `steps`, `size`): a loaded model sets them to its recommendations.
     """
     host, limits = ctx.host, ctx.limits
     outputs = [
@@ -75,6 +76,7 @@ def wire(ctx: AppContext, box: SimpleNamespace, pag_heads: gr.Textbox, grid: gr.
         search.steps,
         search.size,
         pag_heads,
+        *gen.pag,
     ]
 
     def family_updates(spec: str):
@@ -90,6 +92,11 @@ def wire(ctx: AppContext, box: SimpleNamespace, pag_heads: gr.Textbox, grid: gr.
             gr.update(value=d["steps"]),
             gr.update(value=d["size"]),
             spec,
+            *(gr.update(value=d[name]) for name in ("pag_scale", "pag_identity_weight", "pag_identity_scope")),
+            gr.update(value=d["pag_target"]),
+            gr.update(value=d["pag_interval"][0]),
+            gr.update(value=d["pag_interval"][1]),
+            gr.update(value=d["pag_reuse"]),
         ]
 
     @ctx.readable

@@ -1,0 +1,157 @@
+"""Per-model defaults in one file: the `pag` section of `headpag_config.json`, read by pipeline calls (headpag's
+classes and `head_pag` on a stock pipeline), the CLI and the UI; sampler advice read by the CLI and the UI only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from PIL import Image
+
+from headpag import FluxHeadPAGPipeline, StableDiffusion3HeadPAGPipeline, head_pag, load_pipeline
+from headpag.pipelines.model_config import BUILTIN_PAG_DEFAULTS, CONFIG_FILE, check_pag_defaults, pag_defaults
+
+
+COMMON = dict(num_inference_steps=3, height=32, width=32, output_type="latent", max_sequence_length=32)
+RECOMMENDED = {"pag_scale": 2.0, "pag_identity_weight": 0.5, "pag_interval": [0.0, 0.75]}
+HEADS = {"tiny-sd3": "1.0, 1.1", "tiny-flux": "2.0, 3.1"}
+CLASSES = {"tiny-sd3": (StableDiffusion3HeadPAGPipeline, StableDiffusion3Pipeline), "tiny-flux": (
+    FluxHeadPAGPipeline, FluxPipeline)}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(HEADS))
+def folder(request, tmp_path_factory):
+    """A tiny model saved with recommended PAG values and heads, as a model author would ship it."""
+    name = request.param
+    path = tmp_path_factory.mktemp("models") / name
+    pipe = load_pipeline(name)
+    pipe.set_pag_heads(HEADS[name])
+    pipe.set_pag_defaults(**RECOMMENDED)
+    pipe.save_pretrained(path)
+    return name, path
+
+
+def run(pipe, seed: int = 0, **kwargs):
+    out = pipe("a photo", generator=torch.Generator().manual_seed(seed), guidance_scale=4.0, **COMMON, **kwargs)
+    return out.images
+
+
+def explicit(name: str) -> dict:
+    return dict(pag_heads=HEADS[name], pag_scale=2.0, pag_identity_weight=0.5, pag_interval=(0.0, 0.75))
+
+
+def test_the_folder_says_it_in_one_file(folder):
+    name, path = folder
+    config = json.loads((path / CONFIG_FILE).read_text())
+    assert config["pag"] == RECOMMENDED and config["pag_heads"] is not None
+
+
+def test_our_class_and_a_stock_pipeline_take_the_models_defaults(folder):
+    """A call without `pag_*` arguments equals the call that names the recommended values; on a stock pipeline loaded
+    from the same folder, `head_pag(pipe)` reads them too."""
+    name, path = folder
+    ours_class, stock_class = CLASSES[name]
+    ours = ours_class.from_pretrained(path)
+    assert ours.pag_defaults == {**BUILTIN_PAG_DEFAULTS, **RECOMMENDED, "pag_interval": (0.0, 0.75)}
+    reference = run(ours, **explicit(name))
+    for _ in range(2):
+        assert torch.equal(run(ours), reference)
+    built_in = run(ours, pag_heads=HEADS[name], pag_scale=3.0, pag_identity_weight=1.0, pag_interval=(0.0, 1.0))
+    assert not torch.equal(built_in, reference)
+    stock = stock_class.from_pretrained(path)
+    with head_pag(stock):
+        assert torch.equal(run(stock), reference)
+    assert pag_defaults(stock)["pag_scale"] == 2.0
+
+
+def test_pag_scale_zero_stays_the_parent_pipeline_bit_for_bit(folder):
+    name, path = folder
+    ours_class, stock_class = CLASSES[name]
+    stock = stock_class.from_pretrained(path)
+    assert torch.equal(run(ours_class.from_pretrained(path), pag_scale=0.0), run(stock))
+
+
+def test_defaults_survive_save_and_from_pipe_and_can_be_reset(folder, tmp_path):
+    name, path = folder
+    ours_class, stock_class = CLASSES[name]
+    ours = ours_class.from_pretrained(path)
+    ours.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / CONFIG_FILE).read_text())["pag"] == RECOMMENDED
+    assert ours_class.from_pipe(ours).pag_defaults["pag_scale"] == 2.0
+    ours.set_pag_defaults()
+    assert ours.pag_defaults == BUILTIN_PAG_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"pag_scael": 2.0}, r"unknown PAG default\(s\) \['pag_scael'\]; allowed: pag_scale"),
+        ({"pag_identity_weight": 2.0}, r"\[0, 1\]"),
+        ({"pag_scale": math.nan}, "pag_scale must be a finite number"),
+        ({"pag_scale": "3"}, "pag_scale must be a finite number"),
+        ({"pag_interval": [0.5]}, "pag_interval must be two numbers"),
+        ({"pag_share_prefix": 1}, "pag_share_prefix must be true or false"),
+        ({"pag_target": "blur"}, "blur"),
+    ],
+)
+def test_bad_recommendations_are_refused_naming_the_value(values, message):
+    with pytest.raises(ValueError, match=message):
+        check_pag_defaults(values, where="x.json")
+
+
+def test_a_malformed_pag_section_names_the_file(tmp_path):
+    pipe = load_pipeline("tiny-sd3")
+    pipe.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps({**config, "pag": {"pag_scale": -1.0}}))
+    with pytest.raises(ValueError, match=r"headpag_config.json: .*pag_scale"):
+        StableDiffusion3HeadPAGPipeline.from_pretrained(tmp_path / "m")
+    stock = StableDiffusion3Pipeline.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"headpag_config.json"):
+        with head_pag(stock):
+            pass
+
+
+def test_the_cli_takes_the_models_defaults_and_writes_what_ran(tmp_path):
+    from headpag.cli import main
+
+    pipe = load_pipeline("tiny-sd3")
+    pipe.set_pag_heads(HEADS["tiny-sd3"])
+    pipe.set_pag_defaults(**RECOMMENDED)
+    pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out.png"
+    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "a photo", "--steps", "2"]
+    assert main([*argv, "--height", "32", "--width", "32", "--output", str(out), "--no-progress"]) == 0
+    ran = json.loads(Image.open(out).info["headpag"])
+    assert ran["pag_scale"] == 2.0 and ran["pag_identity_weight"] == 0.5 and ran["pag_interval"] == [0.0, 0.75]
+    assert ran["pag_heads"] == str(pipe.pag_heads)
+    explicit_out = tmp_path / "explicit.png"
+    flags = ["--pag-heads", HEADS["tiny-sd3"], "--pag-scale", "2", "--pag-identity-weight", "0.5", "--pag-interval"]
+    assert main([*argv, "--height", "32", "--width", "32", "--output", str(explicit_out), "--no-progress",
+                 *flags, "0", "0.75"]) == 0  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(explicit_out)))
+    other = tmp_path / "other.png"
+    assert main([*argv, "--height", "32", "--width", "32", "--output", str(other), "--no-progress",
+                 "--pag-scale", "3"]) == 0  # fmt: skip
+    assert json.loads(Image.open(other).info["headpag"])["pag_scale"] == 3.0
+
+
+def test_the_ui_opens_with_the_models_defaults(tmp_path):
+    from types import SimpleNamespace
+
+    from headpag.app.tabs.common import AppContext
+    from headpag.options import Limits
+
+    pipe = load_pipeline("tiny-sd3")
+    pipe.set_pag_defaults(pag_scale=2.0, pag_identity_weight=0.5, pag_reuse=2)
+    host = SimpleNamespace(model_name="tiny-sd3", pipe=pipe, family="sd3")
+    context = AppContext.__new__(AppContext)
+    context.host, context.limits = host, Limits()
+    d = context.family_defaults()
+    assert (d["pag_scale"], d["pag_identity_weight"], d["pag_reuse"]) == (2.0, 0.5, 2)
+    host.pipe = None
+    assert context.family_defaults()["pag_scale"] == BUILTIN_PAG_DEFAULTS["pag_scale"]
