@@ -251,9 +251,10 @@ def add_pag_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="FLUX only: true CFG scale, used with --negative-prompt.",
     )
-    parser.add_argument("--steps", type=positive(int), default=None, help="Denoising steps (default: the pipeline's).")
-    parser.add_argument("--height", type=positive(int), default=None)
-    parser.add_argument("--width", type=positive(int), default=None)
+    advice = "the pipeline's; in generate, the model's sampler advice (headpag_config.json) first"
+    parser.add_argument("--steps", type=positive(int), default=None, help=f"Denoising steps (default: {advice}).")
+    parser.add_argument("--height", type=positive(int), default=None, help=f"(default: {advice})")
+    parser.add_argument("--width", type=positive(int), default=None, help=f"(default: {advice})")
     parser.add_argument(
         "--max-sequence-length",
         type=positive(int),

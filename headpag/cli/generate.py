@@ -92,12 +92,16 @@ def save_image(image, path: Path, metadata: dict[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_pipeline
+    from ..models import load_pipeline, model_defaults
     from ..runtime import describe_transformer
 
     if not 0 < args.strength <= 1:
         raise ValueError(f"--strength {args.strength}: must be in (0, 1].")
     device, dtype = options.resolve_device_dtype(args.device, args.dtype)
+    sampler = model_defaults(args.model)  # the model's sampler advice, for the flags left out
+    for flag, key in (("steps", "steps"), ("guidance_scale", "guidance"), ("height", "size"), ("width", "size")):
+        if getattr(args, flag) is None and key in sampler:
+            setattr(args, flag, sampler[key])
     settings = options.settings_from_args(
         args,
         prompt=args.prompt,

@@ -58,14 +58,18 @@ def offline_models() -> list[str]:
 
 def model_defaults(name: str | None) -> dict[str, Any]:
     """
-    The sampler settings a registered model recommends to the CLI and the UI (`steps`, `size`, `guidance`, `prompt`):
-    the `"sampler"` section of the `headpag_config.json` in its folder, next to the head-PAG defaults that the pipeline
-    classes read (`{}` for any other model, or a folder without one). Pipeline calls never read it.
+    The sampler settings a model recommends to the CLI and the UI (`steps`, `size`, `guidance`, `prompt`, and
+    `note`, a line the UI shows under the prompt): the `"sampler"` section of the `headpag_config.json` in its folder
+    (a registered model's, or a local folder's), next to the PAG defaults that pipeline calls read (`{}` for a hub id
+    or a folder without one). Pipeline calls never read it.
     """
-    if name not in _entries("headpag.models"):
+    if name in _entries("headpag.models"):
+        folder = load_registered("headpag.models", name, "model")["folder"]
+    elif name and Path(name).is_dir():
+        folder = name
+    else:
         return {}
-    config = read_headpag_config(load_registered("headpag.models", name, "model")["folder"])
-    sampler = config.get("sampler")
+    sampler = read_headpag_config(folder).get("sampler")
     return dict(sampler) if isinstance(sampler, dict) else {}
 
 

@@ -150,6 +150,7 @@ class AppContext:
             pag_interval=tuple(pag["pag_interval"]),
             pag_reuse=min(pag["pag_reuse"], 8),
             prompt=builtin.get("prompt", ""),
+            note=str(builtin.get("note", "")),
             steps=min(steps, limits.max_steps),
             size=max(16, min(size, limits.max_size // 16 * 16)),
             guidance=min(guidance, limits.max_scale),

@@ -35,6 +35,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(value=d["prompt"], label="Prompt", lines=2, elem_id="prompt")
+                note = gr.Markdown(d["note"], elem_id="model-note")
                 negative_prompt = gr.Textbox(value="", label="Negative prompt", elem_id="negative-prompt")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
@@ -58,10 +59,15 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
                     )
                 with gr.Row():
                     pag_scale = gr.Slider(
-                        0, min(15, limits.max_scale), value=d["pag_scale"], step=0.1, label="PAG scale"
+                        0,
+                        min(15, limits.max_scale),
+                        value=d["pag_scale"],
+                        step=0.1,
+                        label="PAG scale",
+                        elem_id="pag-scale",
                     )
                     identity_weight = gr.Slider(
-                        0, 1, value=d["pag_identity_weight"], step=0.05, label="Identity weight u"
+                        0, 1, value=d["pag_identity_weight"], step=0.05, label="Identity weight u", elem_id="u"
                     )
                 with gr.Row():
                     scope = gr.Radio(list(SCOPES), value=d["pag_identity_scope"], label="Identity scope")
@@ -226,6 +232,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
     gallery.select(show_entry, gallery_state, settings_box, api_visibility="private")
     return SimpleNamespace(
         prompt=prompt,
+        note=note,
         steps=steps,
         width=width,
         height=height,

@@ -76,6 +76,7 @@ def wire(ctx: AppContext, box: SimpleNamespace, pag_heads: gr.Textbox, grid: gr.
         search.steps,
         search.size,
         pag_heads,
+        gen.note,
         *gen.pag,
     ]
 
@@ -92,6 +93,7 @@ def wire(ctx: AppContext, box: SimpleNamespace, pag_heads: gr.Textbox, grid: gr.
             gr.update(value=d["steps"]),
             gr.update(value=d["size"]),
             spec,
+            gr.update(value=d["note"]),
             *(gr.update(value=d[name]) for name in ("pag_scale", "pag_identity_weight", "pag_identity_scope")),
             gr.update(value=d["pag_target"]),
             gr.update(value=d["pag_interval"][0]),
