@@ -140,6 +140,23 @@ def test_the_cli_takes_the_models_defaults_and_writes_what_ran(tmp_path):
     assert json.loads(Image.open(other).info["headpag"])["pag_scale"] == 3.0
 
 
+def test_the_cli_takes_the_models_sampler_advice_for_flags_left_out(tmp_path):
+    from headpag.cli import main
+
+    load_pipeline("tiny-sd3").save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
+    config["sampler"] = {"steps": 2, "size": 48, "guidance": 1.5}
+    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(config))
+    out = tmp_path / "out.png"
+    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "a photo", "--output", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    ran = json.loads(Image.open(out).info["headpag"])
+    assert Image.open(out).size == (48, 48)
+    assert (ran["num_inference_steps"], ran["guidance_scale"], ran["height"]) == (2, 1.5, 48)
+    assert main([*argv, "--no-progress", "--steps", "1", "--height", "32", "--width", "32"]) == 0
+    assert Image.open(out).size == (32, 32)
+
+
 def test_the_ui_opens_with_the_models_defaults(tmp_path):
     from types import SimpleNamespace
 
