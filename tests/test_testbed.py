@@ -13,6 +13,7 @@ from PIL import Image
 
 from headpag.models import load_pipeline
 from headpag.models.catalog import DEFAULT_MODEL, builtin_folder, model_defaults
+from headpag.pipelines.model_config import read_headpag_config
 from headpag.testbed import data
 from headpag.testbed.judge import ShapesJudgeFeatures, ShapesJudgeScore, all_correct
 from headpag.testbed.train import judge_accuracy
@@ -272,12 +273,17 @@ def test_ui_serves_the_testbed_with_its_example_prompt(tmp_path, judge):
         values = {c.get("props", {}).get("elem_id"): c.get("props", {}).get("value") for c in config["components"]}
         prompt = model_defaults("headpag-shapes")["prompt"]
         assert values["prompt"] == prompt
+        recommended = read_headpag_config(builtin_folder("headpag-shapes"))
+        assert recommended["pag"]["pag_scale"] > 0  # the model recommends a PAG configuration, and the UI opens on it
+        assert values["pag-scale"] == recommended["pag"]["pag_scale"]
+        assert values["u"] == recommended["pag"]["pag_identity_weight"]
         pag, nopag, settings, *_ = Client(url, verbose=False).predict(
             prompt=prompt, seed=0, num_inference_steps=20, api_name="/generate"
         )
         assert json.loads(settings)["model"] == "headpag-shapes"
         images = [Image.open(pag), Image.open(nopag)]
-        assert images[0].size == (64, 64)
+        assert images[0].size == (96, 96)
+        assert json.loads(settings)["pag_heads"] == str(recommended["pag_heads"])
         assert any(all_correct(judge.correct(images, [prompt, prompt])))
     finally:
         demo.close()

@@ -18,6 +18,22 @@ SCOPES = ("joint", "image")
 TARGETS = ("identity", "uniform", "query_mean")
 
 
+def given(read, value, *args, **kwargs):
+    """`read(value, ...)`, or `None` (the model's recommendation) when the client left the value out."""
+    return None if value is None else read(value, *args, **kwargs)
+
+
+def interval(start, stop) -> tuple[float, float] | None:
+    """The PAG interval from its two sliders; `None` (the model's) when both are left out, a left-out end otherwise
+    taking the built-in one."""
+    if start is None and stop is None:
+        return None
+    return (
+        0.0 if start is None else inputs.number(start, "pag_interval_start", minimum=0, maximum=1),
+        1.0 if stop is None else inputs.number(stop, "pag_interval_stop", minimum=0, maximum=1),
+    )
+
+
 def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
     r"""
     Lay out the tab and wire its events.
@@ -112,13 +128,13 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         height: int = 64,
         guidance_scale: float = 7.0,
         true_cfg_scale: float = 1.0,
-        pag_scale: float = 3.0,
-        pag_identity_weight: float = 1.0,
-        pag_identity_scope: str = "joint",
-        pag_target: str = "identity",
-        pag_interval_start: float = 0.0,
-        pag_interval_stop: float = 1.0,
-        pag_reuse: int = 1,
+        pag_scale: float | None = None,
+        pag_identity_weight: float | None = None,
+        pag_identity_scope: str | None = None,
+        pag_target: str | None = None,
+        pag_interval_start: float | None = None,
+        pag_interval_stop: float | None = None,
+        pag_reuse: int | None = None,
         pag_heads: str = "",
         image=None,
         strength: float = 0.6,
@@ -135,15 +151,13 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
             prompt=prompt,
             negative_prompt=inputs.text(negative_prompt, "negative_prompt", limits) or None,
             pag_heads=inputs.text(pag_heads, "pag_heads", limits).strip() or None,
-            pag_scale=inputs.number(pag_scale, "pag_scale", minimum=0),
-            pag_identity_weight=inputs.number(pag_identity_weight, "pag_identity_weight", minimum=0, maximum=1),
-            pag_identity_scope=inputs.choice(pag_identity_scope, "pag_identity_scope", SCOPES),
-            pag_target=inputs.choice(pag_target, "pag_target", TARGETS),
-            pag_interval=(
-                inputs.number(pag_interval_start, "pag_interval_start", minimum=0, maximum=1),
-                inputs.number(pag_interval_stop, "pag_interval_stop", minimum=0, maximum=1),
-            ),
-            pag_reuse=inputs.integer(pag_reuse, "pag_reuse", minimum=1, maximum=limits.max_steps),
+            # a PAG value left out (None) is the model's recommendation, spelled out before the call
+            pag_scale=given(inputs.number, pag_scale, "pag_scale", minimum=0),
+            pag_identity_weight=given(inputs.number, pag_identity_weight, "pag_identity_weight", minimum=0, maximum=1),
+            pag_identity_scope=given(inputs.choice, pag_identity_scope, "pag_identity_scope", SCOPES),
+            pag_target=given(inputs.choice, pag_target, "pag_target", TARGETS),
+            pag_interval=interval(pag_interval_start, pag_interval_stop),
+            pag_reuse=given(inputs.integer, pag_reuse, "pag_reuse", minimum=1, maximum=limits.max_steps),
             guidance_scale=inputs.number(guidance_scale, "guidance_scale", minimum=0),
             true_cfg_scale=inputs.number(true_cfg_scale, "true_cfg_scale", minimum=0)
             if host.family == "flux"
