@@ -60,7 +60,7 @@ class Sizes:
     def __init__(self, quick: bool):
         self.quick = quick
         self.held_in, self.held_out, self.seeds = (4, 4, 1) if quick else (40, 40, 2)
-        self.heads_prompts = 3 if quick else 24
+        self.heads_prompts = 3 if quick else 16
         self.search_pairs = 2 if quick else 8
         self.steps = 4 if quick else int(SAMPLER.get("steps", 20))
         self.layers = 2 if quick else None  # the first layers only (quick), or all
@@ -79,6 +79,17 @@ def prompts(n: int, seed: int, held_out: bool) -> list[str]:
 
 def pairs(prompt_list: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
     return [p for p in prompt_list for _ in seeds], [s for _ in prompt_list for s in seeds]
+
+
+def clean(r: Renderer, held_in, held_out) -> dict:
+    """The model without PAG at its recommended CFG: the share of images right in every attribute and the median
+    structure IoU ("clean": >= 90% of held-in pairs right, median IoU >= 0.8)."""
+    out = {}
+    for name, items in (("held_in", held_in), ("held_out", held_out)):
+        row = r.render(f"g{GUIDANCE:g}", items, guidance_scale=GUIDANCE)
+        out[name] = {"all_right": row["summary"]["all_right"], "median_iou": float(np.median(row["per_image"]["iou"]))}
+    out["clean"] = out["held_in"]["all_right"]["mean"] >= 0.9 and out["held_in"]["median_iou"] >= 0.8
+    return out
 
 
 def regimes(r: Renderer, sizes: Sizes, held_in, held_out) -> dict:
@@ -225,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"sizes": vars(sizes), "num_layers": r.num_layers, "num_heads": r.num_heads, "guidance": GUIDANCE,
                "pag_scale": PAG_SCALE, "steps": sizes.steps}  # fmt: skip
+    results["clean"] = clean(r, held_in, held_out)
     results["regimes"] = regimes(r, sizes, held_in, held_out)
     results["specialisation"] = specialisation(r, sizes, heads_items)
     results["concepts"] = concepts(r, sizes, search_items, held_out)

@@ -169,6 +169,16 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
         "- Every Δ is paired (same prompts and seeds): mean [95% interval, bootstrap over prompts with seeds kept "
         "with their prompt], Wilcoxon signed-rank p on per-prompt differences.",
         "",
+        "## 0. Is the model clean?",
+        "",
+        f"CFG {g:g}, PAG off: every attribute right in {results['clean']['held_in']['all_right']['mean']:.1%} "
+        f"[{results['clean']['held_in']['all_right']['ci95'][0]:.1%}, "
+        f"{results['clean']['held_in']['all_right']['ci95'][1]:.1%}] of held-in pairs and "
+        f"{results['clean']['held_out']['all_right']['mean']:.1%} of held-out pairs; median structure IoU "
+        f"{results['clean']['held_in']['median_iou']:.3f} (held-in), {results['clean']['held_out']['median_iou']:.3f} "
+        "(held-out). The bar (>= 90% of held-in pairs right, median IoU >= 0.8) is "
+        + ("met." if results["clean"]["clean"] else "**not met**."),
+        "",
         "## 1. The PAG paper's regimes, by layer",
         "",
         "Layer-level PAG (all heads of one layer) against the same CFG scale without PAG.",
