@@ -379,6 +379,29 @@ def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_weights(pipe: StableDiffusion3Pipeline, judge: Judge, out: Path) -> None:
+    """
+    Write the shipped files: `shapes-sd3/` (transformer and VAE in float16, which diffusers loads back as float32; the
+    small text encoders stay float32 so that stock loading gives a float32 pipeline) and `judge.safetensors`
+    (float16). Each is written under a temporary name and renamed.
+    """
+    import shutil
+
+    folder, staging = out / "shapes-sd3", out / ".shapes-sd3.partial"
+    pipe.transformer.to(torch.float16)
+    pipe.vae.to(torch.float16)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+    finally:
+        pipe.transformer.to(torch.float32)
+        pipe.vae.to(torch.float32)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    save_file({k: v.half() for k, v in judge.state_dict().items()}, out / ".judge.partial")
+    (out / ".judge.partial").replace(out / "judge.safetensors")
+
+
 def _stage_vae(schedule: Schedule, progress: bool, checkpoints: Checkpoints):
     saved = checkpoints.load("vae")
     if saved is None:
@@ -474,16 +497,7 @@ def train(
 
     accuracy = judge_accuracy(judge, n=2000 if schedule.judge_steps > 100 else 100)
     out.mkdir(parents=True, exist_ok=True)
-    folder = out / "shapes-sd3"
-    staging = out / ".shapes-sd3.partial"
-    pipe.save_pretrained(staging, safe_serialization=True)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    staging.rename(folder)
-    save_file(judge.state_dict(), out / ".judge.partial")
-    (out / ".judge.partial").replace(out / "judge.safetensors")
+    write_weights(pipe, judge, out)
     record = {
         "schedule": asdict(schedule),
         "seconds": {k: round(v, 1) for k, v in times.items()},
