@@ -321,3 +321,34 @@ def test_one_zero_token_with_its_multiplicity_equals_256_real_ones(pipe):
         plain = pipe.transformer(x, one.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
     assert torch.allclose(shortcut, reference, atol=1e-5)
     assert not torch.allclose(plain, reference, atol=1e-3)  # the multiplicity matters
+
+
+@pytest.mark.slow
+def test_the_experiments_run_end_to_end_in_smoke_mode(tmp_path):
+    """`benchmarks/testbed_experiments.py --quick`: every experiment on tiny counts, the page and its figures."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "testbed_experiments.py")
+    spec = importlib.util.spec_from_file_location("testbed_experiments", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("testbed_experiments", module)
+    spec.loader.exec_module(module)
+    docs = tmp_path / "docs"
+    assert module.main(["--quick", "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
+    page = (docs / "testbed-results.md").read_text()
+    for section in (
+        "## 0. Is the model clean?",
+        "## 1. The PAG paper's regimes",
+        "## 2. Head specialisation",
+        "## 3. Concept-targeted search",
+        "## 4. Fast search fidelity",
+        "## 5. The shipped default",
+    ):
+        assert section in page  # fmt: skip
+    assert all((docs / "testbed" / f).is_file() for f in ("regimes.png", "heads.png", "cfg-vs-pag.png"))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["fidelity"]) == {"exhaustive", "halving", "halving + proxy", "gradient + halving"}
+    # a second run renders nothing: every image is cached
+    assert module.main(["--quick", "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["images"] == 0
