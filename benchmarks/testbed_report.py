@@ -301,3 +301,18 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
         "",
     ]
     (docs / "testbed-results.md").write_text("\n".join(lines))
+    summary = {
+        "clean": results["clean"],
+        "regimes": {
+            name: {"best": rg["best"], "held_in": rg["layers"][rg["best"]], "held_out": rg["held_out"]}
+            for name, rg in regimes.items()
+        },  # fmt: skip
+        "specific_heads": [{"head": k, "measure": m, **d} for k, m, d in specific],
+        "concepts": {name: {"heads": c["heads"], "asked": c["effects"][c["measure"]]} for name, c in concepts.items()},
+        "fidelity": {
+            name: {"heads": f["heads"], "row_evals": f["row_evals"], "vs_none": f["vs_none"]}
+            for name, f in fidelity.items()
+        },  # fmt: skip
+        "default": default,
+    }
+    (figures / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
