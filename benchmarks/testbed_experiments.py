@@ -235,6 +235,22 @@ def write_defaults(choice: dict) -> Path:
     config = read_headpag_config(folder)
     config["pag_heads"] = choice["heads"]
     config["pag"] = {"pag_scale": choice["pag_scale"], "pag_identity_weight": choice["pag_identity_weight"]}
+    check = choice["check"]
+
+    def effect(d):
+        return f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+    measured = (
+        f"layer {choice['heads']}, PAG scale {choice['pag_scale']:g}, u = {choice['pag_identity_weight']:g}: against "
+        f"PAG off on held-out prompts, all attributes right {effect(check['all_right'])}, structure "
+        f"{effect(check['structure'])} (docs/testbed-results.md)."
+    )
+    config["sampler"]["note"] = (
+        f"Recommended PAG, {measured}"
+        if choice["meets"]
+        else f"**PAG does not help this small model at CFG {GUIDANCE:g}.** The least harmful configuration tried is "
+        f"the default, {measured} Set the PAG scale to 0 to compare."
+    )
     atomic_write_json(folder / CONFIG_FILE, config)
     return folder / CONFIG_FILE
 
