@@ -317,3 +317,71 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
         "default": {k: v for k, v in default.items() if k not in ("images", "baseline_images")},
     }
     (figures / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    update_summary(docs / "testbed.md", summary_block(results, specific))
+
+
+BEGIN, END = "<!-- results: written by benchmarks/testbed_experiments.py -->", "<!-- /results -->"
+
+
+def summary_block(results: dict, specific: list) -> list[str]:
+    """The experiments in a few lines, with their intervals, for `docs/testbed.md`."""
+    clean, regimes, default = results["clean"], results["regimes"], results["default"]
+    fidelity, concepts = results["fidelity"], results["concepts"]
+    base_cost = fidelity["exhaustive"]["row_evals"]
+    lines = [
+        f"- **Clean?** CFG {results['guidance']:g}, PAG off: {clean['held_in']['all_right']['mean']:.1%} of held-in "
+        f"pairs right in every attribute, {clean['held_out']['all_right']['mean']:.1%} of held-out pairs; median "
+        f"structure IoU {clean['held_in']['median_iou']:.2f} / {clean['held_out']['median_iou']:.2f}"
+        + (
+            " (the bar, ≥ 90% and ≥ 0.8, is met)."
+            if clean["clean"]
+            else " (**the bar, ≥ 90% and ≥ 0.8, is not met**)."
+        ),
+    ]
+    for name, rg in regimes.items():
+        best = rg["best"]
+        lines.append(
+            f"- **{name}** (g = {rg['guidance']:g}) + layer-level PAG, best layer {best} (held-in) vs the same CFG: "
+            f"all right {fmt(rg['layers'][best]['all_right'])}, structure {fmt(rg['layers'][best]['structure'])}; "
+            f"held-out: {fmt(rg['held_out']['all_right'])}, {fmt(rg['held_out']['structure'])}."
+        )
+    lines.append(
+        f"- **Head specialisation**: {len(specific)} of {len(results['specialisation']['heads'])} heads move exactly "
+        "one measure after a Bonferroni correction"
+        + (
+            ": " + ", ".join(f"{k} ({m} {d['difference']:+.3f})" for k, m, d in specific[:6]) + "."
+            if specific
+            else "."
+        )
+    )
+    for name, c in concepts.items():
+        heads = ", ".join(f"{l}.{h}" for l, h in c["heads"])
+        lines.append(
+            f"- **Concept search, {name}**: heads {heads}; on held-out prompts the asked measure ({c['measure']}) "
+            f"changes by {fmt(c['effects'][c['measure']])}."
+        )
+    for name, f in fidelity.items():
+        lines.append(
+            f"- **Search {name}** (CFG off, judge objective): {f['row_evals'] / base_cost:.2f}× exhaustive's cost; "
+            f"its heads vs no guidance on held-out prompts: all right {fmt(f['vs_none']['all_right'])}, structure "
+            f"{fmt(f['vs_none']['structure'])}."
+        )
+    lines.append(
+        f"- **Shipped default** (layer {default['heads']}, s = {default['pag_scale']:g}, u = "
+        f"{default['pag_identity_weight']:g}) vs PAG off, held-out prompts, fresh seeds: all right "
+        f"{fmt(default['check']['all_right'])}, structure {fmt(default['check']['structure'])}: "
+        + ("the lower ends are ≥ −0.02." if default["meets"] else "**the bar (lower ends ≥ −0.02) is not met**.")
+    )
+    return lines
+
+
+def update_summary(page: Path, lines: list[str]) -> None:
+    """Replace the block between the markers of `page` (left alone when it has none, e.g. a scratch docs folder)."""
+    if not page.is_file():
+        return
+    text = page.read_text()
+    if BEGIN not in text or END not in text:
+        return
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    page.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail)
