@@ -69,7 +69,7 @@ def test_generate_in_the_browser(page):
     sources = [page.get_attribute(f"{e} img", "src") for e in ("#out-pag", "#out-nopag")]
     assert all(sources) and sources[0] != sources[1]
     assert page.locator("#gallery img").count() >= 1
-    for element in ("#out-pag img", "#out-nopag img"):  # 64 px images shown large and sharp
+    for element in ("#out-pag img", "#out-nopag img"):  # 96 px images shown large and sharp
         shown = page.locator(element).evaluate(
             "img => { const r = img.getBoundingClientRect(), s = getComputedStyle(img);"
             " return {w: r.width, h: r.height, rendering: s.imageRendering, fit: s.objectFit}; }"

@@ -19,7 +19,7 @@ def test_the_testbed_registers_its_model_and_metrics():
     assert catalog.offline_models()[: len(catalog.builtin_models())] == catalog.builtin_models()
     assert {"shapes-judge", "shapes-correct"} <= set(pair_metric_names())
     assert feature_names() == ["shapes-judge"]
-    assert catalog.model_defaults("headpag-shapes")["size"] == 64
+    assert catalog.model_defaults("headpag-shapes")["size"] == 96
     assert catalog.model_defaults("stabilityai/stable-diffusion-3-medium-diffusers") == {}
 
 
@@ -61,7 +61,7 @@ def test_a_models_recommendations_live_in_its_folder_and_survive_save_and_load(t
 
     folder = catalog.builtin_folder("headpag-shapes")
     sampler = json.loads((folder / "headpag_config.json").read_text())["sampler"]
-    assert catalog.model_defaults("headpag-shapes") == sampler and sampler["size"] == 64
+    assert catalog.model_defaults("headpag-shapes") == sampler and sampler["size"] == 96
     pipe = load_pipeline("headpag-shapes")
     pipe.save_pretrained(tmp_path / "copy")
     assert json.loads((tmp_path / "copy" / "headpag_config.json").read_text())["sampler"] == sampler
