@@ -86,6 +86,57 @@ def test_defaults_survive_save_and_from_pipe_and_can_be_reset(folder, tmp_path):
     assert ours.pag_defaults == BUILTIN_PAG_DEFAULTS
 
 
+def test_precedence_call_over_block_over_model(folder):
+    """An explicit call argument beats its `with head_pag(...)` block, which beats the model's recommendation; a
+    `None` in the call is no argument (the block's value stands)."""
+    name, path = folder
+    ours_class, stock_class = CLASSES[name]
+    ours = ours_class.from_pretrained(path)
+    block_values = dict(pag_heads=HEADS[name], pag_scale=1.0, pag_identity_weight=0.5, pag_interval=(0.0, 0.75))
+    reference = run(ours, **block_values)
+    with head_pag(ours, pag_scale=1.0):
+        assert torch.equal(run(ours), reference)
+        assert torch.equal(run(ours, pag_scale=None), reference)
+        assert torch.equal(run(ours, pag_scale=2.0), run(ours_class.from_pretrained(path)))
+    stock = stock_class.from_pretrained(path)
+    with head_pag(stock, pag_scale=1.0):
+        assert torch.equal(run(stock), reference)
+
+
+def test_from_pipe_of_a_stock_pipeline_takes_its_folders_defaults(folder):
+    name, path = folder
+    ours_class, stock_class = CLASSES[name]
+    ours = ours_class.from_pipe(stock_class.from_pretrained(path))
+    assert ours.pag_defaults["pag_scale"] == 2.0 and str(ours.pag_heads) == str(
+        ours_class.from_pretrained(path).pag_heads
+    )
+    assert torch.equal(run(ours), run(ours_class.from_pretrained(path), **explicit(name)))
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"pag_sequential": "false"}, "pag_sequential must be true or false"),
+        ({"pag_heads": "1.x"}, "pag_heads '1.x' is not a head set"),
+        ({"sampler": {"steps": 20.0}}, r"sampler steps must be an integer in \[1, 1000\], got 20.0"),
+        ({"sampler": {"steps": True}}, "sampler steps must be an integer"),
+        ({"sampler": {"size": 100}}, "sampler size must be a multiple of 16"),
+        ({"sampler": {"guidance": 10**400}}, "sampler guidance must be a finite number"),
+        ({"sampler": {"prompt": 3}}, "sampler prompt must be a string"),
+        ({"sampler": {"stpes": 3}}, r"unknown sampler setting\(s\) \['stpes'\]"),
+        ({"pag": {"pag_reuse": True}}, "pag_reuse must be an integer"),
+        ({"pag": {"pag_scale": True}}, "pag_scale must be a finite number"),
+    ],
+)
+def test_a_malformed_config_is_refused_naming_the_file_and_value(tmp_path, section, message):
+    from headpag.pipelines.model_config import read_headpag_config
+
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"class": "StableDiffusion3HeadPAGPipeline", **section}))
+    with pytest.raises(ValueError, match=message) as error:
+        read_headpag_config(tmp_path)
+    assert CONFIG_FILE in str(error.value)
+
+
 @pytest.mark.parametrize(
     "values, message",
     [
@@ -138,6 +189,11 @@ def test_the_cli_takes_the_models_defaults_and_writes_what_ran(tmp_path):
     assert main([*argv, "--height", "32", "--width", "32", "--output", str(other), "--no-progress",
                  "--pag-scale", "3"]) == 0  # fmt: skip
     assert json.loads(Image.open(other).info["headpag"])["pag_scale"] == 3.0
+    compare = tmp_path / "compare.png"
+    assert main([*argv, "--height", "32", "--width", "32", "--output", str(compare), "--no-progress",
+                 "--compare"]) == 0  # fmt: skip
+    without = json.loads(Image.open(tmp_path / "compare-nopag.png").info["headpag"])
+    assert without["pag_scale"] == 0.0 and without["pag_identity_weight"] == 0.5  # spelled out, PAG off
 
 
 def test_the_cli_takes_the_models_sampler_advice_for_flags_left_out(tmp_path):

@@ -107,7 +107,8 @@ def generate_pair(
     ]
     with host.lock.held_by("generate", waiting):
         pipe = host.img2img() if image is not None else host.require()
-        runs = [("with PAG", settings.with_model_defaults(pipe)), ("without PAG", settings.without_pag())]
+        check_settings(host, settings.with_model_defaults(pipe), limits)  # the model's values are within the limits
+        runs = [("with PAG", settings), ("without PAG", settings.without_pag())]
         family = host.layout.family
         for index, ((label, run), path) in enumerate(zip(runs, paths)):
             kwargs = run.call_kwargs(family, image=image)

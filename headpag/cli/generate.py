@@ -110,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
         strength=args.strength if args.image else None,
     )
     settings.check()
-    options.Limits.from_args(args).check_settings(settings)
-    runs = [("", settings)] + ([("-nopag", settings.without_pag())] if args.compare else [])
-    paths = {suffix: output_paths(args.output, args.num_images, suffix) for suffix, _ in runs}
+    limits = options.Limits.from_args(args)
+    limits.check_settings(settings)
+    suffixes = [""] + (["-nopag"] if args.compare else [])
+    paths = {suffix: output_paths(args.output, args.num_images, suffix) for suffix in suffixes}
     check_writable(paths[""][0].parent)
     image = read_image(args.image) if args.image else None
     pipe = load_pipeline(args.model, img2img=image is not None, torch_dtype=dtype, device=device)
@@ -120,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     family = layout.family
     options.check_preset_fits(args, layout)
     settings.validate(family)
-    settings.with_model_defaults(pipe)
+    settings.with_model_defaults(pipe)  # spelled out: the metadata says what ran, and the limits see it
+    limits.check_settings(settings)
+    runs = [("", settings)] + ([("-nopag", settings.without_pag())] if args.compare else [])
     pipe.set_progress_bar_config(disable=args.no_progress)
     for suffix, run_settings in runs:
         images = pipe(**run_settings.call_kwargs(family, image=image)).images

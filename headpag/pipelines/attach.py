@@ -340,9 +340,10 @@ def head_pag(
     by the pipeline's denoising loop; a hand-written loop raises (use `headpag.runtime.perturbed_forward`). On exit
     the pipeline is exactly as it was (the hooks stay registered but inert, see `headpag.runtime.remove_hooks`).
 
-    An argument left at `None` takes the model's recommendation, else the default named below: the
-    `headpag_config.json` of the model's folder (see [`~pipelines.model_config`]), kept by headpag's classes and read
-    from `pipe.name_or_path` for a stock pipeline loaded from a local folder.
+    An argument left at `None` takes the model's recommendation, else the default named below: `pag_heads`,
+    `pag_sequential` and the `pag` section of the `headpag_config.json` of the model's folder (see
+    [`~pipelines.model_config`]), kept by headpag's classes and read from `pipe.name_or_path` for a stock pipeline
+    loaded from a local folder. An explicit `pag_scale=0` reads nothing and leaves the pipeline untouched.
 
     Args:
         pipe: A diffusers SD3 / SD3.5 / FLUX.1 pipeline.
@@ -378,25 +379,15 @@ def head_pag(
         pag_share_prefix=pag_share_prefix,
         pag_reuse=pag_reuse,
     )
-    model = recommended(pipe)
+    # the block keeps what it was given: a call inside it resolves the rest as the block does
+    arguments = dict(pag_heads=pag_heads, pag_sequential=pag_sequential, **given)
+    model = {} if pag_scale == 0 else recommended(pipe)  # pag_scale=0: the parent pipeline, whatever the folder says
     defaults = {**BUILTIN_PAG_DEFAULTS, **{k: v for k, v in model.items() if k in BUILTIN_PAG_DEFAULTS}}
     values = {name: defaults[name] if value is None else value for name, value in given.items()}
     pag_scale, pag_identity_weight = values["pag_scale"], values["pag_identity_weight"]
     pag_identity_scope, pag_target = values["pag_identity_scope"], values["pag_target"]
     pag_interval, pag_adaptive_scale = values["pag_interval"], values["pag_adaptive_scale"]
     pag_share_prefix, pag_reuse = values["pag_share_prefix"], values["pag_reuse"]
-    arguments = dict(
-        pag_heads=pag_heads,
-        pag_scale=pag_scale,
-        pag_identity_weight=pag_identity_weight,
-        pag_identity_scope=pag_identity_scope,
-        pag_target=pag_target,
-        pag_interval=pag_interval,
-        pag_adaptive_scale=pag_adaptive_scale,
-        pag_sequential=pag_sequential,
-        pag_share_prefix=pag_share_prefix,
-        pag_reuse=pag_reuse,
-    )
     layout = transformer_layout(pipe)
     if pag_sequential is None:
         pag_sequential = bool(model.get("pag_sequential", False))

@@ -4,7 +4,8 @@
 A subclass's `__call__` is its diffusers parent's call inside `with head_pag(self, ...)`; its signature is the
 parent's plus the `pag_*` arguments and its docstring the parent's, extended. Inside an enclosing
 `with head_pag(pipe, ...)` block, the call's explicit `pag_*` arguments beat the block's, which beat the class
-defaults (`set_pag_heads`, `set_pag_sequential`); `pag_scale=0` is always exactly the parent pipeline.
+defaults (`set_pag_heads`, `set_pag_sequential`, `set_pag_defaults`: the model's recommendations); `pag_scale=0` is
+always exactly the parent pipeline.
 `save_pretrained` writes a folder that stock `DiffusionPipeline.from_pretrained` loads (as the parent pipeline),
 with the head-PAG defaults in `headpag_config.json` (see [`~pipelines.model_config`]), which our classes read back;
 `from_pipe` keeps them.
@@ -26,7 +27,7 @@ from .._io import atomic_write_json
 from ..guidance import HeadSet
 from ..guidance.heads import HeadSetLike
 from .attach import default_pag_heads, head_pag, open_block, transformer_layout, warn_outside_context
-from .model_config import BUILTIN_PAG_DEFAULTS, CONFIG_FILE, check_pag_defaults, read_headpag_config
+from .model_config import BUILTIN_PAG_DEFAULTS, CONFIG_FILE, check_pag_defaults, folder_config, read_headpag_config
 
 
 logger = logging.get_logger(__name__)
@@ -122,11 +123,13 @@ class HeadPAGMixin:
         def __call__(self, *args, **kwargs):
             pag = {name: kwargs.pop(name) for name in PAG_NAMES if name in kwargs}
             check_finite(kwargs)
-            outer = open_block(self)  # explicit call arguments beat an enclosing block, which beats the defaults
-            if outer is not None:
-                pag = {**outer.arguments, **pag}
+            outer = open_block(
+                self
+            )  # explicit call arguments beat an enclosing block, which beats the model's defaults
+            if outer is not None:  # a `None` in the call is no argument: the block's value stands
+                pag = {**outer.arguments, **{k: v for k, v in pag.items() if v is not None}}
             else:
-                warn_outside_context(self, "uses the class defaults, not the block's PAG arguments")
+                warn_outside_context(self, "uses the model's defaults, not the block's PAG arguments")
             with head_pag(self, **pag):
                 return parent_call(self, *args, **kwargs)
 
@@ -188,7 +191,8 @@ class HeadPAGMixin:
     def set_pag_defaults(self, **values: Any) -> None:
         """
         Set recommended `pag_*` defaults (saved by `save_pretrained`), e.g. `set_pag_defaults(pag_scale=2.0)`; the
-        heads and the sequential mode have their own setters. `set_pag_defaults()` restores the built-in ones.
+        values given replace the whole section (the others fall back to the built-in defaults); the heads and the
+        sequential mode have their own setters. `set_pag_defaults()` restores the built-in ones.
 
         Raises:
             `ValueError`: for an unknown name or a bad value (naming it and what is allowed).
@@ -223,19 +227,25 @@ class HeadPAGMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' `from_pretrained`; restores the head-PAG defaults saved by `save_pretrained` unless given."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        saved = read_headpag_config(pretrained_model_name_or_path)
-        if saved.get("pag_heads") is not None and "pag_heads" not in kwargs:
-            pipe.set_pag_heads(saved["pag_heads"])
-        if "pag_sequential" in saved and "pag_sequential" not in kwargs:
-            pipe.set_pag_sequential(bool(saved["pag_sequential"]))
-        pipe._headpag_extra = {k: v for k, v in saved.items() if k not in ("class", "pag_heads", "pag_sequential")}
+        pipe._restore(read_headpag_config(pretrained_model_name_or_path), kwargs)
         return pipe
+
+    def _restore(self, saved: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """Take a folder's `headpag_config.json` (`saved`) as this pipeline's defaults, except what `kwargs` give."""
+        if saved.get("pag_heads") is not None and "pag_heads" not in kwargs:
+            self.set_pag_heads(saved["pag_heads"])
+        if "pag_sequential" in saved and "pag_sequential" not in kwargs:
+            self.set_pag_sequential(saved["pag_sequential"])
+        self._headpag_extra = {k: v for k, v in saved.items() if k not in ("class", "pag_heads", "pag_sequential")}
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """diffusers' `from_pipe`; keeps the head-PAG defaults of a head-PAG source pipeline unless given."""
+        """diffusers' `from_pipe`; keeps the head-PAG defaults of a head-PAG source pipeline, or takes those of the
+        local folder a stock source pipeline was loaded from, unless given."""
         pipe = super().from_pipe(pipeline, **kwargs)
-        if isinstance(pipeline, HeadPAGMixin):
+        if not isinstance(pipeline, HeadPAGMixin):  # a stock pipeline: the folder it was loaded from recommends
+            pipe._restore(folder_config(pipeline), kwargs)
+        else:
             if "pag_heads" not in kwargs and pipeline._pag_heads is not None:
                 pipe.set_pag_heads(pipeline._pag_heads)
             if "pag_sequential" not in kwargs:

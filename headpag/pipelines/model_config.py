@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..guidance import Perturbation
+from ..guidance import HeadSet, Perturbation
 from .policy import PAGOptions
 
 
@@ -58,7 +58,48 @@ def read_headpag_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"Malformed {file}: expected a JSON object, got {type(data).__name__}.")
     if "pag" in data:
         data["pag"] = check_pag_defaults(data["pag"], where=str(file))
+    if "pag_sequential" in data and not isinstance(data["pag_sequential"], bool):
+        raise ValueError(f"{file}: pag_sequential must be true or false, got {data['pag_sequential']!r}.")
+    if data.get("pag_heads") is not None:
+        try:
+            HeadSet.parse(data["pag_heads"]) if isinstance(data["pag_heads"], str) else HeadSet.coerce(
+                data["pag_heads"]
+            )
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{file}: pag_heads {data['pag_heads']!r} is not a head set: {error}") from None
+    if "sampler" in data:
+        check_sampler(data["sampler"], str(file))
     return data
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def check_sampler(values: Any, where: str) -> None:
+    """The `sampler` section: `steps` an integer in [1, 1000], `size` a multiple of 16 in [16, 4096], `guidance` a
+    finite number, `prompt` and `note` strings; `ValueError` naming the bad value otherwise."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: the 'sampler' section must be a JSON object, got {type(values).__name__}.")
+    allowed = ("steps", "size", "guidance", "prompt", "note")
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown sampler setting(s) {unknown}; allowed: {', '.join(allowed)}.")
+    steps, size, guidance = values.get("steps", 1), values.get("size", 16), values.get("guidance", 1.0)
+    if not (_finite(steps) and isinstance(steps, int) and 1 <= steps <= 1000):
+        raise ValueError(f"{where}: sampler steps must be an integer in [1, 1000], got {steps!r}.")
+    if not (_finite(size) and isinstance(size, int) and 16 <= size <= 4096 and size % 16 == 0):
+        raise ValueError(f"{where}: sampler size must be a multiple of 16 in [16, 4096], got {size!r}.")
+    if not _finite(guidance):
+        raise ValueError(f"{where}: sampler guidance must be a finite number, got {guidance!r}.")
+    for name in ("prompt", "note"):
+        if not isinstance(values.get(name, ""), str):
+            raise ValueError(f"{where}: sampler {name} must be a string, got {values[name]!r}.")
 
 
 def check_pag_defaults(values: Any, where: str = "pag defaults") -> dict[str, Any]:
@@ -85,8 +126,10 @@ def check_pag_defaults(values: Any, where: str = "pag defaults") -> dict[str, An
         raise ValueError(f"{where}: pag_interval must be two numbers [start, end], got {interval!r}.")
     for name in ("pag_scale", "pag_identity_weight", "pag_adaptive_scale", *(f"pag_interval[{i}]" for i in (0, 1))):
         value = interval[int(name[-2])] if name.startswith("pag_interval") else merged[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite(value):
             raise ValueError(f"{where}: {name} must be a finite number, got {value!r}.")
+    if isinstance(merged["pag_reuse"], bool) or not isinstance(merged["pag_reuse"], int):
+        raise ValueError(f"{where}: pag_reuse must be an integer >= 1, got {merged['pag_reuse']!r}.")
     try:
         PAGOptions(
             scale=merged["pag_scale"],

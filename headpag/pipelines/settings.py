@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..guidance import HeadSet, Perturbation
-from .attach import default_pag_heads, transformer_layout
+from .attach import default_pag_heads, open_block, transformer_layout
 from .model_config import BUILTIN_PAG_DEFAULTS, recommended
 from .policy import PAGOptions
 
@@ -164,7 +164,9 @@ class GenerationSettings:
         """These settings with every `pag_*` value left at `None` spelled out as the call will use it (the model's
         recommendation, else the built-in default; the default heads when PAG is on), so the metadata says what ran.
         Changes and returns `self`."""
-        model = recommended(pipe)
+        block = open_block(pipe)  # an enclosing `with head_pag(pipe, ...)` beats the model's recommendations
+        given = {k: v for k, v in (block.arguments if block is not None else {}).items() if v is not None}
+        model = {**recommended(pipe), **given}
         for name in PAG_FIELDS:
             if getattr(self, name) is None:
                 value = model.get(name, BUILTIN_PAG_DEFAULTS[name])

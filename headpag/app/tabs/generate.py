@@ -76,7 +76,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
                 with gr.Row():
                     pag_scale = gr.Slider(
                         0,
-                        min(15, limits.max_scale),
+                        max(min(15, limits.max_scale), d["pag_scale"]),
                         value=d["pag_scale"],
                         step=0.1,
                         label="PAG scale",
