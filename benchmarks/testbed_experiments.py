@@ -130,10 +130,12 @@ def specialisation(r: Renderer, sizes: Sizes, items) -> dict:
 
 
 def larger(images, prompts_) -> list[float]:
-    """Objective: the fitted size of the prompt's objects relative to the size asked for (1 = as asked)."""
+    """Objective: the fitted size of the prompt's objects relative to the size asked for (1 = as asked; 0 when no
+    object of the named colour is found)."""
     from testbed_render import measure
 
-    return [measure(image, prompt)["size"] for image, prompt in zip(images, prompts_)]
+    sizes = [measure(image, prompt)["size"] for image, prompt in zip(images, prompts_)]
+    return [0.0 if np.isnan(size) else size for size in sizes]
 
 
 def darker(images, prompts_) -> list[float]:

@@ -286,7 +286,8 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
         "",
         "## Images",
         "",
-        "Held-out prompts, same seeds per column:",
+        "Held-out prompts, one prompt per column; the first two rows on the fresh seeds of the default check, the "
+        "last two on the experiments' seeds:",
         "",
         "![images](testbed/cfg-vs-pag.png)",
         "",
