@@ -70,3 +70,27 @@ def test_the_web_ui_page_names_every_public_endpoint():
     text = (ROOT / "docs" / "web-ui.md").read_text()
     section = text[text.index("Endpoints:") :][:400]
     assert all(f"`/{name}`" in section for name in PUBLIC_ENDPOINTS)
+
+
+def test_the_readme_and_testbed_page_say_what_the_experiments_measured():
+    """The README's testbed claims and the summary in docs/testbed.md come from docs/testbed/results.json (written
+    by benchmarks/testbed_experiments.py with docs/testbed-results.md)."""
+    import json
+
+    results = json.loads((ROOT / "docs" / "testbed" / "results.json").read_text())
+    readme = (ROOT / "README.md").read_text().replace("−", "-")
+    page = (ROOT / "docs" / "testbed.md").read_text()
+
+    def interval(d):
+        return f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+    assert f"{results['clean']['held_in']['all_right']['mean']:.1%}" in readme
+    assert ("not clean" in readme) == (not results["clean"]["clean"])
+    assert interval(results["regimes"]["no CFG"]["held_in"]["structure"]) in readme
+    assert interval(results["concepts"]["darker"]["asked"]) in readme
+    assert f"{len(results['specific_heads'])} of 80 heads" in readme
+    default = results["default"]
+    assert f"layer {default['heads']}, s = {default['pag_scale']:g}, u = {default['pag_identity_weight']:g}" in readme
+    block = page[page.index("<!-- results:") : page.index("<!-- /results -->")]
+    assert interval(default["check"]["all_right"]) in block
+    assert ("the bar (lower ends ≥ −0.02) is not met" in block) == (not default["meets"])
