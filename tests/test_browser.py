@@ -95,11 +95,18 @@ def test_grid_click_toggles_a_head(page):
     dx, dy = (geometry["w"] - geometry["nw"] * scale) / 2, (geometry["h"] - geometry["nh"] * scale) / 2
     layer, head = 2, 3
     x, y = LEFT + head * CELL + CELL / 2, TOP + layer * CELL + CELL / 2
+    source = grid.get_attribute("src")
     grid.click(position={"x": dx + x * scale, "y": dy + y * scale})
     page.wait_for_function(
         "([sel, before]) => document.querySelector(sel).value !== before", arg=["#pag-heads textarea", before]
     )
     assert spec.input_value() == "1, 2.3"  # layer 1 typed before generating, plus the clicked head
+    # the grid is redrawn with the head marked: click the new image, not the one being replaced
+    page.wait_for_function(
+        "([sel, old]) => { const img = document.querySelector(sel); return img && img.src !== old && img.complete; }",
+        arg=["#head-grid img", source],
+        timeout=30_000,
+    )
     grid.click(position={"x": dx + x * scale, "y": dy + y * scale})
     page.wait_for_function("sel => document.querySelector(sel).value === '1'", arg="#pag-heads textarea")
     assert _shot(page, "heads.png").stat().st_size > 0

@@ -340,7 +340,7 @@ def test_a_class_called_from_an_executor_warns_that_the_block_does_not_apply(cap
         with concurrent.futures.ThreadPoolExecutor(1) as executor:
             got = executor.submit(pipe, "a cat", **CFG, generator=gen()).result().images
     warnings = [r.getMessage() for r in caplog.records if "without its open `with head_pag" in r.getMessage()]
-    assert len(warnings) == 1 and "uses the class defaults" in warnings[0]
+    assert len(warnings) == 1 and "uses the model's defaults" in warnings[0]
     torch.testing.assert_close(got, defaults, atol=1e-6, rtol=0)
 
 

@@ -108,9 +108,9 @@ def test_judge_score_prefers_the_asked_scene(judge):
     right_score, wrong_score = judge([image, image], [scene.prompt, wrong])
     assert right_score > -0.05 and wrong_score < right_score - 0.5  # one of seven attributes wrong
     pair = data.parse_prompt("a red circle left of a white triangle on a blue background")
-    image = data.draw(pair, rng)
+    pair_image = data.draw(pair, rng)
     swapped = "a red circle right of a white triangle on a blue background"
-    right_score, wrong_score = judge([image, image], [pair.prompt, swapped])
+    right_score, wrong_score = judge([pair_image, pair_image], [pair.prompt, swapped])
     assert right_score > -0.05 and wrong_score < right_score - 0.5
     correct = judge.correct([image], [data.Scene("small", "blue", "circle", "yellow", "center", False).prompt])
     assert correct["position"] == [None] and all_correct(correct) == [True]
