@@ -25,9 +25,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from testbed_experiments import GUIDANCE, METRICS, MODEL, cli, fmt_diff, fmt_mean, unique_prompts  # noqa: E402
+from testbed_experiments import GUIDANCE, MODEL  # noqa: E402
+from testbed_experiments import prompts as unique_prompts  # noqa: E402
 
+from headpag.cli import main as headpag  # noqa: E402
 from headpag.eval.paired import paired_difference  # noqa: E402
+
+
+METRICS = ("shapes-correct", "shapes-judge")
+
+
+def cli(*args: str) -> None:
+    print("$ headpag", " ".join(args), flush=True)
+    code = headpag(list(args))
+    if code != 0:
+        raise SystemExit(f"headpag {' '.join(args)} failed with exit code {code}")
+
+
+def fmt_mean(metric: dict) -> str:
+    lo, hi = metric["ci95"]
+    return f"{metric['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def fmt_diff(d: dict) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}], p={d['p_wilcoxon']:.2g}"
 
 
 STEPS, LAYER, SCALE, REUSE = 20, 1, 3.0, (2, 3, 4)
@@ -65,7 +87,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     count, seeds = (4, "0") if args.quick else (args.prompts, "0-1")
     prompts = out / "prompts.txt"
-    prompts.write_text("\n".join(unique_prompts(count, seed=11, held_out=False)) + "\n")
+    prompts.write_text("\n".join(unique_prompts(count, 11, False)) + "\n")
     run = out / "eval"
     argv = ["eval", "--model", MODEL, "--prompts", str(prompts), "--seeds", seeds, "--output-dir", str(run)]
     argv += ["--metrics", ",".join(METRICS), "--no-progress"]
