@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers.utils import logging  # noqa: E402
-from testbed_render import MEASURES, Renderer, paired, search  # noqa: E402
+from testbed_render import MEASURES, Renderer, head_spec, paired, search  # noqa: E402
 from testbed_report import write_docs  # noqa: E402
 
 from headpag.models.catalog import builtin_folder, model_defaults  # noqa: E402
@@ -151,7 +151,7 @@ def concepts(r: Renderer, sizes: Sizes, search_items, held_out) -> dict:
     base = r.render("g1", held_out, guidance_scale=1.0)
     for name, objective, measure_name in (("larger", larger, "size"), ("darker", darker, "luminance")):
         result = search(r, f"concept-{name}", objective, search_items, sizes, strategy="halving", top_k=2)
-        spec = ", ".join(f"{l}.{h}" for l, h in result["heads"])
+        spec = head_spec(result["heads"])
         row = r.render(f"g1-concept-{name}", held_out, guidance_scale=1.0, pag_scale=PAG_SCALE, pag_heads=spec)
         out[name] = {
             **result,
@@ -174,7 +174,7 @@ def fidelity(r: Renderer, sizes: Sizes, search_items, held_out) -> dict:
     for name, options in strategies.items():
         result = search(r, "judge-" + name.replace(" + ", "-"), "shapes-judge", search_items, sizes, top_k=4,
                         **options)  # fmt: skip
-        spec = ", ".join(f"{l}.{h}" for l, h in result["heads"])
+        spec = head_spec(result["heads"])
         rows[name] = r.render(f"g1-judge-{spec}", held_out, guidance_scale=1.0, pag_scale=PAG_SCALE, pag_heads=spec)
         out[name] = {
             **result,

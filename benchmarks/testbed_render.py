@@ -37,6 +37,11 @@ BATCH = 16
 _JUDGE: ShapesJudgeScore | None = None
 
 
+def head_spec(heads) -> str:
+    """`[[layer, head], ...]` as a head spec, `"3.6, 8.3"`, in the given order (a search's selection order)."""
+    return ", ".join(f"{layer}.{head}" for layer, head in heads)
+
+
 def judge() -> ShapesJudgeScore:
     global _JUDGE
     if _JUDGE is None:

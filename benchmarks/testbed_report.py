@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from testbed_render import head_spec
 
 from headpag.models.catalog import builtin_folder
 
@@ -237,7 +238,7 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
     ]
     for name, c in concepts.items():
         e = c["effects"]
-        heads = ", ".join(f"{l}.{h}" for l, h in c["heads"])
+        heads = head_spec(c["heads"])
         lines.append(
             f"| {name} | {heads} | {c['row_evals']:.3g} | {fmt(e[c['measure']])} | {fmt(e['size'])} | "
             f"{fmt(e['luminance'])} | {fmt(e['saturation'])} | {fmt(e['all_right'])} | {fmt(e['structure'])} |"
@@ -255,7 +256,7 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, f in fidelity.items():
-        heads = ", ".join(f"{l}.{h}" for l, h in f["heads"])
+        heads = head_spec(f["heads"])
         versus = fmt(f["vs_exhaustive"]["judge"]) if "vs_exhaustive" in f else "(reference)"
         lines.append(
             f"| {name} | {heads} | {f['row_evals']:.3g} | {f['row_evals'] / base_cost:.2f}x | "
@@ -356,7 +357,7 @@ def summary_block(results: dict, specific: list) -> list[str]:
         )
     )
     for name, c in concepts.items():
-        heads = ", ".join(f"{l}.{h}" for l, h in c["heads"])
+        heads = head_spec(c["heads"])
         lines.append(
             f"- **Concept search, {name}**: heads {heads}; on held-out prompts the asked measure ({c['measure']}) "
             f"changes by {fmt(c['effects'][c['measure']])}."

@@ -41,7 +41,7 @@ from ..runtime import (
     transformer_attached,
     unwrap,
 )
-from .model_config import BUILTIN_PAG_DEFAULTS, recommended
+from .model_config import over_builtin, recommended
 from .policy import POLICIES, PAGOptions, loop_plan
 
 
@@ -382,23 +382,19 @@ def head_pag(
     # the block keeps what it was given: a call inside it resolves the rest as the block does
     arguments = dict(pag_heads=pag_heads, pag_sequential=pag_sequential, **given)
     model = {} if pag_scale == 0 else recommended(pipe)  # pag_scale=0: the parent pipeline, whatever the folder says
-    defaults = {**BUILTIN_PAG_DEFAULTS, **{k: v for k, v in model.items() if k in BUILTIN_PAG_DEFAULTS}}
-    values = {name: defaults[name] if value is None else value for name, value in given.items()}
-    pag_scale, pag_identity_weight = values["pag_scale"], values["pag_identity_weight"]
-    pag_identity_scope, pag_target = values["pag_identity_scope"], values["pag_target"]
-    pag_interval, pag_adaptive_scale = values["pag_interval"], values["pag_adaptive_scale"]
-    pag_share_prefix, pag_reuse = values["pag_share_prefix"], values["pag_reuse"]
+    defaults = over_builtin(model)
+    v = {name: defaults[name] if value is None else value for name, value in given.items()}
     layout = transformer_layout(pipe)
     if pag_sequential is None:
         pag_sequential = bool(model.get("pag_sequential", False))
     options = PAGOptions(
-        scale=pag_scale,
-        perturbation=Perturbation(pag_identity_weight, pag_identity_scope, pag_target),
-        interval=tuple(pag_interval),
-        adaptive_scale=pag_adaptive_scale,
+        scale=v["pag_scale"],
+        perturbation=Perturbation(v["pag_identity_weight"], v["pag_identity_scope"], v["pag_target"]),
+        interval=tuple(v["pag_interval"]),
+        adaptive_scale=v["pag_adaptive_scale"],
         sequential=bool(pag_sequential),
-        share_prefix=bool(pag_share_prefix),
-        reuse=pag_reuse,
+        share_prefix=bool(v["pag_share_prefix"]),
+        reuse=v["pag_reuse"],
     )
     default_heads = model.get("pag_heads")
     head_sets = resolve_head_sets(pag_heads, layout, None if default_heads is None else HeadSet.coerce(default_heads))

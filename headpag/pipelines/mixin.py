@@ -27,7 +27,7 @@ from .._io import atomic_write_json
 from ..guidance import HeadSet
 from ..guidance.heads import HeadSetLike
 from .attach import default_pag_heads, head_pag, open_block, transformer_layout, warn_outside_context
-from .model_config import BUILTIN_PAG_DEFAULTS, CONFIG_FILE, check_pag_defaults, folder_config, read_headpag_config
+from .model_config import CONFIG_FILE, check_pag_defaults, folder_config, over_builtin, read_headpag_config
 
 
 logger = logging.get_logger(__name__)
@@ -186,7 +186,7 @@ class HeadPAGMixin:
     def pag_defaults(self) -> dict[str, Any]:
         """The `pag_*` values a call uses when it does not give them: the model's recommendations (the `pag` section
         of `headpag_config.json`, or `set_pag_defaults`) over the built-in defaults."""
-        return {**BUILTIN_PAG_DEFAULTS, **self._headpag_extra.get("pag", {})}
+        return over_builtin(self._headpag_extra.get("pag", {}))
 
     def set_pag_defaults(self, **values: Any) -> None:
         """

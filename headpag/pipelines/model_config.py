@@ -174,7 +174,12 @@ def recommended(pipe) -> dict[str, Any]:
     return out
 
 
+def over_builtin(values: dict[str, Any]) -> dict[str, Any]:
+    """Every recommendable `pag_*` value: the built-in defaults, overridden by those of `values` (other keys, such as
+    `pag_heads`, are left out)."""
+    return {**BUILTIN_PAG_DEFAULTS, **{k: v for k, v in values.items() if k in RECOMMENDABLE}}
+
+
 def pag_defaults(pipe) -> dict[str, Any]:
     """Every recommendable `pag_*` default of a call of `pipe`: the built-in ones, overridden by the model's."""
-    values = recommended(pipe)
-    return {**BUILTIN_PAG_DEFAULTS, **{k: v for k, v in values.items() if k in RECOMMENDABLE}}
+    return over_builtin(recommended(pipe))

@@ -16,7 +16,7 @@ import torch
 
 from ..guidance import HeadSet, Perturbation
 from .attach import default_pag_heads, open_block, transformer_layout
-from .model_config import BUILTIN_PAG_DEFAULTS, recommended
+from .model_config import BUILTIN_PAG_DEFAULTS, over_builtin, recommended
 from .policy import PAGOptions
 
 
@@ -167,9 +167,10 @@ class GenerationSettings:
         block = open_block(pipe)  # an enclosing `with head_pag(pipe, ...)` beats the model's recommendations
         given = {k: v for k, v in (block.arguments if block is not None else {}).items() if v is not None}
         model = {**recommended(pipe), **given}
+        defaults = over_builtin(model)
         for name in PAG_FIELDS:
             if getattr(self, name) is None:
-                value = model.get(name, BUILTIN_PAG_DEFAULTS[name])
+                value = defaults[name]
                 setattr(self, name, tuple(value) if name == "pag_interval" else value)
         if self.pag_heads is None and self.pag_scale > 0:
             heads = model.get("pag_heads")
