@@ -86,6 +86,11 @@ def test_grid_click_toggles_a_head(page):
     page.get_by_role("tab", name="Heads").click()
     grid = page.locator("#head-grid img")
     grid.wait_for(timeout=30_000)
+    page.wait_for_function(  # loaded, so that its natural size is known
+        "sel => { const img = document.querySelector(sel); return img && img.complete && img.naturalWidth > 0; }",
+        arg="#head-grid img",
+        timeout=30_000,
+    )
     spec = page.locator("#pag-heads textarea")  # one head-set field, shared by the tabs
     before = spec.input_value()
     geometry = grid.evaluate(
