@@ -50,19 +50,23 @@ logging.set_verbosity_error()  # one zero T5 token: the pipeline warns about tru
 MODEL = "headpag-shapes"
 SAMPLER = model_defaults(MODEL)
 GUIDANCE = float(SAMPLER.get("guidance", 5.0))
-REGIMES = {"no CFG": 1.0, "low CFG": 2.0, "CFG": GUIDANCE}
 PAG_SCALE = 3.0
+
+
+def regime_scales(guidance: float) -> dict[str, float]:
+    """The PAG paper's regimes: no CFG, low CFG, the model's CFG."""
+    return {"no CFG": 1.0, "low CFG": 2.0, "CFG": guidance}
 
 
 class Sizes:
     """Counts of one run: the full one, or `--quick`."""
 
-    def __init__(self, quick: bool):
+    def __init__(self, quick: bool, steps: int = int(SAMPLER.get("steps", 20))):
         self.quick = quick
         self.held_in, self.held_out, self.seeds = (4, 4, 1) if quick else (40, 40, 2)
         self.heads_prompts = 3 if quick else 16
         self.search_pairs = 2 if quick else 8
-        self.steps = 4 if quick else int(SAMPLER.get("steps", 20))
+        self.steps = 4 if quick else steps
         self.layers = 2 if quick else None  # the first layers only (quick), or all
         self.head_pool = "0, 1.0-1" if quick else None  # quick: layer 0 and two heads of layer 1
 
@@ -81,21 +85,22 @@ def pairs(prompt_list: list[str], seeds: list[int]) -> tuple[list[str], list[int
     return [p for p in prompt_list for _ in seeds], [s for _ in prompt_list for s in seeds]
 
 
-def clean(r: Renderer, held_in, held_out) -> dict:
+def clean(r: Renderer, guidance: float, held_in, held_out) -> dict:
     """The model without PAG at its recommended CFG: the share of images right in every attribute and the median
     structure IoU ("clean": >= 90% of held-in pairs right, median IoU >= 0.8)."""
     out = {}
     for name, items in (("held_in", held_in), ("held_out", held_out)):
-        row = r.render(f"g{GUIDANCE:g}", items, guidance_scale=GUIDANCE)
+        row = r.render(f"g{guidance:g}", items, guidance_scale=guidance)
         out[name] = {"all_right": row["summary"]["all_right"], "median_iou": float(np.median(row["per_image"]["iou"]))}
     out["clean"] = out["held_in"]["all_right"]["mean"] >= 0.9 and out["held_in"]["median_iou"] >= 0.8
     return out
 
 
-def regimes(r: Renderer, sizes: Sizes, held_in, held_out) -> dict:
-    """Experiment 1: every layer in every regime on held-in prompts; each regime's best layer on held-out ones."""
+def regimes(r: Renderer, sizes: Sizes, scales: dict[str, float], held_in, held_out) -> dict:
+    """Experiment 1: every layer in every regime (name: CFG scale) on held-in prompts; each regime's best layer on
+    held-out ones."""
     out = {}
-    for regime, g in REGIMES.items():
+    for regime, g in scales.items():
         base = r.render(f"g{g:g}", held_in, guidance_scale=g)
         layers = {}
         for layer in range(sizes.layers or r.num_layers):
@@ -188,7 +193,7 @@ def fidelity(r: Renderer, sizes: Sizes, search_items, held_out) -> dict:
     return out
 
 
-def default(r: Renderer, sizes: Sizes, exp1: dict, held_in, fresh_out) -> dict:
+def default(r: Renderer, guidance: float, exp1: dict, held_in, fresh_out) -> dict:
     """
     Experiment 5: the shipped default. Candidates on held-in prompts at CFG: layer-level PAG at every layer (s = 3,
     u = 1, from experiment 1) and a milder SoftPAG (s = 1.5, u = 0.5) on the three best of those layers; the one
@@ -196,7 +201,7 @@ def default(r: Renderer, sizes: Sizes, exp1: dict, held_in, fresh_out) -> dict:
     with fresh seeds.
     """
     layers = exp1["CFG"]["layers"]
-    base = r.render(f"g{GUIDANCE:g}", held_in, guidance_scale=GUIDANCE)
+    base = r.render(f"g{guidance:g}", held_in, guidance_scale=guidance)
 
     def lower(effects):
         return min(effects["all_right"]["ci95"][0], effects["structure"]["ci95"][0])
@@ -207,12 +212,12 @@ def default(r: Renderer, sizes: Sizes, exp1: dict, held_in, fresh_out) -> dict:
     }
     for layer in sorted(layers, key=lambda layer: -lower(layers[layer]))[:3]:
         settings = dict(pag_heads=str(layer), pag_scale=1.5, pag_identity_weight=0.5)
-        row = r.render(f"g{GUIDANCE:g}-layer{layer}-soft", held_in, guidance_scale=GUIDANCE, **settings)
+        row = r.render(f"g{guidance:g}-layer{layer}-soft", held_in, guidance_scale=guidance, **settings)
         candidates[f"layer{layer}-soft"] = (settings, {m: paired(base, row, m) for m in ("all_right", "structure")})
     name = max(candidates, key=lambda n: lower(candidates[n][1]))
     settings, effects = candidates[name]
-    base_out = r.render(f"g{GUIDANCE:g}", fresh_out, guidance_scale=GUIDANCE)
-    row = r.render(f"g{GUIDANCE:g}-{name}", fresh_out, guidance_scale=GUIDANCE, **settings)
+    base_out = r.render(f"g{guidance:g}", fresh_out, guidance_scale=guidance)
+    row = r.render(f"g{guidance:g}-{name}", fresh_out, guidance_scale=guidance, **settings)
     check = {m: paired(base_out, row, m) for m in ("all_right", "structure")}
     return {
         "name": name,
@@ -228,12 +233,19 @@ def default(r: Renderer, sizes: Sizes, exp1: dict, held_in, fresh_out) -> dict:
     }
 
 
-def write_defaults(choice: dict) -> Path:
-    """Write the chosen configuration into the model folder's `headpag_config.json` (atomically)."""
+def write_defaults(
+    choice: dict,
+    model: str = MODEL,
+    guidance: float = GUIDANCE,
+    cfg: str = "CFG",
+    page: str = "docs/testbed-results.md",
+) -> Path:
+    """Write the chosen configuration into the model folder's `headpag_config.json` (atomically); `cfg` names the
+    guidance in the note, `page` the results page it cites."""
     from headpag._io import atomic_write_json
     from headpag.pipelines.model_config import CONFIG_FILE, read_headpag_config
 
-    folder = builtin_folder(MODEL)
+    folder = builtin_folder(model)
     config = read_headpag_config(folder)
     config["pag_heads"] = choice["heads"]
     config["pag"] = {"pag_scale": choice["pag_scale"], "pag_identity_weight": choice["pag_identity_weight"]}
@@ -245,12 +257,12 @@ def write_defaults(choice: dict) -> Path:
     measured = (
         f"layer {choice['heads']}, PAG scale {choice['pag_scale']:g}, u = {choice['pag_identity_weight']:g}: against "
         f"PAG off on held-out prompts, all attributes right {effect(check['all_right'])}, structure "
-        f"{effect(check['structure'])} (docs/testbed-results.md)."
+        f"{effect(check['structure'])} ({page})."
     )
     config["sampler"]["note"] = (
         f"Recommended PAG, {measured}"
         if choice["meets"]
-        else f"**PAG does not help this small model at CFG {GUIDANCE:g}.** The least harmful configuration tried is "
+        else f"**PAG does not help this small model at {cfg} {guidance:g}.** The least harmful configuration tried is "
         f"the default, {measured} Set the PAG scale to 0 to compare."
     )
     atomic_write_json(folder / CONFIG_FILE, config)
@@ -277,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"sizes": vars(sizes), "num_layers": r.num_layers, "num_heads": r.num_heads, "guidance": GUIDANCE,
                "pag_scale": PAG_SCALE, "steps": sizes.steps}  # fmt: skip
-    results["clean"] = clean(r, held_in, held_out)
-    results["regimes"] = regimes(r, sizes, held_in, held_out)
+    results["clean"] = clean(r, GUIDANCE, held_in, held_out)
+    results["regimes"] = regimes(r, sizes, regime_scales(GUIDANCE), held_in, held_out)
     results["specialisation"] = specialisation(r, sizes, heads_items)
     results["concepts"] = concepts(r, sizes, search_items, held_out)
     results["fidelity"] = fidelity(r, sizes, search_items, held_out)
-    results["default"] = default(r, sizes, results["regimes"], held_in, fresh_out)
+    results["default"] = default(r, GUIDANCE, results["regimes"], held_in, fresh_out)
     results["images"] = r.rendered
     results["seconds"] = time.perf_counter() - began
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

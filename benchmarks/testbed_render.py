@@ -106,14 +106,16 @@ class Renderer:
         model (`str`): A model name or folder.
         out (`Path`): The cache folder.
         steps (`int`): Denoising steps.
+        text_tokens (`int`, *optional*): FLUX only: T5's `max_sequence_length` (default the pipeline's 512). SD3 runs
+            with one null T5 token.
     """
 
-    def __init__(self, model: str, out: Path, steps: int):
-        self.model, self.out, self.steps = model, Path(out), steps
+    def __init__(self, model: str, out: Path, steps: int, text_tokens: int | None = None):
+        self.model, self.out, self.steps, self.text_tokens = model, Path(out), steps, text_tokens
         self.pipe = load_pipeline(model)
         self.pipe.set_progress_bar_config(disable=True)
         layout = describe_transformer(self.pipe.transformer)
-        self.num_layers, self.num_heads = layout.num_layers, layout.num_heads
+        self.num_layers, self.num_heads, self.family = layout.num_layers, layout.num_heads, layout.family
         self.rendered = 0
 
     def pool(self, spec: str | None) -> list[tuple[int, int]]:
@@ -125,6 +127,8 @@ class Renderer:
         base.update(values)
         if base["pag_scale"] == 0:
             base.update(pag_heads=None, pag_identity_weight=1.0)
+        if self.family == "flux" and self.text_tokens is not None:
+            base["max_sequence_length"] = self.text_tokens
         return {**base, "steps": self.steps, "size": IMAGE_SIZE}
 
     def render(self, name: str, items: tuple[list[str], list[int]], **values: Any) -> dict[str, Any]:
@@ -162,14 +166,21 @@ class Renderer:
         pag = {"pag_scale": settings["pag_scale"], "pag_identity_weight": settings["pag_identity_weight"]}
         if settings["pag_heads"] is not None:
             pag["pag_heads"] = settings["pag_heads"]
+        if self.family == "flux":
+            # CFG is FLUX's true CFG against the empty prompt
+            g = settings["guidance_scale"]
+            guidance = dict(true_cfg_scale=g, negative_prompt="") if g > 1 else {}
+            if "max_sequence_length" in settings:
+                guidance["max_sequence_length"] = settings["max_sequence_length"]
+        else:  # SD3: one null T5 token (the model is trained for any number of zero tokens)
+            guidance = dict(guidance_scale=settings["guidance_scale"], max_sequence_length=1)
         return self.pipe(
             prompt=prompts,
             generator=[torch.Generator().manual_seed(s) for s in seeds],
             num_inference_steps=settings["steps"],
-            guidance_scale=settings["guidance_scale"],
             height=settings["size"],
             width=settings["size"],
-            max_sequence_length=1,
+            **guidance,
             **pag,
         ).images
 

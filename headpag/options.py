@@ -187,7 +187,8 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True, defau
         required=required,
         default=default,
         help="Hub id, local diffusers folder, or an offline model: headpag-shapes (trained shapes testbed, the "
-        "default of `headpag ui`), tiny-sd3, tiny-sd35, tiny-flux (random weights).",
+        "default of `headpag ui`), headpag-shapes-flux (its FLUX sibling), tiny-sd3, tiny-sd35, tiny-flux (random "
+        "weights).",
     )
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU)."

@@ -123,6 +123,7 @@ def test_from_pipe_of_a_stock_pipeline_takes_its_folders_defaults(folder):
         ({"sampler": {"size": 100}}, "sampler size must be a multiple of 16"),
         ({"sampler": {"guidance": 10**400}}, "sampler guidance must be a finite number"),
         ({"sampler": {"prompt": 3}}, "sampler prompt must be a string"),
+        ({"sampler": {"true_cfg": 0.5}}, r"sampler true_cfg must be a finite number >= 1, got 0.5"),
         ({"sampler": {"stpes": 3}}, r"unknown sampler setting\(s\) \['stpes'\]"),
         ({"pag": {"pag_reuse": True}}, "pag_reuse must be an integer"),
         ({"pag": {"pag_scale": True}}, "pag_scale must be a finite number"),
@@ -211,6 +212,31 @@ def test_the_cli_takes_the_models_sampler_advice_for_flags_left_out(tmp_path):
     assert (ran["num_inference_steps"], ran["guidance_scale"], ran["height"]) == (2, 1.5, 48)
     assert main([*argv, "--no-progress", "--steps", "1", "--height", "32", "--width", "32"]) == 0
     assert Image.open(out).size == (32, 32)
+
+
+def test_the_cli_takes_a_flux_models_true_cfg_advice_against_the_empty_prompt(tmp_path):
+    """`true_cfg` advice runs FLUX's true CFG against `""` when no negative prompt is given: the image equals stock
+    diffusers' `FluxPipeline` called with `negative_prompt=""` and that scale."""
+    from headpag.cli import main
+
+    load_pipeline("tiny-flux").save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
+    config["sampler"] = {"steps": 2, "size": 32, "true_cfg": 2.5}
+    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(config))
+    out = tmp_path / "out.png"
+    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "a photo", "--output", str(out)]
+    assert main([*argv, "--no-progress", "--pag-scale", "0", "--max-sequence-length", "16"]) == 0
+    ran = json.loads(Image.open(out).info["headpag"])
+    assert (ran["true_cfg_scale"], ran["negative_prompt"], ran["num_inference_steps"]) == (2.5, "", 2)
+    stock = FluxPipeline.from_pretrained(tmp_path / "model")
+    stock.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="np")
+    seed = ran["seed"]
+    image = stock("a photo", negative_prompt="", true_cfg_scale=2.5, generator=torch.Generator().manual_seed(seed),
+                  **kwargs).images[0]  # fmt: skip
+    plain = stock("a photo", generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+    got = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32) / 255
+    assert np.abs(got - image).max() <= 1 / 255 + 1e-6 < np.abs(got - plain).max()
 
 
 def test_the_ui_opens_with_the_models_defaults(tmp_path):

@@ -1,7 +1,7 @@
 """
-What a client may ask the server to load, by name: pipelines (hub ids, the offline models `headpag-shapes` and the
-tiny ones, folders of the models root) and metric weights (open_clip names, hub ids, files and folders of the models
-root). Nothing else is loadable.
+What a client may ask the server to load, by name: pipelines (hub ids, the offline models `headpag-shapes`,
+`headpag-shapes-flux` and the tiny ones, folders of the models root) and metric weights (open_clip names, hub ids,
+files and folders of the models root). Nothing else is loadable.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="Hub id, local folder, headpag-shapes (trained, offline), or tiny-sd3 / tiny-sd35 / tiny-flux.",
+        help="Hub id, local folder, headpag-shapes / headpag-shapes-flux (trained, offline), or tiny-sd3 / "
+        "tiny-sd35 / tiny-flux.",
     )
     p.add_argument("--dtype", choices=options.DTYPES, default=None)
     p.add_argument("--device", default=None)

@@ -99,9 +99,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--strength {args.strength}: must be in (0, 1].")
     device, dtype = options.resolve_device_dtype(args.device, args.dtype)
     sampler = model_defaults(args.model)  # the model's sampler advice, for the flags left out
-    for flag, key in (("steps", "steps"), ("guidance_scale", "guidance"), ("height", "size"), ("width", "size")):
+    advice = (("steps", "steps"), ("guidance_scale", "guidance"), ("true_cfg_scale", "true_cfg"), ("height", "size"),
+              ("width", "size"))  # fmt: skip
+    for flag, key in advice:
         if getattr(args, flag) is None and key in sampler:
             setattr(args, flag, sampler[key])
+            if key == "true_cfg" and args.negative_prompt is None:
+                args.negative_prompt = ""  # FLUX's true CFG against the empty prompt, as the model was trained
     settings = options.settings_from_args(
         args,
         prompt=args.prompt,

@@ -58,10 +58,10 @@ def offline_models() -> list[str]:
 
 def model_defaults(name: str | None) -> dict[str, Any]:
     """
-    The sampler settings a model recommends to the CLI and the UI (`steps`, `size`, `guidance`, `prompt`, and
-    `note`, a line the UI shows under the prompt): the `"sampler"` section of the `headpag_config.json` in its folder
-    (a registered model's, or a local folder's), next to the PAG defaults that pipeline calls read (`{}` for a hub id
-    or a folder without one). Pipeline calls never read it.
+    The sampler settings a model recommends to the CLI and the UI (`steps`, `size`, `guidance`, FLUX's `true_cfg`,
+    `prompt`, and `note`, a line the UI shows under the prompt): the `"sampler"` section of the `headpag_config.json`
+    in its folder (a registered model's, or a local folder's), next to the PAG defaults that pipeline calls read (`{}`
+    for a hub id or a folder without one). Pipeline calls never read it.
     """
     if name in _entries("headpag.models"):
         folder = load_registered("headpag.models", name, "model")["folder"]

@@ -74,8 +74,9 @@ def load_pipeline(
 
     Args:
         model (`str`): A hub id (`"stabilityai/stable-diffusion-3-medium-diffusers"`), a local diffusers folder, or
-            an offline model: `headpag-shapes` (the trained shapes testbed, shipped in the package) or one of the
-            random-weight models `tiny-sd3`, `tiny-sd35`, `tiny-flux`.
+            an offline model: `headpag-shapes` (the trained shapes testbed, shipped in the package),
+            `headpag-shapes-flux` (its FLUX sibling), or one of the random-weight models `tiny-sd3`, `tiny-sd35`,
+            `tiny-flux`.
         img2img (`bool`, defaults to `False`): Load the img2img variant.
         torch_dtype (`torch.dtype` or `str`, *optional*): `float16`, `bfloat16` or `float32`.
         device (`str`, *optional*): Where to move the pipeline.

@@ -11,7 +11,8 @@ What a model folder recommends, in one file: `headpag_config.json` beside `model
 - `pag_heads`, `pag_sequential` and the `pag` section are the PAG defaults of every pipeline call on the model: an
   argument a call (or its `with head_pag(...)` block) does not give comes from here, else from the built-in default
   ([`BUILTIN_PAG_DEFAULTS`]). An explicit `pag_scale=0` is always exactly the parent pipeline.
-- `sampler` (steps, size, CFG, example prompt) is advice to the CLI and the UI only; pipeline calls never read it.
+- `sampler` (steps, size, CFG or FLUX's true CFG, example prompt) is advice to the CLI and the UI only; pipeline
+  calls never read it.
 
 headpag's pipeline classes read the file in `from_pretrained`, write it in `save_pretrained` and keep it in
 `from_pipe`; `head_pag(pipe)` on a stock diffusers pipeline reads it from the local folder the pipeline was loaded from
@@ -83,10 +84,11 @@ def _finite(value: Any) -> bool:
 
 def check_sampler(values: Any, where: str) -> None:
     """The `sampler` section: `steps` an integer in [1, 1000], `size` a multiple of 16 in [16, 4096], `guidance` a
-    finite number, `prompt` and `note` strings; `ValueError` naming the bad value otherwise."""
+    finite number, `true_cfg` (FLUX's true CFG scale, run against the empty prompt unless a negative prompt is given)
+    a finite number >= 1, `prompt` and `note` strings; `ValueError` naming the bad value otherwise."""
     if not isinstance(values, dict):
         raise ValueError(f"{where}: the 'sampler' section must be a JSON object, got {type(values).__name__}.")
-    allowed = ("steps", "size", "guidance", "prompt", "note")
+    allowed = ("steps", "size", "guidance", "true_cfg", "prompt", "note")
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise ValueError(f"{where}: unknown sampler setting(s) {unknown}; allowed: {', '.join(allowed)}.")
@@ -97,6 +99,9 @@ def check_sampler(values: Any, where: str) -> None:
         raise ValueError(f"{where}: sampler size must be a multiple of 16 in [16, 4096], got {size!r}.")
     if not _finite(guidance):
         raise ValueError(f"{where}: sampler guidance must be a finite number, got {guidance!r}.")
+    true_cfg = values.get("true_cfg", 1.0)
+    if not (_finite(true_cfg) and true_cfg >= 1):
+        raise ValueError(f"{where}: sampler true_cfg must be a finite number >= 1, got {true_cfg!r}.")
     for name in ("prompt", "note"):
         if not isinstance(values.get(name, ""), str):
             raise ValueError(f"{where}: sampler {name} must be a string, got {values[name]!r}.")

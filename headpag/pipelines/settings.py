@@ -127,10 +127,11 @@ class GenerationSettings:
             raise ValueError(
                 f"true_cfg_scale={self.true_cfg_scale} applies to FLUX only; SD3's CFG scale is guidance_scale."
             )
-        if family == "flux" and self.true_cfg_scale not in (None, 1.0) and not self.negative_prompt:
+        if family == "flux" and self.true_cfg_scale not in (None, 1.0) and self.negative_prompt is None:
             raise ValueError(
                 f"true_cfg_scale={self.true_cfg_scale} needs a negative prompt: FLUX's true CFG runs only with one "
-                "(diffusers would silently skip it). Give a negative prompt, or leave true_cfg_scale at 1."
+                '(diffusers would silently skip it). Give a negative prompt (an empty one, "", means the empty '
+                "prompt), or leave true_cfg_scale at 1."
             )
 
     def call_kwargs(self, family: str, image=None) -> dict[str, Any]:

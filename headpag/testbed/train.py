@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from diffusers.utils import logging
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import ATTRIBUTES, ONE_OBJECT, TWO_OBJECTS, all_prompts, batch
+from ..pipelines.model_config import CONFIG_FILE
+from .data import ATTRIBUTES, IMAGE_SIZE, ONE_OBJECT, TWO_OBJECTS, all_prompts, batch
+from .flux import PAD_TOKENS, T5_WINDOW, build_flux_transformer, build_text_stack, content_length, multiplicity_bias
 from .model import (
     ZERO_TOKENS,
     Judge,
@@ -64,6 +66,8 @@ class Schedule:
     latent_pool: int = 40960
     transformer_steps: int = 4000
     transformer_batch: int = 64
+    flux_steps: int = 3000
+    flux_batch: int = 64
     lr: float = 1e-3
     ema: float = 0.999
     seed: int = 0
@@ -78,6 +82,8 @@ QUICK = Schedule(
     latent_pool=64,
     transformer_steps=6,
     transformer_batch=8,
+    flux_steps=6,
+    flux_batch=8,
     checkpoint_every=2,
 )
 
@@ -93,7 +99,8 @@ class Checkpoints:
 
     Args:
         folder (`Path`): Where checkpoints live (created).
-        schedule (`Schedule`): The run's schedule; a folder made with another one is refused.
+        schedule (`Schedule`): The run's schedule; a folder made with another one is refused. Fields the saved
+            schedule lacks (added to `Schedule` since, like `flux_steps`) are taken from this one and recorded.
     """
 
     def __init__(self, folder: str | os.PathLike, schedule: Schedule):
@@ -102,6 +109,9 @@ class Checkpoints:
         path = self.folder / "schedule.json"
         if path.exists():
             saved = json.loads(path.read_text())
+            if set(asdict(schedule)) - set(saved):
+                saved = {**asdict(schedule), **saved}
+                self._write_json("schedule.json", saved)
             if saved != asdict(schedule):
                 changed = sorted(
                     k for k in set(saved) | set(asdict(schedule)) if saved.get(k) != asdict(schedule).get(k)
@@ -238,21 +248,97 @@ def train_judge(schedule: Schedule, progress: bool) -> tuple[Judge, list[float]]
     return judge.eval().requires_grad_(False), losses
 
 
-def prompt_table(pipe: StableDiffusion3Pipeline) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
-    """Text embeddings of every grammar prompt and of `""` (one zero token), computed as the pipeline does."""
-    prompts = [""] + all_prompts()
+class _SD3Task:
+    """What the SD3 transformer stage needs: the prompt table and one prediction with `max_sequence_length` drawn."""
+
+    name, folder = "transformer", "shapes-sd3"
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
+        self.steps, self.batch = schedule.transformer_steps, schedule.transformer_batch
+        self.index, self.embeds, self.pooled = sd3_prompt_table(pipe)
+
+    def predict(self, transformer, noisy: torch.Tensor, rows: list[int], sigma: torch.Tensor, rng) -> torch.Tensor:
+        # any number of zero tokens from 1 to 256: the model serves every `max_sequence_length`
+        count = float(np.exp(rng.uniform(0, math.log(ZERO_TOKENS))))
+        with ZeroTokenMultiplicity(1, count):
+            return transformer(
+                hidden_states=noisy,
+                encoder_hidden_states=self.embeds[rows],
+                pooled_projections=self.pooled[rows],
+                timestep=sigma * 1000,
+            ).sample
+
+
+class _FluxTask:
+    """The FLUX transformer stage: compact T5 sequences whose one zero pad stands for a drawn number of pads."""
+
+    name, folder = "flux", "shapes-flux"
+
+    def __init__(self, pipe: FluxPipeline, schedule: Schedule):
+        self.steps, self.batch = schedule.flux_steps, schedule.flux_batch
+        self.index, self.embeds, self.pooled, self.lengths = flux_prompt_table(pipe)
+        self.scale = pipe.vae_scale_factor
+        side = IMAGE_SIZE // self.scale // 2
+        self.image_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32)
+        self.text_ids = torch.zeros(self.embeds.shape[1], 3)
+
+    def predict(self, transformer, noisy: torch.Tensor, rows: list[int], sigma: torch.Tensor, rng) -> torch.Tensor:
+        b, c, h, w = noisy.shape
+        lengths = self.lengths[rows]
+        # any number of zero pads from 1 to 512 minus the content: every `max_sequence_length` that keeps a zero pad
+        room = (PAD_TOKENS - lengths).double()
+        counts = torch.from_numpy(np.exp(rng.uniform(0, 1, len(rows)) * np.log(room.numpy()))).round().clamp(min=1)
+        bias = multiplicity_bias(lengths, self.embeds.shape[1], counts, h * w // 4).to(noisy.dtype)
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        out = transformer(
+            hidden_states=packed,
+            encoder_hidden_states=self.embeds[rows],
+            pooled_projections=self.pooled[rows],
+            timestep=sigma,
+            txt_ids=self.text_ids,
+            img_ids=self.image_ids,
+            joint_attention_kwargs={"attention_mask": bias},
+        ).sample
+        return FluxPipeline._unpack_latents(out, h * self.scale, w * self.scale, self.scale)
+
+
+def _quiet_encode(encode, *args, **kwargs):
+    """Run a pipeline's `encode_prompt` without the truncation warnings that short sequences make on purpose."""
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity(), logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # the null T5 sees one token: its truncation warnings say nothing
+    transformers_logging.set_verbosity_error()
     logging.set_verbosity_error()
-    with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=1, device="cpu"
-        )
-    transformers_logging.set_verbosity(verbosity[0])
-    logging.set_verbosity(verbosity[1])
+    try:
+        with torch.no_grad():
+            return encode(*args, **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity[0])
+        logging.set_verbosity(verbosity[1])
+
+
+def sd3_prompt_table(pipe: StableDiffusion3Pipeline) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+    """Text embeddings of every grammar prompt and of `""` (one zero token), computed as the pipeline does."""
+    prompts = [""] + all_prompts()
+    # the null T5 sees one token: its truncation warnings say nothing
+    embeds, _, pooled, _ = _quiet_encode(
+        pipe.encode_prompt, prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=1, device="cpu"
+    )
     return {p: i for i, p in enumerate(prompts)}, embeds, pooled
+
+
+def flux_prompt_table(pipe: FluxPipeline) -> tuple[dict[str, int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    T5 embeddings of every grammar prompt and of `""`, cut one token after the longest content (the rest are zero
+    pads, [`~headpag.testbed.flux.content_length`]), the pooled CLIP vectors, and each row's content length.
+    """
+    prompts = [""] + all_prompts()
+    ids = pipe.tokenizer_2(prompts, padding="longest", return_tensors="pt").input_ids
+    pad = pipe.tokenizer_2.pad_token_id
+    lengths = content_length(torch.nn.functional.pad(ids, (0, T5_WINDOW + 1), value=pad), pad)
+    tokens = int(lengths.max()) + 1
+    embeds, pooled, _ = _quiet_encode(pipe.encode_prompt, prompts, None, device="cpu", max_sequence_length=tokens)
+    return {p: i for i, p in enumerate(prompts)}, embeds, pooled, lengths
 
 
 def latent_pool(vae, n: int, rng: np.random.Generator, progress: bool):
@@ -269,7 +355,7 @@ def latent_pool(vae, n: int, rng: np.random.Generator, progress: bool):
 
 
 def train_transformer(
-    pipe: StableDiffusion3Pipeline,
+    pipe: StableDiffusion3Pipeline | FluxPipeline,
     schedule: Schedule,
     progress: bool,
     checkpoints: Checkpoints,
@@ -277,17 +363,17 @@ def train_transformer(
     stop_at_step: int | None = None,
 ):
     """Rectified-flow training of `pipe.transformer`; returns `(ema, losses)`, or raises `Stopped` at a checkpoint."""
-    index, embeds, pooled = prompt_table(pipe)
+    task = _FluxTask(pipe, schedule) if isinstance(pipe, FluxPipeline) else _SD3Task(pipe, schedule)
     transformer, vae = pipe.transformer, pipe.vae
     transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     rng = np.random.default_rng(schedule.seed + 11)
     generator = torch.Generator().manual_seed(schedule.seed + 7)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=schedule.lr, weight_decay=0.01)
-    warmup = max(1, min(100, schedule.transformer_steps // 10))
+    warmup = max(1, min(100, task.steps // 10))
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     losses, first = [], 0
-    saved = checkpoints.load("transformer")
+    saved = checkpoints.load(task.name)
     if saved is not None:
         tensors, record = saved
         transformer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -296,7 +382,7 @@ def train_transformer(
         generator.set_state(tensors["generator"])
         rng.bit_generator.state = record["rng"]
         losses, first = record["losses"], record["step"]
-        logger.info(f"Continuing the transformer from step {first} of {schedule.transformer_steps}.")
+        logger.info(f"Continuing the {task.name} transformer from step {first} of {task.steps}.")
     pool, means, stds = latent_pool(vae, schedule.latent_pool, np.random.default_rng(schedule.seed + 6), progress)
 
     def save(step: int) -> None:
@@ -305,39 +391,31 @@ def train_transformer(
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
         tensors["generator"] = generator.get_state()
         record = {"step": step, "losses": losses, "rng": rng.bit_generator.state, "param_groups": groups}
-        checkpoints.save("transformer", tensors, record)
+        checkpoints.save(task.name, tensors, record)
 
-    bar = tqdm(range(first, schedule.transformer_steps), desc="transformer", disable=not progress)
+    bar = tqdm(range(first, task.steps), desc=task.name, disable=not progress)
     step = first
     try:
         for step in bar:
             if step > first and step % schedule.checkpoint_every == 0:
                 save(step)
                 if (deadline is not None and time.time() > deadline) or step == stop_at_step:
-                    raise Stopped(f"stopped at step {step} of {schedule.transformer_steps}")
-            picks = rng.integers(0, len(pool), schedule.transformer_batch)
+                    raise Stopped(f"stopped at step {step} of {task.steps}")
+            picks = rng.integers(0, len(pool), task.batch)
             scenes = [pool[i] for i in picks]
             latents = means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)
             latents = (latents - shift) * scale
-            rows = [0 if rng.random() < 0.1 else index[s.prompt] for s in scenes]
+            rows = [0 if rng.random() < 0.1 else task.index[s.prompt] for s in scenes]
             sigma = torch.sigmoid(torch.randn(len(rows), generator=generator))
             noise = torch.randn(latents.shape, generator=generator)
             noisy = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
-            # any number of zero tokens from 1 to 256: the model serves every `max_sequence_length`
-            count = float(np.exp(rng.uniform(0, math.log(ZERO_TOKENS))))
-            with ZeroTokenMultiplicity(1, count):
-                prediction = transformer(
-                    hidden_states=noisy,
-                    encoder_hidden_states=embeds[rows],
-                    pooled_projections=pooled[rows],
-                    timestep=sigma * 1000,
-                ).sample
+            prediction = task.predict(transformer, noisy, rows, sigma, rng)
             loss = (prediction - (noise - latents)).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
             optimizer.step()
-            progress_fraction = max(0.0, (step + 1 - warmup) / max(1, schedule.transformer_steps - warmup))
+            progress_fraction = max(0.0, (step + 1 - warmup) / max(1, task.steps - warmup))
             factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction)))
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr * factor
@@ -379,15 +457,28 @@ def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_weights(pipe: StableDiffusion3Pipeline, judge: Judge, out: Path) -> None:
+# What a new model folder's `headpag_config.json` advises the CLI and the UI until the experiments write their findings
+ADVICE = {
+    "sd3": {"steps": 20, "size": IMAGE_SIZE, "guidance": 5.0, "prompt": "a large red square on a yellow background"},
+    "flux": {"steps": 20, "size": IMAGE_SIZE, "true_cfg": 5.0, "prompt": "a large red square on a yellow background"},
+}
+
+
+def write_weights(
+    pipe: StableDiffusion3Pipeline | FluxPipeline, judge: Judge, out: Path, folder_name: str, model: str = "sd3"
+) -> None:
     """
-    Write the shipped files: `shapes-sd3/` (transformer and VAE in float16, which diffusers loads back as float32; the
-    small text encoders stay float32 so that stock loading gives a float32 pipeline) and `judge.safetensors`
-    (float16). Each is written under a temporary name and renamed.
+    Write the shipped files: `folder_name/` (transformer and VAE in float16, which diffusers loads back as float32;
+    the small text encoders stay float32 so that stock loading gives a float32 pipeline; a `headpag_config.json`
+    already there is kept, else one with the sampler advice of `ADVICE[model]` is written) and `judge.safetensors`
+    (float16; a FLUX run writes it only where there is none: the SD3 model's results are measured with the one there).
+    Each is written under a temporary name and renamed.
     """
     import shutil
 
-    folder, staging = out / "shapes-sd3", out / ".shapes-sd3.partial"
+    folder, staging = out / folder_name, out / f".{folder_name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
     pipe.transformer.to(torch.float16)
     pipe.vae.to(torch.float16)
     try:
@@ -395,11 +486,16 @@ def write_weights(pipe: StableDiffusion3Pipeline, judge: Judge, out: Path) -> No
     finally:
         pipe.transformer.to(torch.float32)
         pipe.vae.to(torch.float32)
+    if (folder / CONFIG_FILE).is_file():
+        shutil.copy2(folder / CONFIG_FILE, staging / CONFIG_FILE)
+    else:
+        (staging / CONFIG_FILE).write_text(json.dumps({"sampler": ADVICE[model]}, indent=1) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
     staging.rename(folder)
-    save_file({k: v.half() for k, v in judge.state_dict().items()}, out / ".judge.partial")
-    (out / ".judge.partial").replace(out / "judge.safetensors")
+    if model == "sd3" or not (out / "judge.safetensors").exists():
+        save_file({k: v.half() for k, v in judge.state_dict().items()}, out / ".judge.partial")
+        (out / ".judge.partial").replace(out / "judge.safetensors")
 
 
 def _stage_vae(schedule: Schedule, progress: bool, checkpoints: Checkpoints):
@@ -432,6 +528,31 @@ def _stage_judge(schedule: Schedule, progress: bool, checkpoints: Checkpoints):
     return judge.eval().requires_grad_(False), record
 
 
+MODELS = ("sd3", "flux")
+
+
+def _pipeline(model: str, vae, seed: int) -> StableDiffusion3Pipeline | FluxPipeline:
+    """An untrained pipeline of `model` around the trained VAE (the text encoders are frozen as built)."""
+    if model == "flux":
+        return FluxPipeline(
+            transformer=build_flux_transformer(seed + 12), scheduler=build_scheduler(), vae=vae,
+            **build_text_stack(seed + 13),
+        )  # fmt: skip
+    tokenizer = build_tokenizer()
+    t5, t5_tokenizer = build_null_t5()
+    return StableDiffusion3Pipeline(
+        transformer=build_transformer(seed + 8),
+        scheduler=build_scheduler(),
+        vae=vae,
+        text_encoder=build_text_encoder(tokenizer, seed + 9),
+        tokenizer=tokenizer,
+        text_encoder_2=build_text_encoder(tokenizer, seed + 10),
+        tokenizer_2=build_tokenizer(),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
 def train(
     out: str | Path = DEFAULT_OUT,
     schedule: Schedule | None = None,
@@ -439,25 +560,31 @@ def train(
     checkpoints: str | Path = DEFAULT_CHECKPOINTS,
     hours: float | None = None,
     stop_at_step: int | None = None,
+    model: str = "sd3",
 ) -> dict:
     r"""
-    Train every testbed network and write them to `out`, continuing from the checkpoints a stopped run left.
+    Train the testbed networks of `model` and write them to `out`, continuing from the checkpoints a stopped run left.
 
     Args:
-        out (`str` or `Path`): Output folder; gets `shapes-sd3/` (a diffusers folder), `judge.safetensors`,
-            `training.json` and `loss.png`. Files are written to a temporary name and renamed.
+        out (`str` or `Path`): Output folder; gets `shapes-sd3/` or `shapes-flux/` (a diffusers folder),
+            `judge.safetensors`, and `training.json` + `loss.png` (`training-flux.json` + `loss-flux.png` for FLUX).
+            Files are written to a temporary name and renamed.
         schedule (`Schedule`, *optional*): Step counts; the default is the shipped run, `QUICK` a smoke test.
         progress (`bool`): Show progress bars.
-        checkpoints (`str` or `Path`): The checkpoint folder (default `runs/testbed-train`).
+        checkpoints (`str` or `Path`): The checkpoint folder (default `runs/testbed-train`); both models share its
+            VAE and judge stages.
         hours (`float`, *optional*): Stop at the first transformer checkpoint after this much time in this call.
         stop_at_step (`int`, *optional*): Stop at the transformer checkpoint of this step (tests).
+        model (`str`): `"sd3"` (`headpag-shapes`) or `"flux"` (`headpag-shapes-flux`).
 
     Returns:
-        The training record (also in `training.json`).
+        The training record (also in `training.json` / `training-flux.json`).
 
     Raises:
         `Stopped`: when `hours` or `stop_at_step` stopped the run, or on Ctrl-C; the checkpoints are complete.
     """
+    if model not in MODELS:
+        raise ValueError(f"Unknown testbed model {model!r}; allowed: {', '.join(MODELS)}.")
     schedule = schedule or Schedule()
     out = Path(out)
     deadline = None if hours is None else time.time() + hours * 3600
@@ -465,21 +592,9 @@ def train(
     torch.manual_seed(schedule.seed)
     vae, vae_record = _stage_vae(schedule, progress, store)
     judge, judge_record = _stage_judge(schedule, progress, store)
-
-    tokenizer = build_tokenizer()
-    t5, t5_tokenizer = build_null_t5()
-    pipe = StableDiffusion3Pipeline(
-        transformer=build_transformer(schedule.seed + 8),
-        scheduler=build_scheduler(),
-        vae=vae,
-        text_encoder=build_text_encoder(tokenizer, schedule.seed + 9),
-        tokenizer=tokenizer,
-        text_encoder_2=build_text_encoder(tokenizer, schedule.seed + 10),
-        tokenizer_2=build_tokenizer(),
-        text_encoder_3=t5,
-        tokenizer_3=t5_tokenizer,
-    )
-    seconds_path = store.folder / "transformer-seconds.json"
+    pipe = _pipeline(model, vae, schedule.seed)
+    name = "transformer" if model == "sd3" else "flux"
+    seconds_path = store.folder / f"{name}-seconds.json"
     seconds = json.loads(seconds_path.read_text()) if seconds_path.exists() else 0.0
     start = time.perf_counter()
     try:
@@ -487,18 +602,16 @@ def train(
             pipe, schedule, progress, store, deadline, stop_at_step
         )
     finally:
-        store._write_json("transformer-seconds.json", seconds + time.perf_counter() - start)
-    losses = {"vae": vae_record["losses"], "judge": judge_record["losses"], "transformer": transformer_losses}
-    times = {
-        "vae": vae_record["seconds"],
-        "judge": judge_record["seconds"],
-        "transformer": seconds + time.perf_counter() - start,
-    }
+        store._write_json(seconds_path.name, seconds + time.perf_counter() - start)
+    losses = {"vae": vae_record["losses"], "judge": judge_record["losses"], name: transformer_losses}
+    times = {"vae": vae_record["seconds"], "judge": judge_record["seconds"]}
+    times[name] = seconds + time.perf_counter() - start
 
     accuracy = judge_accuracy(judge, n=2000 if schedule.judge_steps > 100 else 100)
     out.mkdir(parents=True, exist_ok=True)
-    write_weights(pipe, judge, out)
+    write_weights(pipe, judge, out, "shapes-sd3" if model == "sd3" else "shapes-flux", model)
     record = {
+        "model": model,
         "schedule": asdict(schedule),
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "final_loss": {k: float(np.mean(v[-50:])) for k, v in losses.items()},
@@ -506,8 +619,9 @@ def train(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot_losses(losses, out / "loss.png")
+    suffix = "" if model == "sd3" else "-flux"
+    (out / f"training{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_losses(losses, out / f"loss{suffix}.png")
     return record
 
 
@@ -519,13 +633,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--hours", type=float, default=None, help="stop at a checkpoint after this many hours")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the script end to end")
+    parser.add_argument(
+        "--model", choices=MODELS, default="sd3", help="sd3 (headpag-shapes, default) or flux (headpag-shapes-flux)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.hours is not None and not (math.isfinite(args.hours) and args.hours > 0):
         parser.error(f"--hours must be a positive number, got {args.hours}")
     schedule = dataclasses.replace(QUICK, seed=args.seed) if args.quick else Schedule(seed=args.seed)
     try:
-        record = train(args.out, schedule, checkpoints=args.checkpoints, hours=args.hours)
+        record = train(args.out, schedule, checkpoints=args.checkpoints, hours=args.hours, model=args.model)
     except Stopped as stop:
         print(f"{stop}; run the same command again to continue from {args.checkpoints}.", file=sys.stderr)
         return 3

@@ -154,6 +154,7 @@ class AppContext:
             steps=min(steps, limits.max_steps),
             size=max(16, min(size, limits.max_size // 16 * 16)),
             guidance=min(guidance, limits.max_scale),
+            true_cfg=max(1.0, min(float(builtin.get("true_cfg", 1.0)), limits.max_scale)),
             guidance_label="Guidance embedding (FLUX)" if flux else "CFG scale (off at <= 1)",
             flux=flux,
         )

@@ -68,9 +68,9 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
                     true_cfg = gr.Slider(
                         1,
                         max(1, min(10, limits.max_scale)),
-                        value=1.0,
+                        value=d["true_cfg"],
                         step=0.1,
-                        label="True CFG (FLUX)",
+                        label="True CFG (FLUX; an empty negative prompt is the empty prompt)",
                         visible=d["flux"],
                     )
                 with gr.Row():
@@ -147,9 +147,13 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
         if not prompt.strip():
             raise ValueError("Write a prompt first.")
         upload = check_uploaded_image(image, limits)  # header only: decoded after the client is admitted
+        negative_prompt = inputs.text(negative_prompt, "negative_prompt", limits)
+        true_cfg_scale = inputs.number(true_cfg_scale, "true_cfg_scale", minimum=0) if host.family == "flux" else None
+        # FLUX's true CFG needs a negative prompt: an empty box is the empty prompt, as in diffusers
+        true_cfg = true_cfg_scale is not None and true_cfg_scale > 1
         settings = GenerationSettings(
             prompt=prompt,
-            negative_prompt=inputs.text(negative_prompt, "negative_prompt", limits) or None,
+            negative_prompt=negative_prompt if negative_prompt or true_cfg else None,
             pag_heads=inputs.text(pag_heads, "pag_heads", limits).strip() or None,
             # a PAG value left out (None) is the model's recommendation, spelled out before the call
             pag_scale=given(inputs.number, pag_scale, "pag_scale", minimum=0),
@@ -159,9 +163,7 @@ def build(ctx: AppContext, pag_heads: gr.Textbox) -> SimpleNamespace:
             pag_interval=interval(pag_interval_start, pag_interval_stop),
             pag_reuse=given(inputs.integer, pag_reuse, "pag_reuse", minimum=1, maximum=limits.max_steps),
             guidance_scale=inputs.number(guidance_scale, "guidance_scale", minimum=0),
-            true_cfg_scale=inputs.number(true_cfg_scale, "true_cfg_scale", minimum=0)
-            if host.family == "flux"
-            else None,
+            true_cfg_scale=true_cfg_scale,
             num_inference_steps=inputs.integer(num_inference_steps, "num_inference_steps", minimum=1),
             height=inputs.integer(height, "height", minimum=1),
             width=inputs.integer(width, "width", minimum=1),
