@@ -4,8 +4,8 @@ The FLUX sibling's experiments behind `docs/testbed-flux.md`: does true CFG work
     python benchmarks/testbed_flux_experiments.py [--out runs/testbed-flux] [--docs docs] [--quick] [--write-defaults]
 
 On `headpag-shapes-flux`, offline, with the prompts, measures, statistics and cache of `testbed_experiments.py`
-(CFG here is FLUX's true CFG against the empty prompt; T5 at 64 tokens, a third of the cost of the pipeline's default
-512, which the model serves as well: it is trained for any number of pads):
+(CFG here is FLUX's true CFG against the empty prompt; T5 at 64 tokens, cheaper than the pipeline's default 512, which
+the model serves as well: it is trained for any number of pads):
 
 0. **Clean check**: true CFG at the model's scale, PAG off.
 1. **True CFG against no guidance**: the model was trained with 10% empty prompts so that true CFG works.
@@ -86,7 +86,7 @@ def write_docs(results: dict, docs: Path, r: Renderer, held_out) -> None:
         f"({training['schedule']['flux_steps']} steps × {training['schedule']['flux_batch']} images, 10% empty "
         "prompts), on the SD3 testbed's VAE and judge.",
         f"- {results['steps']} steps; CFG is FLUX's true CFG against the empty prompt; T5 at {TEXT_TOKENS} tokens "
-        "(the pipeline's default is 512: the model is trained for any number of pads, and 64 costs a third); "
+        "(the pipeline's default is 512: the model is trained for any number of pads, and 64 cost less); "
         f"PAG scale {results['pag_scale']:g}, u = 1 unless said otherwise.",
         f"- {len(held_out[0])} pairs each on held-in and held-out prompts, as in the SD3 experiments.",
         "",
@@ -147,7 +147,8 @@ def write_docs(results: dict, docs: Path, r: Renderer, held_out) -> None:
     summary = {k: results[k] for k in ("clean", "cfg", "guidance", "steps")}
     summary["default"] = {k: v for k, v in choice.items() if k not in ("images", "baseline_images")}
     summary["regimes"] = {
-        name: {k: regime[k] for k in ("guidance", "best", "held_out")} for name, regime in results["regimes"].items()
+        name: {**{k: regime[k] for k in ("guidance", "best", "held_out")}, "held_in": regime["layers"][regime["best"]]}
+        for name, regime in results["regimes"].items()
     }
     (figures / "flux-results.json").write_text(json.dumps(summary, indent=1) + "\n")
 

@@ -256,7 +256,7 @@ def test_startup_failure_still_serves_and_explains(tmp_path):
         )  # the controls' defaults were set for the tiny models offered at start-up
         assert json.loads(settings)["model"] == "tiny-flux" and Image.open(pag).size == (64, 64)
         # FLUX's true CFG with the negative prompt box left empty runs against the empty prompt, as diffusers does
-        *_, settings, _, _ = client.predict(
+        _, _, settings, *_ = client.predict(
             prompt="a cat", pag_heads="2", true_cfg_scale=2.0, num_inference_steps=2, api_name="/generate"
         )
         assert (json.loads(settings)["true_cfg_scale"], json.loads(settings)["negative_prompt"]) == (2.0, "")

@@ -94,3 +94,28 @@ def test_the_readme_and_testbed_page_say_what_the_experiments_measured():
     block = page[page.index("<!-- results:") : page.index("<!-- /results -->")]
     assert interval(default["check"]["all_right"]) in block
     assert ("the bar (lower ends ≥ −0.02) is not met" in block) == (not default["meets"])
+
+
+def test_the_flux_testbed_claims_come_from_its_experiments():
+    """The README's and docs/testbed.md's claims on `headpag-shapes-flux` come from docs/testbed/flux-results.json
+    (written by benchmarks/testbed_flux_experiments.py with docs/testbed-flux.md)."""
+    import json
+
+    results = json.loads((ROOT / "docs" / "testbed" / "flux-results.json").read_text())
+    readme = (ROOT / "README.md").read_text().replace("−", "-")
+    page = (ROOT / "docs" / "testbed.md").read_text().replace("−", "-")
+
+    def interval(d):
+        return f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+    clean = f"{results['clean']['held_in']['all_right']['mean']:.1%}"
+    cfg = interval(results["cfg"]["held_in"]["all_right"])
+    no_cfg = results["regimes"]["no CFG"]
+    for text in (readme, page):
+        assert clean in text and cfg in text and interval(no_cfg["held_out"]["structure"]) in text
+        assert ("not clean either" in text) == (not results["clean"]["clean"])
+    assert f"PAG on layer {no_cfg['best']}" in readme and interval(no_cfg["held_in"]["structure"]) in page
+    default = results["default"]
+    settings = f"s = {default['pag_scale']:g}, u = {default['pag_identity_weight']:g}"
+    assert f"PAG on layer {default['heads']} at {settings}" in page
+    assert interval(default["check"]["all_right"]) in page and ("misses the bar" in page) == (not default["meets"])
