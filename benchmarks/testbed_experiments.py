@@ -269,21 +269,31 @@ def write_defaults(
     return folder / CONFIG_FILE
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "runs" / "testbed"))
+def arguments(argv: list[str] | None, description: str, out: Path) -> argparse.Namespace:
+    """The command line of an experiments script (`out`: the default cache folder)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=str(out))
     parser.add_argument("--docs", default=str(ROOT / "docs"))
     parser.add_argument("--quick", action="store_true", help="tiny counts: checks the script end to end")
     parser.add_argument("--write-defaults", action="store_true", help="write the chosen default into the model")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def prompt_sets(sizes: Sizes) -> tuple[tuple, tuple, tuple]:
+    """Held-in pairs, held-out pairs, and the held-out prompts with fresh seeds (the shipped default's check)."""
+    seeds = list(range(sizes.seeds))
+    held_in = pairs(prompts(sizes.held_in, 100, False), seeds)
+    held_out = pairs(prompts(sizes.held_out, 101, True), seeds)
+    return held_in, held_out, pairs(prompts(sizes.held_out, 101, True), [900 + s for s in seeds])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv, __doc__.split("\n\n")[0], ROOT / "runs" / "testbed")
     began = time.perf_counter()
     sizes = Sizes(args.quick)
     out = Path(args.out)
     r = Renderer(MODEL, out, steps=sizes.steps)
-    seeds = list(range(sizes.seeds))
-    held_in = pairs(prompts(sizes.held_in, 100, False), seeds)
-    held_out = pairs(prompts(sizes.held_out, 101, True), seeds)
-    fresh_out = pairs(prompts(sizes.held_out, 101, True), [900 + s for s in seeds])
+    held_in, held_out, fresh_out = prompt_sets(sizes)
     heads_items = pairs(prompts(sizes.heads_prompts, 102, False), [0])
     search_items = pairs(prompts(sizes.search_pairs, 200, False), [1000])
 

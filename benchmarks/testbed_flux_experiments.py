@@ -16,7 +16,6 @@ the model serves as well: it is trained for any number of pads):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers.utils import logging  # noqa: E402
-from testbed_experiments import PAG_SCALE, Sizes, clean, default, pairs, prompts, regime_scales, regimes  # noqa: E402
+from testbed_experiments import PAG_SCALE, Sizes, arguments, clean, default, prompt_sets, regime_scales, regimes  # noqa: E402
 from testbed_experiments import write_defaults as write_model_defaults  # noqa: E402
 from testbed_render import Renderer, paired  # noqa: E402
 from testbed_report import fmt, regimes_figure, sheet, verdict  # noqa: E402
@@ -154,20 +153,12 @@ def write_docs(results: dict, docs: Path, r: Renderer, held_out) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "runs" / "testbed-flux"))
-    parser.add_argument("--docs", default=str(ROOT / "docs"))
-    parser.add_argument("--quick", action="store_true", help="tiny counts: checks the script end to end")
-    parser.add_argument("--write-defaults", action="store_true", help="write the chosen default into the model")
-    args = parser.parse_args(argv)
+    args = arguments(argv, __doc__.split("\n\n")[0], ROOT / "runs" / "testbed-flux")
     began = time.perf_counter()
     sizes = Sizes(args.quick, int(SAMPLER.get("steps", 20)))
     out = Path(args.out)
     r = Renderer(MODEL, out, steps=sizes.steps, text_tokens=TEXT_TOKENS)
-    seeds = list(range(sizes.seeds))
-    held_in = pairs(prompts(sizes.held_in, 100, False), seeds)
-    held_out = pairs(prompts(sizes.held_out, 101, True), seeds)
-    fresh_out = pairs(prompts(sizes.held_out, 101, True), [900 + s for s in seeds])
+    held_in, held_out, fresh_out = prompt_sets(sizes)
     results = {"sizes": vars(sizes), "num_layers": r.num_layers, "num_heads": r.num_heads, "guidance": GUIDANCE,
                "pag_scale": PAG_SCALE, "steps": sizes.steps}  # fmt: skip
     results["clean"] = clean(r, GUIDANCE, held_in, held_out)

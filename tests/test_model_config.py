@@ -197,13 +197,18 @@ def test_the_cli_takes_the_models_defaults_and_writes_what_ran(tmp_path):
     assert without["pag_scale"] == 0.0 and without["pag_identity_weight"] == 0.5  # spelled out, PAG off
 
 
+def saved_with_advice(name: str, folder, sampler: dict):
+    """A tiny model saved to `folder` whose headpag_config.json carries the `sampler` advice."""
+    load_pipeline(name).save_pretrained(folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["sampler"] = sampler
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+
 def test_the_cli_takes_the_models_sampler_advice_for_flags_left_out(tmp_path):
     from headpag.cli import main
 
-    load_pipeline("tiny-sd3").save_pretrained(tmp_path / "model")
-    config = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
-    config["sampler"] = {"steps": 2, "size": 48, "guidance": 1.5}
-    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(config))
+    saved_with_advice("tiny-sd3", tmp_path / "model", {"steps": 2, "size": 48, "guidance": 1.5})
     out = tmp_path / "out.png"
     argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "a photo", "--output", str(out)]
     assert main([*argv, "--no-progress"]) == 0
@@ -219,10 +224,7 @@ def test_the_cli_takes_a_flux_models_true_cfg_advice_against_the_empty_prompt(tm
     diffusers' `FluxPipeline` called with `negative_prompt=""` and that scale."""
     from headpag.cli import main
 
-    load_pipeline("tiny-flux").save_pretrained(tmp_path / "model")
-    config = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
-    config["sampler"] = {"steps": 2, "size": 32, "true_cfg": 2.5}
-    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(config))
+    saved_with_advice("tiny-flux", tmp_path / "model", {"steps": 2, "size": 32, "true_cfg": 2.5})
     out = tmp_path / "out.png"
     argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "a photo", "--output", str(out)]
     assert main([*argv, "--no-progress", "--pag-scale", "0", "--max-sequence-length", "16"]) == 0

@@ -7,6 +7,7 @@ and benchmarks use them. Weights are seeded, so outputs are reproducible.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -105,11 +106,13 @@ def _clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def tiny_t5_tokenizer() -> T5Tokenizer:
-    """A 56-piece Unigram T5 tokenizer built in memory (letters and word starts)."""
+def tiny_t5_tokenizer(words: Sequence[str] = ()) -> T5Tokenizer:
+    """A Unigram T5 tokenizer built in memory: 56 pieces (letters and word starts), plus one piece per word of
+    `words`, which then tokenize as one token each."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
+    vocab += [("\u2581" + w, -1.0) for w in words]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 

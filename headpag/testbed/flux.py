@@ -26,10 +26,11 @@ import math
 
 import torch
 from diffusers import FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+from ..models.tiny import tiny_t5_tokenizer
 from .data import all_prompts
-from .model import CLIP_WIDTH, build_tokenizer
+from .model import CLIP_WIDTH, build_tokenizer, clip_config
 
 
 T5_WIDTH = 64
@@ -53,12 +54,7 @@ _FALLBACK = -200.0  # self: weight exactly 0 when the head's earlier token exist
 
 def build_t5_tokenizer() -> T5Tokenizer:
     """A Unigram T5 tokenizer in which every grammar word is one piece (other text falls back to letters)."""
-    words = sorted({w for p in all_prompts() for w in p.split()})
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
-    vocab += [("\u2581" + w, -1.0) for w in words]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=PAD_TOKENS)
+    return tiny_t5_tokenizer(words=sorted({w for p in all_prompts() for w in p.split()}))
 
 
 def build_t5(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
@@ -98,21 +94,7 @@ def build_t5(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
 def build_clip(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
     """A 2-layer CLIP text encoder with seeded random weights: its pooled output is FLUX's `pooled_projections`."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=CLIP_WIDTH,
-        intermediate_size=4 * CLIP_WIDTH,
-        projection_dim=CLIP_WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config).eval().requires_grad_(False)
+    return CLIPTextModel(clip_config(tokenizer)).eval().requires_grad_(False)
 
 
 def build_flux_transformer(seed: int) -> FluxTransformer2DModel:

@@ -92,24 +92,28 @@ def _merges(bpe: Tokenizer) -> list:
     return json.loads(bpe.to_str())["model"]["merges"]
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWithProjection:
-    """A 2-layer CLIP text encoder with seeded random weights (kept frozen: the transformer learns to read it)."""
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """The testbed's 2-layer CLIP text encoder over `tokenizer` (both models' encoders)."""
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=CLIP_WIDTH,
         intermediate_size=4 * CLIP_WIDTH,
         projection_dim=CLIP_WIDTH,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=TEXT_TOKENS,
+        max_position_embeddings=tokenizer.model_max_length,
         hidden_act="gelu",
         layer_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWithProjection:
+    """A 2-layer CLIP text encoder with seeded random weights (kept frozen: the transformer learns to read it)."""
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(clip_config(tokenizer)).eval().requires_grad_(False)
 
 
 def build_null_t5() -> tuple[T5EncoderModel, T5Tokenizer]:

@@ -302,6 +302,9 @@ class _FluxTask:
         return FluxPipeline._unpack_latents(out, h * self.scale, w * self.scale, self.scale)
 
 
+TASKS = {"sd3": _SD3Task, "flux": _FluxTask}
+
+
 def _quiet_encode(encode, *args, **kwargs):
     """Run a pipeline's `encode_prompt` without the truncation warnings that short sequences make on purpose."""
     from transformers.utils import logging as transformers_logging
@@ -363,7 +366,7 @@ def train_transformer(
     stop_at_step: int | None = None,
 ):
     """Rectified-flow training of `pipe.transformer`; returns `(ema, losses)`, or raises `Stopped` at a checkpoint."""
-    task = _FluxTask(pipe, schedule) if isinstance(pipe, FluxPipeline) else _SD3Task(pipe, schedule)
+    task = TASKS["flux" if isinstance(pipe, FluxPipeline) else "sd3"](pipe, schedule)
     transformer, vae = pipe.transformer, pipe.vae
     transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
@@ -528,7 +531,7 @@ def _stage_judge(schedule: Schedule, progress: bool, checkpoints: Checkpoints):
     return judge.eval().requires_grad_(False), record
 
 
-MODELS = ("sd3", "flux")
+MODELS = tuple(TASKS)
 
 
 def _pipeline(model: str, vae, seed: int) -> StableDiffusion3Pipeline | FluxPipeline:
@@ -593,7 +596,7 @@ def train(
     vae, vae_record = _stage_vae(schedule, progress, store)
     judge, judge_record = _stage_judge(schedule, progress, store)
     pipe = _pipeline(model, vae, schedule.seed)
-    name = "transformer" if model == "sd3" else "flux"
+    name = TASKS[model].name
     seconds_path = store.folder / f"{name}-seconds.json"
     seconds = json.loads(seconds_path.read_text()) if seconds_path.exists() else 0.0
     start = time.perf_counter()
@@ -609,7 +612,7 @@ def train(
 
     accuracy = judge_accuracy(judge, n=2000 if schedule.judge_steps > 100 else 100)
     out.mkdir(parents=True, exist_ok=True)
-    write_weights(pipe, judge, out, "shapes-sd3" if model == "sd3" else "shapes-flux", model)
+    write_weights(pipe, judge, out, TASKS[model].folder, model)
     record = {
         "model": model,
         "schedule": asdict(schedule),
