@@ -106,8 +106,8 @@ class Renderer:
         model (`str`): A model name or folder.
         out (`Path`): The cache folder.
         steps (`int`): Denoising steps.
-        text_tokens (`int`, *optional*): FLUX only: T5's `max_sequence_length` (default the pipeline's 512). SD3 runs
-            with one null T5 token.
+        text_tokens (`int`, *optional*): T5's `max_sequence_length` (default the pipeline's: 256 for SD3, 512 for
+            FLUX). Both testbed models are trained for any length that leaves one zero pad after the prompt.
     """
 
     def __init__(self, model: str, out: Path, steps: int, text_tokens: int | None = None):
@@ -127,7 +127,7 @@ class Renderer:
         base.update(values)
         if base["pag_scale"] == 0:
             base.update(pag_heads=None, pag_identity_weight=1.0)
-        if self.family == "flux" and self.text_tokens is not None:
+        if self.text_tokens is not None:
             base["max_sequence_length"] = self.text_tokens
         return {**base, "steps": self.steps, "size": IMAGE_SIZE}
 
@@ -170,10 +170,10 @@ class Renderer:
             # CFG is FLUX's true CFG against the empty prompt
             g = settings["guidance_scale"]
             guidance = dict(true_cfg_scale=g, negative_prompt="") if g > 1 else {}
-            if "max_sequence_length" in settings:
-                guidance["max_sequence_length"] = settings["max_sequence_length"]
-        else:  # SD3: one null T5 token (the model is trained for any number of zero tokens)
-            guidance = dict(guidance_scale=settings["guidance_scale"], max_sequence_length=1)
+        else:
+            guidance = dict(guidance_scale=settings["guidance_scale"])
+        if "max_sequence_length" in settings:
+            guidance["max_sequence_length"] = settings["max_sequence_length"]
         return self.pipe(
             prompt=prompts,
             generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -190,7 +190,8 @@ def search(r: Renderer, name: str, objective, items, sizes, strategy: str = "exh
     prompts, seeds = items
     config = SearchConfig(
         prompts=prompts, seeds=seeds, pairing="zip", rounds=1, top_k=top_k, pool=sizes.head_pool, pag_scale=3.0,
-        guidance_scale=1.0, num_inference_steps=r.steps, height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=1,
+        guidance_scale=1.0, num_inference_steps=r.steps, height=IMAGE_SIZE, width=IMAGE_SIZE,
+        max_sequence_length=r.text_tokens,
         batch_size=BATCH, strategy=strategy, **options,
     )  # fmt: skip
     folder = r.out / "search" / name

@@ -157,7 +157,7 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
         "## Setup",
         "",
         f"- `headpag-shapes`: {results['num_layers']} joint blocks × {results['num_heads']} heads, 96×96 images "
-        f"(144 image tokens). {results['steps']} steps; `--max-sequence-length 1`; PAG scale "
+        f"(144 image tokens). {results['steps']} steps; T5 at {results['text_tokens']} tokens; PAG scale "
         f"{results['pag_scale']:g}, u = 1 unless said otherwise.",
         f"- Held-in: {n_in} prompt–seed pairs ({sizes['held_in']} prompts × {sizes['seeds']} seed(s)) of the "
         f"training distribution; held-out: {n_out} pairs whose prompts hold a held-out colour–shape pair; the "
@@ -294,9 +294,12 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
         "",
         "## Training",
         "",
-        f"VAE {training['seconds']['vae']:.0f} s, judge {training['seconds']['judge']:.0f} s, transformer "
+        f"VAE {training['seconds']['vae']:.0f} s, judge {training['seconds']['judge']:.0f} s, latent pool "
+        f"{training['seconds']['latents']:.0f} s, transformer stage 1 (null T5) "
         f"{training['seconds']['transformer']:.0f} s ({training['schedule']['transformer_steps']} steps × "
-        f"{training['schedule']['transformer_batch']} images). Judge accuracy on 2,000 fresh images: "
+        f"{training['schedule']['transformer_batch']} images), stage 2 (windowed T5) "
+        f"{training['seconds']['transformer-t5']:.0f} s ({training['schedule']['t5_steps']} steps). "
+        "Judge accuracy on 2,000 fresh images: "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in training["judge_accuracy"].items())
         + ".",
         "",

@@ -156,7 +156,7 @@ def test_weights_fit_the_size_budget():
 
 
 def test_baseline_draws_better_than_without_guidance(pipe, judge):
-    """CFG, 20 steps, the pipeline's default 256 zero T5 tokens, PAG off, against no guidance on the same seeds.
+    """CFG, 20 steps, the pipeline's default 256 T5 tokens, PAG off, against no guidance on the same seeds.
     Version 2 is not clean yet (docs/testbed.md): this guards what it does draw, measured at shipping."""
     guidance = model_defaults("headpag-shapes")["guidance"]
 
@@ -190,7 +190,7 @@ def test_judge_objective_is_differentiable_through_a_pipeline_call(pipe, tmp_pat
         height=64,
         width=64,
         num_inference_steps=3,
-        max_sequence_length=1,
+        max_sequence_length=32,
     )
     hunter = HeadHunter(pipe, objective, config, tmp_path / "run")
     pool = hunter.pool()
@@ -229,7 +229,7 @@ def test_training_script_runs_to_completion(tmp_path):
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
     assert main(["--quick", "--out", str(out), "--checkpoints", str(checkpoints)]) == 0
     record = json.loads((out / "training.json").read_text())
-    assert set(record["seconds"]) == {"vae", "judge", "transformer"}
+    assert set(record["seconds"]) == {"vae", "judge", "latents", "transformer", "transformer-t5"}
     assert (out / "loss.png").is_file() and (out / "judge.safetensors").is_file()
     assert not any(p.name.startswith(".") for p in [*out.iterdir(), *checkpoints.iterdir()])  # nothing half-written
     stock = StableDiffusion3Pipeline.from_pretrained(out / "shapes-sd3")
@@ -254,6 +254,8 @@ def test_a_stopped_training_run_continues_where_it_stopped(tmp_path):
     record = train(tmp_path / "out", QUICK, progress=False, checkpoints=tmp_path / "ck")
     assert (tmp_path / "ck" / "vae.safetensors").stat().st_mtime_ns == vae_before  # loaded, not retrained
     assert record["schedule"]["transformer_steps"] == 6
+    for stage, steps in (("transformer", 6), ("transformer-t5", 4)):  # every stage checkpointed at its end
+        assert json.loads((tmp_path / "ck" / f"{stage}.json").read_text())["step"] == steps
     weights = load_file(tmp_path / "out" / "shapes-sd3" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     with pytest.raises(ValueError, match=r"another schedule \(differs in \['transformer_steps'\]\)"):
@@ -312,23 +314,74 @@ def test_data_command_writes_prompts_and_references(tmp_path):
     assert all(data.parse_prompt(p).two for p in (tmp_path / "q.txt").read_text().splitlines())
 
 
-def test_one_zero_token_with_its_multiplicity_equals_256_real_ones(pipe):
-    """Training's shortcut against the real thing: 256 identical zero T5 tokens == one with logit + log(256)."""
-    from headpag.testbed.model import ZeroTokenMultiplicity
+@torch.no_grad()
+def test_stage_one_shortcut_one_zero_token_equals_256_real_ones():
+    """The first training stage's shortcut against the real thing, on the null T5 it trains with: 256 identical zero
+    T5 tokens == one with logit + log(256)."""
+    from headpag.testbed.model import ZeroTokenMultiplicity, build_vae
+    from headpag.testbed.train import _pipeline
 
+    stage_one = _pipeline("sd3", build_vae(0), 0)
     prompt = "a small black square on a green background at the top left"
     encode = dict(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)
-    one, _, pooled, _ = pipe.encode_prompt(prompt, max_sequence_length=1, **encode)
-    full, *_ = pipe.encode_prompt(prompt, max_sequence_length=256, **encode)
+    one, _, pooled, _ = stage_one.encode_prompt(prompt, max_sequence_length=1, **encode)
+    full, *_ = stage_one.encode_prompt(prompt, max_sequence_length=256, **encode)
     assert full.shape[1] == 16 + 256 and full[:, 16:].abs().max() == 0  # the null T5 outputs zeros
+    transformer = stage_one.transformer
     x, t = torch.randn(2, 4, 24, 24, generator=torch.Generator().manual_seed(0)), torch.tensor([300.0, 800.0])
-    with torch.no_grad():
-        reference = pipe.transformer(x, full.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
-        with ZeroTokenMultiplicity(1, 256):
-            shortcut = pipe.transformer(x, one.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
-        plain = pipe.transformer(x, one.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
+    reference = transformer(x, full.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
+    with ZeroTokenMultiplicity(1, 256):
+        shortcut = transformer(x, one.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
+    plain = transformer(x, one.repeat(2, 1, 1), pooled.repeat(2, 1), t).sample
     assert torch.allclose(shortcut, reference, atol=1e-5)
     assert not torch.allclose(plain, reference, atol=1e-3)  # the multiplicity matters
+
+
+def test_the_shipped_t5_is_the_windowed_t5_the_code_builds(pipe):
+    """The folder's third text encoder is `build_sd3_t5` (the training's seed), bit for bit, and its pads past the
+    window are exactly zero at the pipeline's default 256 tokens."""
+    from headpag.testbed.model import build_sd3_t5
+    from headpag.testbed.t5 import content_length
+
+    built, tokenizer = build_sd3_t5(14)
+    shipped = pipe.text_encoder_3.state_dict()
+    assert shipped.keys() == built.state_dict().keys()
+    assert all(torch.equal(shipped[k], v) for k, v in built.state_dict().items())
+    assert pipe.tokenizer_3.get_vocab() == tokenizer.get_vocab()
+    ids = pipe.tokenizer_3(HELD_IN[:6], padding="max_length", max_length=256, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = pipe.text_encoder_3(ids)[0]
+    for row, length in enumerate(content_length(ids)):
+        assert out[row, length:].abs().max() == 0 and out[row, : length - 3].abs().min() > 0
+
+
+@torch.no_grad()
+def test_the_t5_stage_training_step_predicts_what_stock_diffusers_predicts_on_256_tokens(pipe):
+    """`sd3_t5_prompt_table` and `_SD3T5Task.predict` (pad count drawn at its maximum) against stock `encode_prompt`
+    at the default 256 T5 tokens and the transformer on them; a wrong count is seen."""
+    from headpag.testbed.train import Schedule, _SD3T5Task
+
+    class Draws:  # a numpy generator whose uniform draws are all `value`: counts = (256 - content) ** value
+        def __init__(self, value):
+            self.value = value
+
+        def uniform(self, low, high, size):
+            return np.full(size, self.value)
+
+    task = _SD3T5Task(pipe, Schedule())
+    prompts = [HELD_IN[0], "a red circle left of a blue triangle on a white background", HELD_IN[3]]
+    rows = [task.index[p] for p in prompts] + [0]
+    full, _, pooled, _ = pipe.encode_prompt(prompts + [""], None, None, do_classifier_free_guidance=False)
+    tokens = task.embeds.shape[1]
+    assert full.shape[1] == 16 + 256 and torch.count_nonzero(full[:, tokens:]) == 0
+    torch.testing.assert_close(task.embeds[rows], full[:, :tokens])
+    torch.testing.assert_close(task.pooled[rows], pooled)
+    noisy = torch.randn(len(rows), 4, 24, 24, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    reference = pipe.transformer(noisy, full, pooled, sigma * 1000).sample
+    torch.testing.assert_close(task.predict(pipe.transformer, noisy, rows, sigma, Draws(1.0)), reference,
+                               atol=2e-5, rtol=1e-4)  # fmt: skip
+    assert (task.predict(pipe.transformer, noisy, rows, sigma, Draws(0.5)) - reference).abs().max() > 1e-4
 
 
 @pytest.mark.slow

@@ -3,12 +3,16 @@ The testbed's networks, built from configs: a word-level CLIP tokenizer for the 
 encoders, a small `AutoencoderKL` (96×96 → 24×24×4), a small `SD3Transformer2DModel` (10 joint blocks × 8 heads, 144
 image tokens) and the judge CNN.
 
-The third text encoder is a "null T5": a one-layer T5 encoder whose final norm has zero weight, so it outputs exactly
-the zeros that SD3 pipelines use when T5 is dropped, while stock `from_pretrained(folder)` finds every component.
-SD3 then feeds `max_sequence_length` (default 256) identical zero tokens. Identical keys and values act as one key
-whose logit carries `+log(count)` ([`ZeroTokenMultiplicity`], exact to 1e-6): training uses one zero token with a
-random count in [1, 256] per step, so the model serves every `max_sequence_length` at a fifth of the cost of training
-on 256 real tokens.
+The transformer is trained in two stages, which differ in the third text encoder:
+
+1. a "null T5": a one-layer T5 encoder whose final norm has zero weight, so it outputs exactly the zeros that SD3
+   pipelines use when T5 is dropped. SD3 then feeds `max_sequence_length` (default 256) identical zero tokens, which
+   act as one key whose logit carries `+log(count)` ([`ZeroTokenMultiplicity`], exact to 1e-6): this stage trains on
+   one zero token with a random count in [1, 256];
+2. the windowed T5 of [`~headpag.testbed.t5`] (`build_sd3_t5`), which the shipped folder holds: the CLIP tokens keep
+   what stage 1 learnt, and the T5 tokens add each word with the three before it, so the transformer can read word
+   order (which colour goes with which shape, "at the top left"). Its pads past the window are exactly zero, and this
+   stage trains on the prompt's T5 tokens and one zero pad standing for the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -32,6 +35,7 @@ from transformers import (
 
 from ..models.tiny import tiny_t5_tokenizer
 from .data import ATTRIBUTES, IMAGE_SIZE, all_prompts
+from .t5 import KeyBias, build_t5, build_t5_tokenizer
 
 
 TEXT_TOKENS = 16  # CLIP tokenizer length: the longest prompt is 15 tokens with BOS/EOS
@@ -142,6 +146,12 @@ def build_null_t5() -> tuple[T5EncoderModel, T5Tokenizer]:
     return model.eval().requires_grad_(False), tokenizer
 
 
+def build_sd3_t5(seed: int) -> tuple[T5EncoderModel, T5Tokenizer]:
+    """The shipped third text encoder: the windowed T5 of `headpag.testbed.t5` at the transformer's text width."""
+    tokenizer = build_t5_tokenizer()
+    return build_t5(tokenizer, seed, TRANSFORMER["joint_attention_dim"]), tokenizer
+
+
 def build_vae(seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(**VAE, scaling_factor=1.0, shift_factor=0.0)
@@ -184,7 +194,7 @@ class Judge(nn.Module):
         return {name: head(features).log_softmax(-1) for name, head in self.heads.items()}
 
 
-class ZeroTokenMultiplicity(TorchFunctionMode):
+class ZeroTokenMultiplicity(KeyBias):
     r"""
     Inside this mode, SDPA gives the key at `index` the weight of `count` identical keys (logit `+ log(count)`).
 
@@ -195,15 +205,11 @@ class ZeroTokenMultiplicity(TorchFunctionMode):
     """
 
     def __init__(self, index_from_end: int = 1, count: int = ZERO_TOKENS):
-        super().__init__()
+        super().__init__(torch.zeros(0))
         self.index_from_end = index_from_end
         self.log_count = math.log(count)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            key = args[1] if len(args) > 1 else kwargs["key"]
-            bias = torch.zeros(key.shape[-2], dtype=key.dtype, device=key.device)
-            bias[key.shape[-2] - self.index_from_end] = self.log_count
-            kwargs["attn_mask"] = bias.view(1, 1, 1, -1)
-        return func(*args, **kwargs)
+    def mask(self, key: torch.Tensor) -> torch.Tensor:
+        bias = torch.zeros(key.shape[-2], dtype=key.dtype, device=key.device)
+        bias[key.shape[-2] - self.index_from_end] = self.log_count
+        return bias.view(1, 1, 1, -1)

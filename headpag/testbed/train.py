@@ -2,9 +2,11 @@
 Train the shapes testbed: `python -m headpag.testbed.train [--out FOLDER] [--checkpoints FOLDER] [--hours H]
 [--quick]`.
 
-Three stages, each a fixed number of seeded steps: the VAE (on 32×32 crops of freshly drawn images; it is fully
-convolutional), the judge (fresh images, augmented), then the SD3 transformer with rectified flow on a pool of encoded
+Stages, each a fixed number of seeded steps: the VAE (on 32×32 crops of freshly drawn images; it is fully
+convolutional), the judge (fresh images, augmented), then the transformer with rectified flow on a pool of encoded
 scenes (logit-normal timesteps, 10% empty prompts for classifier-free guidance; an EMA of the weights is what ships).
+The SD3 transformer has two stages (`headpag.testbed.model`): first with a null T5 (CLIP only), then from there with
+the windowed T5 that ships; the FLUX transformer (`--model flux`) one.
 Writes a stock diffusers `StableDiffusion3Pipeline` folder, `judge.safetensors`, `training.json` (steps, losses,
 seconds, judge accuracy) and `loss.png`.
 
@@ -36,18 +38,20 @@ from tqdm.auto import tqdm
 
 from ..pipelines.model_config import CONFIG_FILE
 from .data import ATTRIBUTES, IMAGE_SIZE, ONE_OBJECT, TWO_OBJECTS, all_prompts, batch
-from .flux import PAD_TOKENS, T5_WINDOW, build_flux_transformer, build_text_stack, content_length, multiplicity_bias
+from .flux import PAD_TOKENS, build_flux_transformer, build_text_stack
 from .model import (
     ZERO_TOKENS,
     Judge,
     ZeroTokenMultiplicity,
     build_null_t5,
     build_scheduler,
+    build_sd3_t5,
     build_text_encoder,
     build_tokenizer,
     build_transformer,
     build_vae,
 )
+from .t5 import T5_WINDOW, KeyBias, content_length, multiplicity_bias
 
 
 logger = logging.get_logger(__name__)
@@ -66,6 +70,7 @@ class Schedule:
     latent_pool: int = 40960
     transformer_steps: int = 4000
     transformer_batch: int = 64
+    t5_steps: int = 3600
     flux_steps: int = 3000
     flux_batch: int = 64
     lr: float = 1e-3
@@ -82,6 +87,7 @@ QUICK = Schedule(
     latent_pool=64,
     transformer_steps=6,
     transformer_batch=8,
+    t5_steps=4,
     flux_steps=6,
     flux_batch=8,
     checkpoint_every=2,
@@ -248,10 +254,18 @@ def train_judge(schedule: Schedule, progress: bool) -> tuple[Judge, list[float]]
     return judge.eval().requires_grad_(False), losses
 
 
-class _SD3Task:
-    """What the SD3 transformer stage needs: the prompt table and one prediction with `max_sequence_length` drawn."""
+def _pad_counts(rng: np.random.Generator, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """Per row, a number of zero pads from 1 to `total` minus its content, log-uniform: every `max_sequence_length`
+    that keeps a zero pad."""
+    room = (total - lengths).double()
+    return torch.from_numpy(np.exp(rng.uniform(0, 1, len(lengths)) * np.log(room.numpy()))).round().clamp(min=1)
 
-    name, folder = "transformer", "shapes-sd3"
+
+class _SD3Task:
+    """What the SD3 transformer's first stage needs: the prompt table and one prediction with `max_sequence_length`
+    drawn (null T5: one zero token)."""
+
+    name, folder, seeds = "transformer", "shapes-sd3", (11, 7)
 
     def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
         self.steps, self.batch = schedule.transformer_steps, schedule.transformer_batch
@@ -269,10 +283,37 @@ class _SD3Task:
             ).sample
 
 
+class _SD3T5Task:
+    """The SD3 transformer's second stage (from the first's weights): the CLIP tokens, the prompt's windowed-T5 tokens
+    and one zero pad standing for a drawn number of pads (SD3's joint order: `[image, CLIP, T5]`)."""
+
+    name, folder, seeds = "transformer-t5", "shapes-sd3", (15, 16)
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
+        self.steps, self.batch = schedule.t5_steps, schedule.transformer_batch
+        self.index, self.embeds, self.pooled, self.lengths = sd3_t5_prompt_table(pipe)
+        self.clip_tokens = pipe.tokenizer_max_length
+
+    def predict(self, transformer, noisy: torch.Tensor, rows: list[int], sigma: torch.Tensor, rng) -> torch.Tensor:
+        lengths = self.lengths[rows]
+        patch = transformer.config.patch_size
+        image_tokens = noisy.shape[-2] // patch * (noisy.shape[-1] // patch)
+        t5_tokens = self.embeds.shape[1] - self.clip_tokens
+        counts = _pad_counts(rng, lengths, ZERO_TOKENS)
+        bias = multiplicity_bias(lengths, t5_tokens, counts, 0, leading=image_tokens + self.clip_tokens)
+        with KeyBias(bias.to(noisy.dtype)):
+            return transformer(
+                hidden_states=noisy,
+                encoder_hidden_states=self.embeds[rows],
+                pooled_projections=self.pooled[rows],
+                timestep=sigma * 1000,
+            ).sample
+
+
 class _FluxTask:
     """The FLUX transformer stage: compact T5 sequences whose one zero pad stands for a drawn number of pads."""
 
-    name, folder = "flux", "shapes-flux"
+    name, folder, seeds = "flux", "shapes-flux", (11, 7)
 
     def __init__(self, pipe: FluxPipeline, schedule: Schedule):
         self.steps, self.batch = schedule.flux_steps, schedule.flux_batch
@@ -285,9 +326,7 @@ class _FluxTask:
     def predict(self, transformer, noisy: torch.Tensor, rows: list[int], sigma: torch.Tensor, rng) -> torch.Tensor:
         b, c, h, w = noisy.shape
         lengths = self.lengths[rows]
-        # any number of zero pads from 1 to 512 minus the content: every `max_sequence_length` that keeps a zero pad
-        room = (PAD_TOKENS - lengths).double()
-        counts = torch.from_numpy(np.exp(rng.uniform(0, 1, len(rows)) * np.log(room.numpy()))).round().clamp(min=1)
+        counts = _pad_counts(rng, lengths, PAD_TOKENS)
         bias = multiplicity_bias(lengths, self.embeds.shape[1], counts, h * w // 4).to(noisy.dtype)
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
         out = transformer(
@@ -302,7 +341,8 @@ class _FluxTask:
         return FluxPipeline._unpack_latents(out, h * self.scale, w * self.scale, self.scale)
 
 
-TASKS = {"sd3": _SD3Task, "flux": _FluxTask}
+# the transformer stages of each model, in order (each starts from the previous one's weights)
+STAGES = {"sd3": (_SD3Task, _SD3T5Task), "flux": (_FluxTask,)}
 
 
 def _quiet_encode(encode, *args, **kwargs):
@@ -330,16 +370,43 @@ def sd3_prompt_table(pipe: StableDiffusion3Pipeline) -> tuple[dict[str, int], to
     return {p: i for i, p in enumerate(prompts)}, embeds, pooled
 
 
+def _t5_lengths(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, int]:
+    """Each prompt's T5 content length ([`~headpag.testbed.t5.content_length`]) and the compact sequence length: one
+    token after the longest content, so that every row has a zero pad."""
+    ids = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    pad = tokenizer.pad_token_id
+    lengths = content_length(torch.nn.functional.pad(ids, (0, T5_WINDOW + 1), value=pad), pad)
+    return lengths, int(lengths.max()) + 1
+
+
+def sd3_t5_prompt_table(
+    pipe: StableDiffusion3Pipeline,
+) -> tuple[dict[str, int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Embeddings of every grammar prompt and of `""` as the pipeline computes them (CLIP tokens, then T5 tokens cut one
+    token after the longest content: the rest are zero pads), the pooled vectors, and each row's T5 content length.
+    """
+    prompts = [""] + all_prompts()
+    lengths, tokens = _t5_lengths(pipe.tokenizer_3, prompts)
+    embeds, _, pooled, _ = _quiet_encode(
+        pipe.encode_prompt,
+        prompts,
+        None,
+        None,
+        do_classifier_free_guidance=False,
+        max_sequence_length=tokens,
+        device="cpu",
+    )
+    return {p: i for i, p in enumerate(prompts)}, embeds, pooled, lengths
+
+
 def flux_prompt_table(pipe: FluxPipeline) -> tuple[dict[str, int], torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     T5 embeddings of every grammar prompt and of `""`, cut one token after the longest content (the rest are zero
-    pads, [`~headpag.testbed.flux.content_length`]), the pooled CLIP vectors, and each row's content length.
+    pads, [`~headpag.testbed.t5.content_length`]), the pooled CLIP vectors, and each row's content length.
     """
     prompts = [""] + all_prompts()
-    ids = pipe.tokenizer_2(prompts, padding="longest", return_tensors="pt").input_ids
-    pad = pipe.tokenizer_2.pad_token_id
-    lengths = content_length(torch.nn.functional.pad(ids, (0, T5_WINDOW + 1), value=pad), pad)
-    tokens = int(lengths.max()) + 1
+    lengths, tokens = _t5_lengths(pipe.tokenizer_2, prompts)
     embeds, pooled, _ = _quiet_encode(pipe.encode_prompt, prompts, None, device="cpu", max_sequence_length=tokens)
     return {p: i for i, p in enumerate(prompts)}, embeds, pooled, lengths
 
@@ -359,19 +426,38 @@ def latent_pool(vae, n: int, rng: np.random.Generator, progress: bool):
 
 def train_transformer(
     pipe: StableDiffusion3Pipeline | FluxPipeline,
+    stage: type,
     schedule: Schedule,
     progress: bool,
     checkpoints: Checkpoints,
+    pool: tuple,
     deadline: float | None = None,
     stop_at_step: int | None = None,
+    ema_start: torch.nn.Module | None = None,
 ):
-    """Rectified-flow training of `pipe.transformer`; returns `(ema, losses)`, or raises `Stopped` at a checkpoint."""
-    task = TASKS["flux" if isinstance(pipe, FluxPipeline) else "sd3"](pipe, schedule)
+    r"""
+    Rectified-flow training of `pipe.transformer` in one stage of `STAGES`, from its current weights.
+
+    Args:
+        pipe: The pipeline (its text encoders make the stage's prompt table).
+        stage (`type`): One of `STAGES`' task classes.
+        schedule (`Schedule`), progress (`bool`), checkpoints (`Checkpoints`): As for [`train`].
+        pool (`tuple`): `(scenes, means, stds)` from [`latent_pool`].
+        deadline (`float`, *optional*), stop_at_step (`int`, *optional*): When to stop at a checkpoint.
+        ema_start (`torch.nn.Module`, *optional*): The EMA to continue (the previous stage's); else the weights.
+
+    Returns:
+        `(ema, losses)`; the final step is checkpointed too, so that a later stage can start from it.
+
+    Raises:
+        `Stopped`: at a checkpoint, when `deadline` passed or `stop_at_step` was reached.
+    """
+    task = stage(pipe, schedule)
     transformer, vae = pipe.transformer, pipe.vae
     transformer.train()
-    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    rng = np.random.default_rng(schedule.seed + 11)
-    generator = torch.Generator().manual_seed(schedule.seed + 7)
+    ema = copy.deepcopy(ema_start if ema_start is not None else transformer).eval().requires_grad_(False)
+    rng = np.random.default_rng(schedule.seed + task.seeds[0])
+    generator = torch.Generator().manual_seed(schedule.seed + task.seeds[1])
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=schedule.lr, weight_decay=0.01)
     warmup = max(1, min(100, task.steps // 10))
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
@@ -385,8 +471,8 @@ def train_transformer(
         generator.set_state(tensors["generator"])
         rng.bit_generator.state = record["rng"]
         losses, first = record["losses"], record["step"]
-        logger.info(f"Continuing the {task.name} transformer from step {first} of {task.steps}.")
-    pool, means, stds = latent_pool(vae, schedule.latent_pool, np.random.default_rng(schedule.seed + 6), progress)
+        logger.info(f"Continuing the {task.name} stage from step {first} of {task.steps}.")
+    pool, means, stds = pool
 
     def save(step: int) -> None:
         tensors, groups = _optimizer_tensors(optimizer)
@@ -427,6 +513,8 @@ def train_transformer(
                 for e, p in zip(ema.parameters(), transformer.parameters()):
                     e.lerp_(p, 1 - decay)
             losses.append(loss.item())
+        if first < task.steps:
+            save(task.steps)
     except KeyboardInterrupt:
         # the step in flight may be half applied: continue from the last checkpoint, not from here
         raise Stopped(
@@ -531,7 +619,15 @@ def _stage_judge(schedule: Schedule, progress: bool, checkpoints: Checkpoints):
     return judge.eval().requires_grad_(False), record
 
 
-MODELS = tuple(TASKS)
+MODELS = tuple(STAGES)
+
+
+def _add_seconds(store: Checkpoints, name: str, seconds: float) -> float:
+    """Add `seconds` to the time a stage has taken over all the calls that ran it; returns the total."""
+    path = store.folder / f"{name}-seconds.json"
+    total = (json.loads(path.read_text()) if path.exists() else 0.0) + seconds
+    store._write_json(path.name, total)
+    return total
 
 
 def _pipeline(model: str, vae, seed: int) -> StableDiffusion3Pipeline | FluxPipeline:
@@ -596,23 +692,28 @@ def train(
     vae, vae_record = _stage_vae(schedule, progress, store)
     judge, judge_record = _stage_judge(schedule, progress, store)
     pipe = _pipeline(model, vae, schedule.seed)
-    name = TASKS[model].name
-    seconds_path = store.folder / f"{name}-seconds.json"
-    seconds = json.loads(seconds_path.read_text()) if seconds_path.exists() else 0.0
-    start = time.perf_counter()
-    try:
-        pipe.transformer, transformer_losses = train_transformer(
-            pipe, schedule, progress, store, deadline, stop_at_step
-        )
-    finally:
-        store._write_json(seconds_path.name, seconds + time.perf_counter() - start)
-    losses = {"vae": vae_record["losses"], "judge": judge_record["losses"], name: transformer_losses}
+    losses = {"vae": vae_record["losses"], "judge": judge_record["losses"]}
     times = {"vae": vae_record["seconds"], "judge": judge_record["seconds"]}
-    times[name] = seconds + time.perf_counter() - start
+    start = time.perf_counter()
+    pool = latent_pool(vae, schedule.latent_pool, np.random.default_rng(schedule.seed + 6), progress)
+    times["latents"] = _add_seconds(store, "latents", time.perf_counter() - start)  # encoded again by every call
+    ema = None
+    for stage in STAGES[model]:
+        if stage is _SD3T5Task:  # the second SD3 stage reads the windowed T5 (the first a null one)
+            t5, t5_tokenizer = build_sd3_t5(schedule.seed + 14)
+            pipe.register_modules(text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+        start = time.perf_counter()
+        try:
+            ema, losses[stage.name] = train_transformer(
+                pipe, stage, schedule, progress, store, pool, deadline, stop_at_step, ema
+            )
+        finally:
+            times[stage.name] = _add_seconds(store, stage.name, time.perf_counter() - start)
+    pipe.transformer = ema  # the EMA of the last stage is what ships
 
     accuracy = judge_accuracy(judge, n=2000 if schedule.judge_steps > 100 else 100)
     out.mkdir(parents=True, exist_ok=True)
-    write_weights(pipe, judge, out, TASKS[model].folder, model)
+    write_weights(pipe, judge, out, STAGES[model][-1].folder, model)
     record = {
         "model": model,
         "schedule": asdict(schedule),
