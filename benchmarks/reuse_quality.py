@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from testbed_experiments import GUIDANCE, MODEL  # noqa: E402
+from testbed_experiments import GUIDANCE, MODEL, TEXT_TOKENS  # noqa: E402
 from testbed_experiments import prompts as unique_prompts  # noqa: E402
 
 from headpag.cli import main as headpag  # noqa: E402
@@ -56,7 +56,7 @@ STEPS, LAYER, SCALE, REUSE = 20, 1, 3.0, (2, 3, 4)
 
 
 def options(extra: str) -> str:
-    return f"--guidance-scale {GUIDANCE} --steps {STEPS} --max-sequence-length 1 {extra}".strip()
+    return f"--guidance-scale {GUIDANCE} --steps {STEPS} --max-sequence-length {TEXT_TOKENS} {extra}".strip()
 
 
 CONFIGS = {

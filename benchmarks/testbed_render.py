@@ -98,6 +98,17 @@ def paired(baseline: dict, row: dict, metric: str, resamples: int = 9999) -> dic
     return paired_difference(subset(baseline), subset(row), metric, resamples=resamples)
 
 
+def weights_id(pipe) -> str:
+    """A short hash of every network that shapes an image (so a cache never mixes images of other weights)."""
+    digest = hashlib.sha1()
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        for key, value in sorted(module.state_dict().items()) if module is not None else ():
+            digest.update(key.encode())
+            digest.update(value.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 class Renderer:
     r"""
     Renders and measures prompt-seed pairs with one loaded pipeline, caching both.
@@ -117,6 +128,7 @@ class Renderer:
         layout = describe_transformer(self.pipe.transformer)
         self.num_layers, self.num_heads, self.family = layout.num_layers, layout.num_heads, layout.family
         self.rendered = 0
+        self.weights = weights_id(self.pipe)
 
     def pool(self, spec: str | None) -> list[tuple[int, int]]:
         return SearchConfig(prompts=["x"], pool=spec).pool_heads(self.num_layers, self.num_heads)
@@ -129,7 +141,7 @@ class Renderer:
             base.update(pag_heads=None, pag_identity_weight=1.0)
         if self.text_tokens is not None:
             base["max_sequence_length"] = self.text_tokens
-        return {**base, "steps": self.steps, "size": IMAGE_SIZE}
+        return {**base, "steps": self.steps, "size": IMAGE_SIZE, "weights": self.weights}
 
     def render(self, name: str, items: tuple[list[str], list[int]], **values: Any) -> dict[str, Any]:
         """Images and measures of configuration `name` on `items` (prompts, seeds), rendering what is not cached.

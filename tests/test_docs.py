@@ -84,12 +84,14 @@ def test_the_readme_and_testbed_page_say_what_the_experiments_measured():
     def interval(d):
         return f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
 
+    default = results["default"]
     assert f"{results['clean']['held_in']['all_right']['mean']:.1%}" in readme
     assert ("not clean" in readme) == (not results["clean"]["clean"])
     assert interval(results["regimes"]["no CFG"]["held_in"]["structure"]) in readme
-    assert interval(results["concepts"]["darker"]["asked"]) in readme
+    assert interval(results["regimes"]["no CFG"]["held_in"]["all_right"]) in readme
+    assert interval(results["concepts"]["larger"]["asked"]) in readme
+    assert interval(default["check"]["all_right"]) in readme
     assert f"{len(results['specific_heads'])} of 80 heads" in readme
-    default = results["default"]
     assert f"layer {default['heads']}, s = {default['pag_scale']:g}, u = {default['pag_identity_weight']:g}" in readme
     block = page[page.index("<!-- results:") : page.index("<!-- /results -->")]
     assert interval(default["check"]["all_right"]) in block

@@ -23,8 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # fixed held-in prompt-seed pairs for the quality check (drawn once from the grammar with seed 2026)
 RNG = np.random.default_rng(2026)
 HELD_IN = [data.sample_scene(RNG, positioned=0.5).prompt for _ in range(40)]
-# measured on these 40 pairs at shipping (CFG 5): count 100%, background 90%, every attribute 27.5% (no CFG: 10%)
-COUNT_FLOOR, BACKGROUND_FLOOR = 0.95, 0.8
+# measured on these 40 pairs at shipping (CFG 5): count 100%, background 100%, every attribute 45% (no CFG: 30%),
+# mean judge log-probability -1.62 (no CFG: -2.05)
+COUNT_FLOOR, BACKGROUND_FLOOR, JUDGE_GAIN = 0.95, 0.9, 0.3
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_baseline_draws_better_than_without_guidance(pipe, judge):
 
     assert rate(right_cfg, "count") >= COUNT_FLOOR and rate(right_cfg, "background") >= BACKGROUND_FLOOR
     assert np.mean(all_correct(right_cfg)) > np.mean(all_correct(right_none))
-    assert np.mean(judge(cfg, HELD_IN)) > np.mean(judge(none, HELD_IN)) + 0.5
+    assert np.mean(judge(cfg, HELD_IN)) > np.mean(judge(none, HELD_IN)) + JUDGE_GAIN
 
 
 def test_judge_objective_is_differentiable_through_a_pipeline_call(pipe, tmp_path):
@@ -224,6 +225,9 @@ def test_ui_starts_on_the_testbed_with_an_example_prompt():
 
 # ------------------------------------------------------------------------------------------------------- training
 def test_training_script_runs_to_completion(tmp_path):
+    from safetensors.torch import load_file
+
+    from headpag.testbed.model import build_sd3_t5
     from headpag.testbed.train import main
 
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
@@ -235,31 +239,45 @@ def test_training_script_runs_to_completion(tmp_path):
     stock = StableDiffusion3Pipeline.from_pretrained(out / "shapes-sd3")
     image = stock("a small red square on a white background", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 96, 96, 3)
+    # what ships: the second stage's EMA (in float16) and the windowed T5 it was trained with
+    ema = {k[4:]: v for k, v in load_file(checkpoints / "transformer-t5.safetensors").items() if k.startswith("ema.")}
+    shipped = stock.transformer.state_dict()
+    assert shipped.keys() == ema.keys() and all(torch.equal(shipped[k], v.half().float()) for k, v in ema.items())
+    t5, _ = build_sd3_t5(14)
+    assert all(torch.equal(stock.text_encoder_3.state_dict()[k], v) for k, v in t5.state_dict().items())
 
 
 def test_a_stopped_training_run_continues_where_it_stopped(tmp_path):
-    """Stopped at a checkpoint and run again, training reaches the end from there (VAE and judge are not retrained,
-    the transformer continues at the checkpointed step with its optimizer and generator states)."""
+    """Stopped at a checkpoint in either transformer stage and run again, training continues from there (VAE and
+    judge are not retrained; optimizer and generator states are restored): the shipped transformer and the losses
+    equal an uninterrupted run's, bit for bit."""
     from dataclasses import replace
 
     from safetensors.torch import load_file
 
     from headpag.testbed.train import QUICK, Stopped, train
 
-    with pytest.raises(Stopped, match="stopped at step 4 of 6"):
-        train(tmp_path / "out", QUICK, progress=False, checkpoints=tmp_path / "ck", stop_at_step=4)
-    saved = json.loads((tmp_path / "ck" / "transformer.json").read_text())
+    ck = tmp_path / "ck"
+    with pytest.raises(Stopped, match="transformer: stopped at step 4 of 6"):
+        train(tmp_path / "out", QUICK, progress=False, checkpoints=ck, stop_at_step=4)
+    saved = json.loads((ck / "transformer.json").read_text())
     assert saved["step"] == 4 and len(saved["losses"]) == 4
-    vae_before = (tmp_path / "ck" / "vae.safetensors").stat().st_mtime_ns
-    record = train(tmp_path / "out", QUICK, progress=False, checkpoints=tmp_path / "ck")
-    assert (tmp_path / "ck" / "vae.safetensors").stat().st_mtime_ns == vae_before  # loaded, not retrained
+    vae_before = (ck / "vae.safetensors").stat().st_mtime_ns
+    with pytest.raises(Stopped, match="transformer-t5: stopped at step 2 of 4"):
+        train(tmp_path / "out", QUICK, progress=False, checkpoints=ck, stop_at_step=2)
+    record = train(tmp_path / "out", QUICK, progress=False, checkpoints=ck)
+    assert (ck / "vae.safetensors").stat().st_mtime_ns == vae_before  # loaded, not retrained
     assert record["schedule"]["transformer_steps"] == 6
     for stage, steps in (("transformer", 6), ("transformer-t5", 4)):  # every stage checkpointed at its end
-        assert json.loads((tmp_path / "ck" / f"{stage}.json").read_text())["step"] == steps
-    weights = load_file(tmp_path / "out" / "shapes-sd3" / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.isfinite(w).all() for w in weights.values())
+        assert json.loads((ck / f"{stage}.json").read_text())["step"] == steps
+    uninterrupted = train(tmp_path / "once", QUICK, progress=False, checkpoints=tmp_path / "ck-once")
+    assert uninterrupted["final_loss"] == record["final_loss"]
+    file = "shapes-sd3/transformer/diffusion_pytorch_model.safetensors"
+    resumed, once = load_file(tmp_path / "out" / file), load_file(tmp_path / "once" / file)
+    assert all(torch.isfinite(w).all() for w in resumed.values())
+    assert resumed.keys() == once.keys() and all(torch.equal(resumed[k], once[k]) for k in once)
     with pytest.raises(ValueError, match=r"another schedule \(differs in \['transformer_steps'\]\)"):
-        train(tmp_path / "out", replace(QUICK, transformer_steps=8), progress=False, checkpoints=tmp_path / "ck")
+        train(tmp_path / "out", replace(QUICK, transformer_steps=8), progress=False, checkpoints=ck)
 
 
 def test_ui_serves_the_testbed_with_its_example_prompt(tmp_path, judge):
@@ -413,3 +431,17 @@ def test_the_experiments_run_end_to_end_in_smoke_mode(tmp_path):
     # a second run renders nothing: every image is cached
     assert module.main(["--quick", "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["images"] == 0
+
+
+def test_the_tokenizer_builds_the_same_every_time_with_one_token_per_word():
+    """A BPE trainer breaks ties in no fixed order; the testbed's own merges must not (training would depend on the
+    process it ran in)."""
+    from headpag.testbed.model import build_tokenizer
+
+    a, b = build_tokenizer(), build_tokenizer()
+    assert a.get_vocab() == b.get_vocab()
+    prompts = data.all_prompts()
+    ids = a(prompts).input_ids
+    assert ids == b(prompts).input_ids
+    assert all(len(row) == len(p.split()) + 2 for row, p in zip(ids, prompts))
+    assert a.tokenize("of") != a.tokenize("on")

@@ -171,7 +171,7 @@ def test_flux_training_script_runs_to_completion(tmp_path):
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
     assert main(["--quick", "--model", "flux", "--out", str(out), "--checkpoints", str(checkpoints)]) == 0
     record = json.loads((out / "training-flux.json").read_text())
-    assert record["model"] == "flux" and set(record["seconds"]) == {"vae", "judge", "flux"}
+    assert record["model"] == "flux" and set(record["seconds"]) == {"vae", "judge", "latents", "flux"}
     assert (out / "loss-flux.png").is_file() and not (out / "training.json").exists()
     assert not any(p.name.startswith(".") for p in [*out.iterdir(), *checkpoints.iterdir()])
     pipe = FluxPipeline.from_pretrained(out / "shapes-flux")

@@ -18,10 +18,10 @@ The transformer is trained in two stages, which differ in the third text encoder
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from torch import nn
 from transformers import (
@@ -71,14 +71,28 @@ VAE = dict(
 
 
 def build_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose merges make every grammar word one token (any other text still tokenizes)."""
+    """
+    A CLIP BPE tokenizer in which every grammar word is one token (any other text still tokenizes, by characters).
+
+    The merges are learnt here, the BPE way (the most frequent adjacent pair over the grammar's words, merged until
+    every word is one token), with ties broken by the pair itself: `tokenizers`' trainer breaks ties in no fixed
+    order ("on" and "of" swapped ids between builds), which made training depend on the process it ran in.
+    """
     words = sorted({w for p in all_prompts() for w in p.split()})
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.train_from_iterator(
-        words, trainers.BpeTrainer(vocab_size=2000, end_of_word_suffix="</w>", show_progress=False)
-    )
-    merges = [tuple(m) if isinstance(m, (tuple, list)) else tuple(m.split()) for m in _merges(bpe)]
+    pieces = [[*word[:-1], word[-1] + "</w>"] for word in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for word in pieces for pair in zip(word, word[1:]))
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for word in pieces:
+            i = 0
+            while i < len(word) - 1:
+                if (word[i], word[i + 1]) == best:
+                    word[i : i + 2] = [word[i] + word[i + 1]]
+                i += 1
     chars = sorted(ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(chars)}
     for c in chars:
@@ -87,13 +101,11 @@ def build_tokenizer() -> CLIPTokenizer:
         vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_TOKENS)
-
-
-def _merges(bpe: Tokenizer) -> list:
-    import json
-
-    return json.loads(bpe.to_str())["model"]["merges"]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_TOKENS)
+    split = [w for w in words if len(tokenizer.tokenize(w)) != 1]
+    if split:
+        raise RuntimeError(f"The testbed tokenizer splits grammar words: {split}")
+    return tokenizer
 
 
 def clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:

@@ -128,7 +128,7 @@ class KeyBias(TorchFunctionMode):
     def mask(self, key: torch.Tensor) -> torch.Tensor:
         if self.bias.shape[-1] != key.shape[-2]:
             raise ValueError(f"The key bias covers {self.bias.shape[-1]} keys; attention has {key.shape[-2]}.")
-        return self.bias.to(key.dtype)
+        return self.bias.to(device=key.device, dtype=key.dtype)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})

@@ -61,7 +61,7 @@ DEFAULT_CHECKPOINTS = Path("runs") / "testbed-train"
 
 @dataclass
 class Schedule:
-    """Step counts and batch sizes of the three stages."""
+    """Step counts and batch sizes of the stages."""
 
     vae_steps: int = 1200
     vae_batch: int = 64
@@ -444,7 +444,10 @@ def train_transformer(
         schedule (`Schedule`), progress (`bool`), checkpoints (`Checkpoints`): As for [`train`].
         pool (`tuple`): `(scenes, means, stds)` from [`latent_pool`].
         deadline (`float`, *optional*), stop_at_step (`int`, *optional*): When to stop at a checkpoint.
-        ema_start (`torch.nn.Module`, *optional*): The EMA to continue (the previous stage's); else the weights.
+        ema_start (`torch.nn.Module`, *optional*): The EMA's starting value (the previous stage's), else the
+            weights. The EMA's warm-up restarts with the stage (decay `(1 + step) / (10 + step)`, capped), so it soon
+            follows the new stage's weights; the stage itself continues from the raw weights, with a fresh optimizer
+            and learning-rate warm-up.
 
     Returns:
         `(ema, losses)`; the final step is checkpointed too, so that a later stage can start from it.
@@ -489,7 +492,7 @@ def train_transformer(
             if step > first and step % schedule.checkpoint_every == 0:
                 save(step)
                 if (deadline is not None and time.time() > deadline) or step == stop_at_step:
-                    raise Stopped(f"stopped at step {step} of {task.steps}")
+                    raise Stopped(f"{task.name}: stopped at step {step} of {task.steps}")
             picks = rng.integers(0, len(pool), task.batch)
             scenes = [pool[i] for i in picks]
             latents = means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)
@@ -672,8 +675,9 @@ def train(
         progress (`bool`): Show progress bars.
         checkpoints (`str` or `Path`): The checkpoint folder (default `runs/testbed-train`); both models share its
             VAE and judge stages.
-        hours (`float`, *optional*): Stop at the first transformer checkpoint after this much time in this call.
-        stop_at_step (`int`, *optional*): Stop at the transformer checkpoint of this step (tests).
+        hours (`float`, *optional*): Stop at the first transformer checkpoint (of any stage) after this much time
+            in this call.
+        stop_at_step (`int`, *optional*): Stop at the checkpoint of this step, in every transformer stage (tests).
         model (`str`): `"sd3"` (`headpag-shapes`) or `"flux"` (`headpag-shapes-flux`).
 
     Returns:
@@ -696,7 +700,8 @@ def train(
     times = {"vae": vae_record["seconds"], "judge": judge_record["seconds"]}
     start = time.perf_counter()
     pool = latent_pool(vae, schedule.latent_pool, np.random.default_rng(schedule.seed + 6), progress)
-    times["latents"] = _add_seconds(store, "latents", time.perf_counter() - start)  # encoded again by every call
+    # encoded again by every call; counted per model (both models may share a checkpoint folder)
+    times["latents"] = _add_seconds(store, f"{model}-latents", time.perf_counter() - start)
     ema = None
     for stage in STAGES[model]:
         if stage is _SD3T5Task:  # the second SD3 stage reads the windowed T5 (the first a null one)
