@@ -134,6 +134,13 @@ class Checkpoints:
         partial.write_text(json.dumps(value, indent=1) + "\n")
         os.replace(partial, self.folder / name)
 
+    def add_seconds(self, name: str, seconds: float) -> float:
+        """Add `seconds` to the time stage `name` has taken over all the calls that ran it; returns the total."""
+        path = self.folder / f"{name}-seconds.json"
+        total = (json.loads(path.read_text()) if path.exists() else 0.0) + seconds
+        self._write_json(path.name, total)
+        return total
+
     def save(self, name: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
         """Save a stage's tensors and record (the record last: it marks the checkpoint complete)."""
         partial = self.folder / f".{name}.safetensors.partial"
@@ -261,6 +268,13 @@ def _pad_counts(rng: np.random.Generator, lengths: torch.Tensor, total: int) -> 
     return torch.from_numpy(np.exp(rng.uniform(0, 1, len(lengths)) * np.log(room.numpy()))).round().clamp(min=1)
 
 
+def _sd3_forward(transformer, noisy: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, sigma: torch.Tensor):
+    """The SD3 transformer's velocity prediction, as the pipeline calls it (timesteps on the 0–1000 scale)."""
+    return transformer(
+        hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigma * 1000
+    ).sample
+
+
 class _SD3Task:
     """What the SD3 transformer's first stage needs: the prompt table and one prediction with `max_sequence_length`
     drawn (null T5: one zero token)."""
@@ -275,12 +289,7 @@ class _SD3Task:
         # any number of zero tokens from 1 to 256: the model serves every `max_sequence_length`
         count = float(np.exp(rng.uniform(0, math.log(ZERO_TOKENS))))
         with ZeroTokenMultiplicity(1, count):
-            return transformer(
-                hidden_states=noisy,
-                encoder_hidden_states=self.embeds[rows],
-                pooled_projections=self.pooled[rows],
-                timestep=sigma * 1000,
-            ).sample
+            return _sd3_forward(transformer, noisy, self.embeds[rows], self.pooled[rows], sigma)
 
 
 class _SD3T5Task:
@@ -302,12 +311,7 @@ class _SD3T5Task:
         counts = _pad_counts(rng, lengths, ZERO_TOKENS)
         bias = multiplicity_bias(lengths, t5_tokens, counts, 0, leading=image_tokens + self.clip_tokens)
         with KeyBias(bias.to(noisy.dtype)):
-            return transformer(
-                hidden_states=noisy,
-                encoder_hidden_states=self.embeds[rows],
-                pooled_projections=self.pooled[rows],
-                timestep=sigma * 1000,
-            ).sample
+            return _sd3_forward(transformer, noisy, self.embeds[rows], self.pooled[rows], sigma)
 
 
 class _FluxTask:
@@ -625,14 +629,6 @@ def _stage_judge(schedule: Schedule, progress: bool, checkpoints: Checkpoints):
 MODELS = tuple(STAGES)
 
 
-def _add_seconds(store: Checkpoints, name: str, seconds: float) -> float:
-    """Add `seconds` to the time a stage has taken over all the calls that ran it; returns the total."""
-    path = store.folder / f"{name}-seconds.json"
-    total = (json.loads(path.read_text()) if path.exists() else 0.0) + seconds
-    store._write_json(path.name, total)
-    return total
-
-
 def _pipeline(model: str, vae, seed: int) -> StableDiffusion3Pipeline | FluxPipeline:
     """An untrained pipeline of `model` around the trained VAE (the text encoders are frozen as built)."""
     if model == "flux":
@@ -701,7 +697,7 @@ def train(
     start = time.perf_counter()
     pool = latent_pool(vae, schedule.latent_pool, np.random.default_rng(schedule.seed + 6), progress)
     # encoded again by every call; counted per model (both models may share a checkpoint folder)
-    times["latents"] = _add_seconds(store, f"{model}-latents", time.perf_counter() - start)
+    times["latents"] = store.add_seconds(f"{model}-latents", time.perf_counter() - start)
     ema = None
     for stage in STAGES[model]:
         if stage is _SD3T5Task:  # the second SD3 stage reads the windowed T5 (the first a null one)
@@ -713,7 +709,7 @@ def train(
                 pipe, stage, schedule, progress, store, pool, deadline, stop_at_step, ema
             )
         finally:
-            times[stage.name] = _add_seconds(store, stage.name, time.perf_counter() - start)
+            times[stage.name] = store.add_seconds(stage.name, time.perf_counter() - start)
     pipe.transformer = ema  # the EMA of the last stage is what ships
 
     accuracy = judge_accuracy(judge, n=2000 if schedule.judge_steps > 100 else 100)
