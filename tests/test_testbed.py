@@ -247,6 +247,24 @@ def test_training_script_runs_to_completion(tmp_path):
     assert all(torch.equal(stock.text_encoder_3.state_dict()[k], v) for k, v in t5.state_dict().items())
 
 
+def test_a_stage_with_zero_steps_is_left_out(tmp_path):
+    """`transformer_steps=0` trains SD3 with the windowed T5 from the fresh transformer (no CLIP-only stage); a
+    schedule with no transformer step at all, or a negative count, is refused before any work."""
+    from dataclasses import replace
+
+    from headpag.testbed.train import QUICK, train
+
+    ck = tmp_path / "ck"
+    record = train(tmp_path / "out", replace(QUICK, transformer_steps=0), progress=False, checkpoints=ck)
+    assert set(record["seconds"]) == {"vae", "judge", "latents", "transformer-t5"}
+    assert not (ck / "transformer.json").exists() and json.loads((ck / "transformer-t5.json").read_text())["step"] == 4
+    for bad, match in ((dict(transformer_steps=0, t5_steps=0), "trains no sd3 transformer stage"),
+                       (dict(t5_steps=-1), "t5_steps must be >= 0, got -1")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            train(tmp_path / "bad", replace(QUICK, **bad), progress=False, checkpoints=tmp_path / "bad-ck")
+    assert not (tmp_path / "bad-ck").exists()
+
+
 def test_a_stopped_training_run_continues_where_it_stopped(tmp_path):
     """Stopped at a checkpoint in either transformer stage and run again, training continues from there (VAE and
     judge are not retrained; optimizer and generator states are restored): the shipped transformer and the losses

@@ -279,7 +279,7 @@ class _SD3Task:
     """What the SD3 transformer's first stage needs: the prompt table and one prediction with `max_sequence_length`
     drawn (null T5: one zero token)."""
 
-    name, folder, seeds = "transformer", "shapes-sd3", (11, 7)
+    name, folder, seeds, steps_field = "transformer", "shapes-sd3", (11, 7), "transformer_steps"
 
     def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
         self.steps, self.batch = schedule.transformer_steps, schedule.transformer_batch
@@ -296,7 +296,7 @@ class _SD3T5Task:
     """The SD3 transformer's second stage (from the first's weights): the CLIP tokens, the prompt's windowed-T5 tokens
     and one zero pad standing for a drawn number of pads (SD3's joint order: `[image, CLIP, T5]`)."""
 
-    name, folder, seeds = "transformer-t5", "shapes-sd3", (15, 16)
+    name, folder, seeds, steps_field = "transformer-t5", "shapes-sd3", (15, 16), "t5_steps"
 
     def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
         self.steps, self.batch = schedule.t5_steps, schedule.transformer_batch
@@ -317,7 +317,7 @@ class _SD3T5Task:
 class _FluxTask:
     """The FLUX transformer stage: compact T5 sequences whose one zero pad stands for a drawn number of pads."""
 
-    name, folder, seeds = "flux", "shapes-flux", (11, 7)
+    name, folder, seeds, steps_field = "flux", "shapes-flux", (11, 7), "flux_steps"
 
     def __init__(self, pipe: FluxPipeline, schedule: Schedule):
         self.steps, self.batch = schedule.flux_steps, schedule.flux_batch
@@ -345,7 +345,8 @@ class _FluxTask:
         return FluxPipeline._unpack_latents(out, h * self.scale, w * self.scale, self.scale)
 
 
-# the transformer stages of each model, in order (each starts from the previous one's weights)
+# the transformer stages of each model, in order (each starts from the previous one's weights; a stage whose step
+# count the schedule sets to 0 is left out, so the next one starts from the fresh transformer)
 STAGES = {"sd3": (_SD3Task, _SD3T5Task), "flux": (_FluxTask,)}
 
 
@@ -685,6 +686,13 @@ def train(
     if model not in MODELS:
         raise ValueError(f"Unknown testbed model {model!r}; allowed: {', '.join(MODELS)}.")
     schedule = schedule or Schedule()
+    stages = [stage for stage in STAGES[model] if getattr(schedule, stage.steps_field) != 0]
+    for stage in STAGES[model]:
+        if getattr(schedule, stage.steps_field) < 0:
+            raise ValueError(f"{stage.steps_field} must be >= 0, got {getattr(schedule, stage.steps_field)}")
+    if not stages:
+        fields = ", ".join(stage.steps_field for stage in STAGES[model])
+        raise ValueError(f"The schedule trains no {model} transformer stage: {fields} are all 0.")
     out = Path(out)
     deadline = None if hours is None else time.time() + hours * 3600
     store = Checkpoints(checkpoints, schedule)
@@ -699,7 +707,7 @@ def train(
     # encoded again by every call; counted per model (both models may share a checkpoint folder)
     times["latents"] = store.add_seconds(f"{model}-latents", time.perf_counter() - start)
     ema = None
-    for stage in STAGES[model]:
+    for stage in stages:
         if stage is _SD3T5Task:  # the second SD3 stage reads the windowed T5 (the first a null one)
             t5, t5_tokenizer = build_sd3_t5(schedule.seed + 14)
             pipe.register_modules(text_encoder_3=t5, tokenizer_3=t5_tokenizer)
