@@ -463,3 +463,40 @@ def test_the_tokenizer_builds_the_same_every_time_with_one_token_per_word():
     assert ids == b(prompts).input_ids
     assert all(len(row) == len(p.split()) + 2 for row, p in zip(ids, prompts))
     assert a.tokenize("of") != a.tokenize("on")
+
+
+def test_gradient_checkpointing_would_lose_the_key_bias_and_is_refused():
+    """`KeyBias` acts in the forward pass only: with gradient checkpointing, backward recomputes attention without it
+    (on a tiny transformer torch notices the different recomputation and fails with a `CheckpointError` that does not
+    say why), so the SD3 stages refuse a checkpointing transformer up front, saying why."""
+    from headpag.models.tiny import tiny_sd3_transformer
+    from headpag.testbed.t5 import KeyBias
+    from headpag.testbed.train import QUICK, STAGES, train_transformer
+
+    torch.manual_seed(0)
+    model = tiny_sd3_transformer()
+    inputs = dict(
+        hidden_states=torch.randn(1, model.config.in_channels, 8, 8),
+        encoder_hidden_states=torch.randn(1, 5, model.config.joint_attention_dim),
+        pooled_projections=torch.randn(1, model.config.pooled_projection_dim),
+        timestep=torch.tensor([500.0]),
+    )
+    bias = torch.zeros(1, 1, 1, 16 + 5)
+    bias[..., -3:] = -torch.inf  # the last three text tokens masked out
+
+    def gradients() -> torch.Tensor:
+        model.zero_grad()
+        model.train()
+        with KeyBias(bias):
+            out = model(**inputs).sample
+        out.pow(2).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    assert torch.isfinite(gradients()).all()
+    model.enable_gradient_checkpointing()
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):  # the hazard the guard is for
+        gradients()
+    pipe = type("Pipe", (), {"transformer": model, "vae": None})()
+    for stage in STAGES["sd3"]:
+        with pytest.raises(ValueError, match="gradient checkpointing"):
+            train_transformer(pipe, stage, QUICK, False, None, None)

@@ -280,6 +280,7 @@ class _SD3Task:
     drawn (null T5: one zero token)."""
 
     name, folder, seeds, steps_field = "transformer", "shapes-sd3", (11, 7), "transformer_steps"
+    key_bias_mode = True  # its key bias is a `TorchFunctionMode` (see `train_transformer`)
 
     def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
         self.steps, self.batch = schedule.transformer_steps, schedule.transformer_batch
@@ -297,6 +298,7 @@ class _SD3T5Task:
     and one zero pad standing for a drawn number of pads (SD3's joint order: `[image, CLIP, T5]`)."""
 
     name, folder, seeds, steps_field = "transformer-t5", "shapes-sd3", (15, 16), "t5_steps"
+    key_bias_mode = True
 
     def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
         self.steps, self.batch = schedule.t5_steps, schedule.transformer_batch
@@ -460,8 +462,15 @@ def train_transformer(
     Raises:
         `Stopped`: at a checkpoint, when `deadline` passed or `stop_at_step` was reached.
     """
-    task = stage(pipe, schedule)
     transformer, vae = pipe.transformer, pipe.vae
+    if getattr(stage, "key_bias_mode", False) and transformer.is_gradient_checkpointing:
+        # the mode is active in the forward pass only; backward's recomputation would attend without the key bias
+        # (torch then fails with a CheckpointError that does not say why)
+        raise ValueError(
+            f"The {stage.name} stage applies its key bias with a TorchFunctionMode, which gradient checkpointing's "
+            "recomputation would run without; disable gradient checkpointing on the transformer."
+        )
+    task = stage(pipe, schedule)
     transformer.train()
     ema = copy.deepcopy(ema_start if ema_start is not None else transformer).eval().requires_grad_(False)
     rng = np.random.default_rng(schedule.seed + task.seeds[0])
