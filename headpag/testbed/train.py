@@ -283,7 +283,7 @@ class _SD3Task:
     key_bias_mode = True  # its key bias is a `TorchFunctionMode` (see `train_transformer`)
 
     def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
-        self.steps, self.batch = schedule.transformer_steps, schedule.transformer_batch
+        self.steps, self.batch = getattr(schedule, self.steps_field), schedule.transformer_batch
         self.index, self.embeds, self.pooled = sd3_prompt_table(pipe)
 
     def predict(self, transformer, noisy: torch.Tensor, rows: list[int], sigma: torch.Tensor, rng) -> torch.Tensor:
@@ -294,14 +294,15 @@ class _SD3Task:
 
 
 class _SD3T5Task:
-    """The SD3 transformer's second stage (from the first's weights): the CLIP tokens, the prompt's windowed-T5 tokens
-    and one zero pad standing for a drawn number of pads (SD3's joint order: `[image, CLIP, T5]`)."""
+    """The SD3 transformer's second stage (from the first's weights, or fresh when the first has 0 steps): the CLIP
+    tokens, the prompt's windowed-T5 tokens and one zero pad standing for a drawn number of pads (SD3's joint order:
+    `[image, CLIP, T5]`)."""
 
     name, folder, seeds, steps_field = "transformer-t5", "shapes-sd3", (15, 16), "t5_steps"
     key_bias_mode = True
 
     def __init__(self, pipe: StableDiffusion3Pipeline, schedule: Schedule):
-        self.steps, self.batch = schedule.t5_steps, schedule.transformer_batch
+        self.steps, self.batch = getattr(schedule, self.steps_field), schedule.transformer_batch
         self.index, self.embeds, self.pooled, self.lengths = sd3_t5_prompt_table(pipe)
         self.clip_tokens = pipe.tokenizer_max_length
 
@@ -322,7 +323,7 @@ class _FluxTask:
     name, folder, seeds, steps_field = "flux", "shapes-flux", (11, 7), "flux_steps"
 
     def __init__(self, pipe: FluxPipeline, schedule: Schedule):
-        self.steps, self.batch = schedule.flux_steps, schedule.flux_batch
+        self.steps, self.batch = getattr(schedule, self.steps_field), schedule.flux_batch
         self.index, self.embeds, self.pooled, self.lengths = flux_prompt_table(pipe)
         self.scale = pipe.vae_scale_factor
         side = IMAGE_SIZE // self.scale // 2
