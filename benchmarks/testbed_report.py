@@ -295,10 +295,16 @@ def write_docs(results: dict, docs: Path, r, held_in, held_out) -> None:
         "## Training",
         "",
         f"VAE {training['seconds']['vae']:.0f} s, judge {training['seconds']['judge']:.0f} s, latent pool "
-        f"{training['seconds']['latents']:.0f} s, transformer stage 1 (null T5) "
-        f"{training['seconds']['transformer']:.0f} s ({training['schedule']['transformer_steps']} steps × "
-        f"{training['schedule']['transformer_batch']} images), stage 2 (windowed T5) "
-        f"{training['seconds']['transformer-t5']:.0f} s ({training['schedule']['t5_steps']} steps). "
+        f"{training['seconds']['latents']:.0f} s, "
+        + (
+            f"CLIP-only transformer stage {training['seconds']['transformer']:.0f} s "
+            f"({training['schedule']['transformer_steps']} steps), "
+            if training["schedule"].get("transformer_steps")
+            else ""
+        )
+        + f"transformer with the windowed T5 {training['seconds']['transformer-t5']:.0f} s "
+        f"({training['schedule']['t5_steps']} steps × {training['schedule']['transformer_batch']} images); "
+        f"{sum(training['seconds'].values()) / 60:.0f} min in all. "
         "Judge accuracy on 2,000 fresh images: "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in training["judge_accuracy"].items())
         + ".",

@@ -233,13 +233,16 @@ def test_training_script_runs_to_completion(tmp_path):
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
     assert main(["--quick", "--out", str(out), "--checkpoints", str(checkpoints)]) == 0
     record = json.loads((out / "training.json").read_text())
-    assert set(record["seconds"]) == {"vae", "judge", "latents", "transformer", "transformer-t5"}
+    # the shipped recipe: the windowed-T5 stage from the fresh transformer, no CLIP-only first stage
+    assert set(record["seconds"]) == {"vae", "judge", "latents", "transformer-t5"}
+    assert not (checkpoints / "transformer.json").exists()
+    assert json.loads((checkpoints / "transformer-t5.json").read_text())["step"] == 4
     assert (out / "loss.png").is_file() and (out / "judge.safetensors").is_file()
     assert not any(p.name.startswith(".") for p in [*out.iterdir(), *checkpoints.iterdir()])  # nothing half-written
     stock = StableDiffusion3Pipeline.from_pretrained(out / "shapes-sd3")
     image = stock("a small red square on a white background", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 96, 96, 3)
-    # what ships: the second stage's EMA (in float16) and the windowed T5 it was trained with
+    # what ships: the stage's EMA (in float16) and the windowed T5 it was trained with
     ema = {k[4:]: v for k, v in load_file(checkpoints / "transformer-t5.safetensors").items() if k.startswith("ema.")}
     shipped = stock.transformer.state_dict()
     assert shipped.keys() == ema.keys() and all(torch.equal(shipped[k], v.half().float()) for k, v in ema.items())
@@ -247,55 +250,55 @@ def test_training_script_runs_to_completion(tmp_path):
     assert all(torch.equal(stock.text_encoder_3.state_dict()[k], v) for k, v in t5.state_dict().items())
 
 
-def test_a_stage_with_zero_steps_is_left_out(tmp_path):
-    """`transformer_steps=0` trains SD3 with the windowed T5 from the fresh transformer (no CLIP-only stage); a
-    schedule with no transformer step at all, or a negative count, is refused before any work."""
+def test_a_schedule_without_transformer_steps_is_refused_before_any_work(tmp_path):
+    """A stage whose count is 0 is left out (the CLIP-only SD3 stage, by default), but a schedule with no transformer
+    step at all, or a negative count, is refused before anything is written."""
     from dataclasses import replace
 
     from headpag.testbed.train import QUICK, train
 
-    ck = tmp_path / "ck"
-    record = train(tmp_path / "out", replace(QUICK, transformer_steps=0), progress=False, checkpoints=ck)
-    assert set(record["seconds"]) == {"vae", "judge", "latents", "transformer-t5"}
-    assert not (ck / "transformer.json").exists() and json.loads((ck / "transformer-t5.json").read_text())["step"] == 4
     for bad, match in ((dict(transformer_steps=0, t5_steps=0), "trains no sd3 transformer stage"),
-                       (dict(t5_steps=-1), "t5_steps must be >= 0, got -1")):  # fmt: skip
+                       (dict(t5_steps=-1), "t5_steps must be >= 0, got -1"),
+                       (dict(transformer_steps=-2), "transformer_steps must be >= 0, got -2")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             train(tmp_path / "bad", replace(QUICK, **bad), progress=False, checkpoints=tmp_path / "bad-ck")
-    assert not (tmp_path / "bad-ck").exists()
+    assert not (tmp_path / "bad-ck").exists() and not (tmp_path / "bad").exists()
 
 
 def test_a_stopped_training_run_continues_where_it_stopped(tmp_path):
     """Stopped at a checkpoint in either transformer stage and run again, training continues from there (VAE and
     judge are not retrained; optimizer and generator states are restored): the shipped transformer and the losses
-    equal an uninterrupted run's, bit for bit."""
+    equal an uninterrupted run's, bit for bit. Run with the optional CLIP-only first stage, so that a stop in each of
+    two stages and the hand-over between them are covered."""
     from dataclasses import replace
 
     from safetensors.torch import load_file
 
     from headpag.testbed.train import QUICK, Stopped, train
 
+    two_stages = replace(QUICK, transformer_steps=6)
+
     ck = tmp_path / "ck"
     with pytest.raises(Stopped, match="transformer: stopped at step 4 of 6"):
-        train(tmp_path / "out", QUICK, progress=False, checkpoints=ck, stop_at_step=4)
+        train(tmp_path / "out", two_stages, progress=False, checkpoints=ck, stop_at_step=4)
     saved = json.loads((ck / "transformer.json").read_text())
     assert saved["step"] == 4 and len(saved["losses"]) == 4
     vae_before = (ck / "vae.safetensors").stat().st_mtime_ns
     with pytest.raises(Stopped, match="transformer-t5: stopped at step 2 of 4"):
-        train(tmp_path / "out", QUICK, progress=False, checkpoints=ck, stop_at_step=2)
-    record = train(tmp_path / "out", QUICK, progress=False, checkpoints=ck)
+        train(tmp_path / "out", two_stages, progress=False, checkpoints=ck, stop_at_step=2)
+    record = train(tmp_path / "out", two_stages, progress=False, checkpoints=ck)
     assert (ck / "vae.safetensors").stat().st_mtime_ns == vae_before  # loaded, not retrained
     assert record["schedule"]["transformer_steps"] == 6
     for stage, steps in (("transformer", 6), ("transformer-t5", 4)):  # every stage checkpointed at its end
         assert json.loads((ck / f"{stage}.json").read_text())["step"] == steps
-    uninterrupted = train(tmp_path / "once", QUICK, progress=False, checkpoints=tmp_path / "ck-once")
+    uninterrupted = train(tmp_path / "once", two_stages, progress=False, checkpoints=tmp_path / "ck-once")
     assert uninterrupted["final_loss"] == record["final_loss"]
     file = "shapes-sd3/transformer/diffusion_pytorch_model.safetensors"
     resumed, once = load_file(tmp_path / "out" / file), load_file(tmp_path / "once" / file)
     assert all(torch.isfinite(w).all() for w in resumed.values())
     assert resumed.keys() == once.keys() and all(torch.equal(resumed[k], once[k]) for k in once)
     with pytest.raises(ValueError, match=r"another schedule \(differs in \['transformer_steps'\]\)"):
-        train(tmp_path / "out", replace(QUICK, transformer_steps=8), progress=False, checkpoints=ck)
+        train(tmp_path / "out", replace(two_stages, transformer_steps=8), progress=False, checkpoints=ck)
 
 
 def test_ui_serves_the_testbed_with_its_example_prompt(tmp_path, judge):
@@ -463,6 +466,12 @@ def test_the_tokenizer_builds_the_same_every_time_with_one_token_per_word():
     assert ids == b(prompts).input_ids
     assert all(len(row) == len(p.split()) + 2 for row, p in zip(ids, prompts))
     assert a.tokenize("of") != a.tokenize("on")
+    # the shipped model was trained with these tokenizers: the folder holds what the code builds
+    from transformers import CLIPTokenizer
+
+    for sub in ("tokenizer", "tokenizer_2"):
+        shipped = CLIPTokenizer.from_pretrained(builtin_folder("headpag-shapes") / sub)
+        assert shipped.get_vocab() == a.get_vocab() and shipped(prompts).input_ids == ids
 
 
 def test_gradient_checkpointing_would_lose_the_key_bias_and_is_refused():

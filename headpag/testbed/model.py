@@ -3,16 +3,17 @@ The testbed's networks, built from configs: a word-level CLIP tokenizer for the 
 encoders, a small `AutoencoderKL` (96×96 → 24×24×4), a small `SD3Transformer2DModel` (10 joint blocks × 8 heads, 144
 image tokens) and the judge CNN.
 
-The transformer is trained in two stages, which differ in the third text encoder:
+The shipped transformer is trained with the windowed T5 of [`~headpag.testbed.t5`] (`build_sd3_t5`) as the third text
+encoder from its first step: the T5 tokens add each word with the three before it, so the transformer can read word
+order (which colour goes with which shape, "at the top left"). Its pads past the window are exactly zero, and training
+uses the prompt's T5 tokens and one zero pad standing for the rest.
 
-1. a "null T5": a one-layer T5 encoder whose final norm has zero weight, so it outputs exactly the zeros that SD3
-   pipelines use when T5 is dropped. SD3 then feeds `max_sequence_length` (default 256) identical zero tokens, which
-   act as one key whose logit carries `+log(count)` ([`ZeroTokenMultiplicity`], exact to 1e-6): this stage trains on
-   one zero token with a random count in [1, 256];
-2. the windowed T5 of [`~headpag.testbed.t5`] (`build_sd3_t5`), which the shipped folder holds: the CLIP tokens keep
-   what stage 1 learnt, and the T5 tokens add each word with the three before it, so the transformer can read word
-   order (which colour goes with which shape, "at the top left"). Its pads past the window are exactly zero, and this
-   stage trains on the prompt's T5 tokens and one zero pad standing for the rest.
+An optional CLIP-only first stage (`Schedule.transformer_steps`, 0 by default) trains with a "null T5" instead: a
+one-layer T5 encoder whose final norm has zero weight, so it outputs exactly the zeros that SD3 pipelines use when T5
+is dropped. SD3 then feeds `max_sequence_length` (default 256) identical zero tokens, which act as one key whose logit
+carries `+log(count)` ([`ZeroTokenMultiplicity`], exact to 1e-6): that stage trains on one zero token with a random
+count in [1, 256]. It is off because it hurts: the CLIP tokens of "top left" and "bottom right" differ little, a model
+that starts there learns to ignore direction words, and a later T5 stage did not undo it (`docs/testbed.md`).
 """
 
 from __future__ import annotations

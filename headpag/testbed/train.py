@@ -5,8 +5,9 @@ Train the shapes testbed: `python -m headpag.testbed.train [--out FOLDER] [--che
 Stages, each a fixed number of seeded steps: the VAE (on 32×32 crops of freshly drawn images; it is fully
 convolutional), the judge (fresh images, augmented), then the transformer with rectified flow on a pool of encoded
 scenes (logit-normal timesteps, 10% empty prompts for classifier-free guidance; an EMA of the weights is what ships).
-The SD3 transformer has two stages (`headpag.testbed.model`): first with a null T5 (CLIP only), then from there with
-the windowed T5 that ships; the FLUX transformer (`--model flux`) one.
+The SD3 transformer trains with the windowed T5 that ships from its first step (`t5_steps`); an optional CLIP-only
+first stage before it (`transformer_steps`, default 0: it teaches the model to ignore direction words, see
+`headpag.testbed.model`) is kept to reproduce that finding. The FLUX transformer (`--model flux`) has one stage.
 Writes a stock diffusers `StableDiffusion3Pipeline` folder, `judge.safetensors`, `training.json` (steps, losses,
 seconds, judge accuracy) and `loss.png`.
 
@@ -68,9 +69,9 @@ class Schedule:
     judge_steps: int = 1200
     judge_batch: int = 128
     latent_pool: int = 40960
-    transformer_steps: int = 4000
+    transformer_steps: int = 0  # the optional CLIP-only first SD3 stage (0: left out, as in the shipped run)
     transformer_batch: int = 64
-    t5_steps: int = 3600
+    t5_steps: int = 8000  # the SD3 stage with the windowed T5
     flux_steps: int = 3000
     flux_batch: int = 64
     lr: float = 1e-3
@@ -85,7 +86,7 @@ QUICK = Schedule(
     judge_steps=4,
     judge_batch=16,
     latent_pool=64,
-    transformer_steps=6,
+    transformer_steps=0,
     transformer_batch=8,
     t5_steps=4,
     flux_steps=6,
@@ -276,8 +277,8 @@ def _sd3_forward(transformer, noisy: torch.Tensor, embeds: torch.Tensor, pooled:
 
 
 class _SD3Task:
-    """What the SD3 transformer's first stage needs: the prompt table and one prediction with `max_sequence_length`
-    drawn (null T5: one zero token)."""
+    """The optional CLIP-only first SD3 stage (`Schedule.transformer_steps`, off by default): the prompt table and one
+    prediction with `max_sequence_length` drawn (null T5: one zero token)."""
 
     name, folder, seeds, steps_field = "transformer", "shapes-sd3", (11, 7), "transformer_steps"
     key_bias_mode = True  # its key bias is a `TorchFunctionMode` (see `train_transformer`)
@@ -294,7 +295,7 @@ class _SD3Task:
 
 
 class _SD3T5Task:
-    """The SD3 transformer's second stage (from the first's weights, or fresh when the first has 0 steps): the CLIP
+    """The SD3 stage that ships (from the fresh transformer, or from the optional first stage's weights): the CLIP
     tokens, the prompt's windowed-T5 tokens and one zero pad standing for a drawn number of pads (SD3's joint order:
     `[image, CLIP, T5]`)."""
 
