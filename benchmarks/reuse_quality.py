@@ -3,11 +3,11 @@ How much `pag_reuse=k` changes the images, on the trained shapes testbed (`headp
 
     python benchmarks/reuse_quality.py [--out runs/reuse] [--docs docs] [--prompts 60] [--quick]
 
-One `headpag eval` run (held-in prompts x 2 seeds, CFG 5, 20 steps, layer-1 PAG at s = 3, the testbed's best
-layer-level PAG in `docs/testbed-results.md`) with full PAG, `pag_reuse` k in {2, 3, 4}, and no PAG as the control.
-For each
-configuration: the judge metrics with their paired difference to full PAG (prompt-resampling bootstrap interval,
-Wilcoxon p), and the mean absolute pixel difference to full PAG's image of the same prompt and seed.
+One `headpag eval` run (held-in prompts x 2 seeds, CFG 5, 20 steps, layer-1 PAG at s = 3, one of the two least
+harmful layer-level PAGs at CFG 5 in `docs/testbed-results.md`) with full PAG, `pag_reuse` k in {2, 3, 4}, and no
+PAG as the control. For each configuration: the judge metrics with their paired difference to full PAG
+(prompt-resampling bootstrap interval, Wilcoxon p), and the mean absolute pixel difference to full PAG's image of the
+same prompt and seed.
 """
 
 from __future__ import annotations
