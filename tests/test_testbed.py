@@ -23,9 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # fixed held-in prompt-seed pairs for the quality check (drawn once from the grammar with seed 2026)
 RNG = np.random.default_rng(2026)
 HELD_IN = [data.sample_scene(RNG, positioned=0.5).prompt for _ in range(40)]
-# measured on these 40 pairs at shipping (CFG 5): count 100%, background 100%, every attribute 45% (no CFG: 30%),
-# mean judge log-probability -1.62 (no CFG: -2.05)
-COUNT_FLOOR, BACKGROUND_FLOOR, JUDGE_GAIN = 0.95, 0.9, 0.3
+# measured on these 40 pairs at shipping (CFG 5, 256 T5 tokens): count 100%, background 100%, every attribute 92.5%
+# (no CFG: 75%), mean judge log-probability -0.38 (no CFG: -0.56)
+COUNT_FLOOR, BACKGROUND_FLOOR, ALL_RIGHT_FLOOR, JUDGE_GAIN = 0.95, 0.95, 0.875, 0.1
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +157,9 @@ def test_weights_fit_the_size_budget():
 
 
 def test_baseline_draws_better_than_without_guidance(pipe, judge):
-    """CFG, 20 steps, the pipeline's default 256 T5 tokens, PAG off, against no guidance on the same seeds.
-    Version 2 is not clean yet (docs/testbed.md): this guards what it does draw, measured at shipping."""
+    """CFG, 20 steps, the pipeline's default 256 T5 tokens, PAG off, against no guidance on the same seeds: the
+    shipped model is clean (docs/testbed.md; the bar is 90% all right on held-in pairs); floors measured at shipping,
+    with one pair of slack for other CPUs' rounding."""
     guidance = model_defaults("headpag-shapes")["guidance"]
 
     def run(g):
@@ -172,6 +173,7 @@ def test_baseline_draws_better_than_without_guidance(pipe, judge):
         return float(np.mean([v for v in correct[name] if v is not None]))
 
     assert rate(right_cfg, "count") >= COUNT_FLOOR and rate(right_cfg, "background") >= BACKGROUND_FLOOR
+    assert np.mean(all_correct(right_cfg)) >= ALL_RIGHT_FLOOR
     assert np.mean(all_correct(right_cfg)) > np.mean(all_correct(right_none))
     assert np.mean(judge(cfg, HELD_IN)) > np.mean(judge(none, HELD_IN)) + JUDGE_GAIN
 
